@@ -1,0 +1,872 @@
+"""Data on disk and in batches: DOTA txt, DIOR-R xml, COCO json, instruction jsonl, DOTA-style image
+splitting and merging, transforms on oriented boxes, the SynthSOI generator, and a multi-source sampler.
+
+Formats (the official layouts of the data sets both papers use):
+- DOTA txt (DOTA-v1.0, SOI-Det's DOTA and DroneVehicle parts): one object a line,
+  `x1 y1 x2 y2 x3 y3 x4 y4 category [difficult]`, after optional `imagesource:` / `gsd:` header
+  lines; a split folder holds `images/` and `labelTxt/` (or mmrotate's `annfiles/`).
+- DIOR-R VOC xml: `<object><name/><difficult/><robndbox>` with `x_left_top ... y_left_bottom`.
+- COCO json with horizontal `[x, y, w, h]` boxes (SARDet-50K).
+- Instruction jsonl (InternVL / LLaVA): `{"image": ..., "conversations": [{"from": "human", ...},
+  {"from": "gpt", ...}]}`, one per line.
+
+Boxes follow rotated_ops: (cx, cy, w, h, θ) le90, θ in radians, clockwise on screen. Bad input
+raises `DatasetError` with a one-line message naming the file (and line); `train.py` turns it into
+a clean exit. Objects with a side under `MIN_SIDE` px are dropped and counted, as mmrotate does.
+"""
+import json
+import math
+import os
+import random
+import re
+import tempfile
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+
+import rotated_ops as ro
+
+MIN_SIDE = 2.0  # px; mmrotate's poly2obb_np_le90 drops smaller boxes
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+IMAGENET_MEAN = (123.675, 116.28, 103.53)  # RGB, 0-255, as both papers' configs
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+class DatasetError(Exception):
+    """Bad input data; the message is one line naming the file (and line)."""
+
+
+def _fail(path, msg, line=None):
+    where = f"{path}:{line}" if line is not None else f"{path}"
+    raise DatasetError(f"{where}: {msg}")
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write a text file through a temporary name in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Annotation readers and writers
+# ---------------------------------------------------------------------------------------------
+
+def read_dota_txt(path) -> dict:
+    """Read a DOTA annotation file.
+
+    Returns dict(polys float32 (N, 8), labels list[str], difficult bool (N,)). Header lines
+    (`imagesource:`, `gsd:`) and blank lines are skipped; a line with 9 tokens is not difficult,
+    with 10 the last token is the difficulty (any non-zero counts as difficult, as DOTA's 2 for
+    truncated objects in split patches). Anything else raises DatasetError naming the line.
+    """
+    polys, labels, difficult = [], [], []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        _fail(path, f"cannot read annotation file ({e.__class__.__name__})")
+    for n, line in enumerate(lines, start=1):
+        tokens = line.split()
+        if not tokens or line.lstrip().startswith(("imagesource:", "gsd:")):
+            continue
+        if len(tokens) not in (9, 10):
+            _fail(path, f"expected 'x1 y1 ... x4 y4 category [difficult]' (9 or 10 tokens), got {len(tokens)}", n)
+        try:
+            coords = [float(t) for t in tokens[:8]]
+            diff = int(tokens[9]) if len(tokens) == 10 else 0
+        except ValueError:
+            _fail(path, f"non-numeric coordinate or difficulty in {line.strip()!r}", n)
+        if not all(math.isfinite(c) for c in coords):
+            _fail(path, "coordinate is not finite", n)
+        polys.append(coords)
+        labels.append(tokens[8])
+        difficult.append(diff != 0)
+    return dict(polys=np.asarray(polys, dtype=np.float32).reshape(-1, 8), labels=labels,
+                difficult=np.asarray(difficult, dtype=bool))
+
+
+def write_dota_txt(path, polys, labels, difficult=None) -> None:
+    """Write a DOTA annotation file (no header), atomically."""
+    polys = np.asarray(polys, dtype=np.float64).reshape(-1, 8)
+    difficult = np.zeros(len(polys), bool) if difficult is None else np.asarray(difficult)
+    if not (len(polys) == len(labels) == len(difficult)):
+        raise ValueError("polys, labels and difficult must have the same length")
+    lines = [" ".join(f"{v:.2f}" for v in p) + f" {name} {int(d)}" for p, name, d in zip(polys, labels, difficult)]
+    atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
+
+
+_DIOR_CORNERS = ("x_left_top", "y_left_top", "x_right_top", "y_right_top",
+                 "x_right_bottom", "y_right_bottom", "x_left_bottom", "y_left_bottom")
+
+
+def read_dior_xml(path) -> dict:
+    """Read a DIOR-R VOC xml file (`<robndbox>` corners); same dict as `read_dota_txt`."""
+    try:
+        root = ET.parse(path).getroot()
+    except (ET.ParseError, OSError) as e:
+        _fail(path, f"cannot parse xml ({e})")
+    polys, labels, difficult = [], [], []
+    for k, obj in enumerate(root.iter("object"), start=1):
+        name = obj.findtext("name")
+        box = obj.find("robndbox")
+        if name is None or box is None:
+            _fail(path, f"object {k} has no <name> or no <robndbox>")
+        try:
+            polys.append([float(box.findtext(tag)) for tag in _DIOR_CORNERS])
+        except (TypeError, ValueError):
+            _fail(path, f"object {k}: <robndbox> needs numeric {', '.join(_DIOR_CORNERS)}")
+        labels.append(name.strip())
+        difficult.append((obj.findtext("difficult") or "0").strip() not in ("0", ""))
+    return dict(polys=np.asarray(polys, dtype=np.float32).reshape(-1, 8), labels=labels,
+                difficult=np.asarray(difficult, dtype=bool))
+
+
+def read_coco_json(path) -> dict:
+    """Read COCO detection json (horizontal boxes, as SARDet-50K).
+
+    Returns dict(categories list[str] in id order, images {file_name: dict(id, width, height,
+    boxes float32 (N, 4) xyxy, labels list[str], iscrowd bool (N,))}).
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+        cats = {c["id"]: c["name"] for c in data["categories"]}
+        images = {im["id"]: dict(id=im["id"], file_name=im["file_name"], width=im.get("width"),
+                                 height=im.get("height"), boxes=[], labels=[], iscrowd=[])
+                  for im in data["images"]}
+        for k, ann in enumerate(data.get("annotations", [])):
+            if ann["image_id"] not in images:
+                _fail(path, f"annotation {k} refers to image id {ann['image_id']} that is not in 'images'")
+            x, y, w, h = (float(v) for v in ann["bbox"])
+            im = images[ann["image_id"]]
+            im["boxes"].append([x, y, x + w, y + h])
+            im["labels"].append(cats[ann["category_id"]])
+            im["iscrowd"].append(bool(ann.get("iscrowd", 0)))
+    except DatasetError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        _fail(path, f"not a COCO detection json ({e.__class__.__name__}: {e})")
+    out = {}
+    for im in images.values():
+        out[im["file_name"]] = dict(id=im["id"], width=im["width"], height=im["height"],
+                                    boxes=np.asarray(im["boxes"], np.float32).reshape(-1, 4),
+                                    labels=im["labels"], iscrowd=np.asarray(im["iscrowd"], bool))
+    return dict(categories=[cats[k] for k in sorted(cats)], images=out)
+
+
+def read_instruction_jsonl(path) -> list:
+    """Read InternVL/LLaVA instruction jsonl: a list of {"image", "conversations"} dicts."""
+    samples = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        _fail(path, f"cannot read ({e.__class__.__name__})")
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            sample = json.loads(line)
+        except json.JSONDecodeError as e:
+            _fail(path, f"invalid json ({e.msg})", n)
+        conv = sample.get("conversations")
+        if not isinstance(conv, list) or len(conv) < 2 or any(t.get("from") not in ("human", "gpt", "system") for t in conv):
+            _fail(path, "expected 'conversations': a list of {'from': 'human'|'gpt', 'value': ...} turns", n)
+        samples.append(sample)
+    return samples
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------
+
+def load_image(path) -> np.ndarray:
+    """Read an image as (H, W, 3) uint8 RGB whatever the file holds (RGBA, palette, grey, 16-bit,
+    float). High-bit-depth images are scaled by their own maximum (SAR and thermal data often use
+    only part of the 16-bit range)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                a = np.asarray(im, dtype=np.float64)
+                a = np.clip(a, 0, None) * (255.0 / max(a.max(), 1e-12))
+                a = np.round(a).astype(np.uint8)
+                return np.repeat(a[..., None], 3, axis=2)
+            return np.array(im.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        _fail(path, f"cannot read image ({e.__class__.__name__}: {e})")
+
+
+def _find_image(folder: Path, stem: str):
+    for ext in IMAGE_EXTS:
+        for cand in (folder / f"{stem}{ext}", folder / f"{stem}{ext.upper()}"):
+            if cand.exists():
+                return cand
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Detection data sets
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Sample:
+    image: Path
+    boxes: np.ndarray  # (N, 5) le90 oriented boxes (horizontal ones have θ = 0 or -π/2)
+    labels: np.ndarray  # (N,) int64 indices into the data set's classes
+    difficult: np.ndarray  # (N,) bool
+    name: str = ""
+
+
+@dataclass
+class DetectionDataset(torch.utils.data.Dataset):
+    """A split of a detection data set, in memory as paths + boxes; images are read on access.
+
+    `box_type` is "obb" (DOTA, DIOR-R, DroneVehicle) or "hbb" (COCO json: boxes are stored as
+    le90 boxes of the horizontal rectangles). `dropped_small` counts objects with a side under
+    MIN_SIDE px that were dropped while loading.
+    """
+    samples: list
+    classes: list
+    box_type: str = "obb"
+    modality: str = "rgb"
+    root: str = ""
+    transform: object = None
+    dropped_small: int = 0
+    source: int = 0  # index of this data set among several (for the multi-source sampler)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        s = self.samples[i]
+        image = torch.from_numpy(load_image(s.image)).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
+        item = dict(image=image, boxes=torch.from_numpy(s.boxes).float(), labels=torch.from_numpy(s.labels),
+                    difficult=torch.from_numpy(s.difficult), name=s.name, modality=self.modality,
+                    source=self.source, index=i, orig_size=tuple(image.shape[-2:]))
+        return self.transform(item) if self.transform is not None else item
+
+
+def _polys_to_sample(path, polys, labels, difficult, classes, image, name):
+    """Convert polygons to le90 boxes, drop tiny ones, map labels to indices."""
+    boxes = ro.poly2obb(torch.from_numpy(polys.astype(np.float64))).numpy().astype(np.float32)
+    keep = (boxes[:, 2] >= MIN_SIDE) & (boxes[:, 3] >= MIN_SIDE)
+    unknown = sorted({l for l in labels if l not in classes})
+    if unknown:
+        _fail(path, f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {unknown}; known: {classes}")
+    ids = np.asarray([classes.index(l) for l in labels], dtype=np.int64)
+    return Sample(image, boxes[keep], ids[keep], difficult[keep], name), int((~keep).sum())
+
+
+def detect_format(split_dir) -> str:
+    """'dota', 'dior' or 'coco' from what a split folder (or data set root) holds."""
+    d = Path(split_dir)
+    if list(d.glob("*.json")) or list((d / "annotations").glob("*.json")):
+        return "coco"
+    if (d / "labelTxt").is_dir() or (d / "annfiles").is_dir():
+        return "dota"
+    if list(d.glob("Annotations*")) or list(d.glob("**/*.xml"))[:1]:
+        return "dior"
+    raise DatasetError(f"{d}: no labelTxt/ or annfiles/ (DOTA), *.json (COCO) or Annotations/ xml (DIOR-R) found")
+
+
+def _label_files(split_dir: Path, fmt: str):
+    if fmt == "dota":
+        folder = split_dir / "labelTxt" if (split_dir / "labelTxt").is_dir() else split_dir / "annfiles"
+        return sorted(folder.glob("*.txt"))
+    xml_dir = split_dir / "Annotations" / "Oriented Bounding Boxes"
+    return sorted((xml_dir if xml_dir.is_dir() else split_dir / "Annotations").glob("*.xml"))
+
+
+def _image_folder(split_dir: Path):
+    for name in ("images", "png_images", "JPEGImages", "JPEGImages-trainval", "JPEGImages-test"):
+        if (split_dir / name).is_dir():
+            return split_dir / name
+    return split_dir
+
+
+def load_detection_split(split_dir, modality="rgb", classes=None) -> DetectionDataset:
+    """Load one split folder of DOTA txt, DIOR-R xml or COCO json annotations.
+
+    Args:
+        split_dir: folder with `images/` + `labelTxt/` (or `annfiles/`), or `JPEGImages*/` +
+            `Annotations/`, or images + one COCO `*.json` (also under `annotations/`).
+        modality: "rgb", "sar" or "ir".
+        classes: category names in label order; default: the sorted names found (COCO: its
+            category order).
+    """
+    split_dir = Path(split_dir)
+    if not split_dir.is_dir():
+        raise DatasetError(f"{split_dir}: no such folder")
+    fmt = detect_format(split_dir)
+    images = _image_folder(split_dir)
+    samples, dropped = [], 0
+    if fmt == "coco":
+        jsons = sorted(split_dir.glob("*.json")) or sorted((split_dir / "annotations").glob("*.json"))
+        coco = read_coco_json(jsons[0])
+        classes = list(classes) if classes is not None else coco["categories"]
+        for file_name, im in sorted(coco["images"].items()):
+            path = images / file_name
+            if not path.exists():
+                _fail(jsons[0], f"image {file_name!r} not found in {images}")
+            polys = ro.obb2poly(ro.hbb2obb(torch.from_numpy(im["boxes"]))).numpy()
+            s, n = _polys_to_sample(jsons[0], polys, im["labels"], im["iscrowd"], classes, path, Path(file_name).stem)
+            samples.append(s)
+            dropped += n
+        return DetectionDataset(samples, classes, "hbb", modality, str(split_dir), dropped_small=dropped)
+    files = _label_files(split_dir, fmt)
+    if not files:
+        raise DatasetError(f"{split_dir}: no annotation files found")
+    reader = read_dota_txt if fmt == "dota" else read_dior_xml
+    annots = [(f, reader(f)) for f in files]
+    if classes is None:
+        classes = sorted({l for _, a in annots for l in a["labels"]})
+    classes = list(classes)
+    for f, a in annots:
+        path = _find_image(images, f.stem)
+        if path is None:
+            _fail(f, f"label file without its image ({f.stem}.* not in {images})")
+        s, n = _polys_to_sample(f, a["polys"], a["labels"], a["difficult"], classes, path, f.stem)
+        samples.append(s)
+        dropped += n
+    return DetectionDataset(samples, classes, "obb", modality, str(split_dir), dropped_small=dropped)
+
+
+def find_split(root, split: str):
+    """The folder of `split` ('train' or 'test') under a data set root, or the root itself when it
+    is a single split folder (it then serves for training and scoring alike)."""
+    root = Path(root)
+    names = {"train": ("train", "trainval", "train_val", "dota_train"), "test": ("test", "val", "dota_test")}[split]
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# DOTA-style splitting into patches and merging detections back
+# ---------------------------------------------------------------------------------------------
+
+def sliding_windows(width, height, size, gap, img_rate_thr=0.6):
+    """Patch windows (K, 4) xyxy over an image, as mmrotate's `get_sliding_window`: steps of
+    size - gap, the last window flush with the border; windows whose in-image fraction is below
+    `img_rate_thr` are dropped (the best one is kept if none passes)."""
+    step = size - gap
+    if step <= 0:
+        raise ValueError(f"gap ({gap}) must be smaller than size ({size})")
+
+    def starts(length):
+        n = 1 if length <= size else math.ceil((length - size) / step + 1)
+        s = [step * i for i in range(n)]
+        if len(s) > 1 and s[-1] + size > length:
+            s[-1] = length - size
+        return s
+
+    wins = np.array([[x, y, x + size, y + size] for x in starts(width) for y in starts(height)], dtype=np.float64)
+    inside = (np.minimum(wins[:, 2], width) - wins[:, 0]) * (np.minimum(wins[:, 3], height) - wins[:, 1])
+    rate = inside / (size * size)
+    if not (rate >= img_rate_thr).any():
+        return wins[rate == rate.max()]
+    return wins[rate >= img_rate_thr]
+
+
+def _clip_polygon_area(poly, x1, y1, x2, y2):
+    """Area of a polygon (K, 2) clipped to an axis-aligned window (Sutherland-Hodgman)."""
+    pts = [tuple(p) for p in poly]
+    for axis, bound, keep_le in ((0, x1, False), (0, x2, True), (1, y1, False), (1, y2, True)):
+        out = []
+        for i in range(len(pts)):
+            p, q = pts[i], pts[(i + 1) % len(pts)]
+            pin = p[axis] <= bound if keep_le else p[axis] >= bound
+            qin = q[axis] <= bound if keep_le else q[axis] >= bound
+            if pin:
+                out.append(p)
+            if pin != qin:
+                t = (bound - p[axis]) / (q[axis] - p[axis])
+                out.append((p[0] + t * (q[0] - p[0]), p[1] + t * (q[1] - p[1])))
+        pts = out
+        if not pts:
+            return 0.0
+    return _polygon_area(np.asarray(pts))
+
+
+def _polygon_area(pts):
+    x, y = pts[:, 0], pts[:, 1]
+    return abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2
+
+
+def window_iof(polys, window):
+    """Fraction of each polygon (N, 8) inside an axis-aligned window (4,) xyxy."""
+    out = np.zeros(len(polys))
+    for k, p in enumerate(np.asarray(polys, dtype=np.float64).reshape(-1, 4, 2)):
+        area = _polygon_area(p)
+        if area <= 0:
+            continue
+        lo, hi = p.min(0), p.max(0)
+        if lo[0] >= window[0] and lo[1] >= window[1] and hi[0] <= window[2] and hi[1] <= window[3]:
+            out[k] = 1.0
+        elif lo[0] < window[2] and lo[1] < window[3] and hi[0] > window[0] and hi[1] > window[1]:
+            out[k] = _clip_polygon_area(p, *window) / area
+    return out
+
+
+def patch_name(stem, rate, x, y):
+    """DOTA / mmrotate patch name, e.g. P0001__1__0___600."""
+    return f"{stem}__{rate:g}__{int(x)}___{int(y)}"
+
+
+_PATCH_RE = re.compile(r"^(?P<stem>.+)__(?P<rate>[0-9.]+)__(?P<x>-?\d+)___(?P<y>-?\d+)$")
+
+
+def parse_patch_name(name):
+    """'P0001__1__0___600' -> ('P0001', 1.0, 0, 600)."""
+    m = _PATCH_RE.match(name)
+    if m is None:
+        raise ValueError(f"{name!r} is not a patch name like P0001__1__0___600")
+    return m["stem"], float(m["rate"]), int(m["x"]), int(m["y"])
+
+
+def split_images(src_dir, dst_dir, sizes=(1024,), gaps=(200,), rates=(1.0,), iof_thr=0.7,
+                 img_rate_thr=0.6, padding_value=(104, 116, 124), ext=".png", skip_empty=False) -> int:
+    """Split a DOTA-layout split folder into patches, as mmrotate's `img_split.py`.
+
+    Each image is resized by each rate, cut into size x size windows with the given gap, padded
+    with `padding_value` beyond the border. An object is kept in a patch when at least `iof_thr`
+    of its polygon lies inside; its polygon is shifted (not clipped) and marked difficult = 2
+    when truncated, as mmrotate does. Labels go to `dst_dir/labelTxt`, patches to `dst_dir/images`,
+    named like `P0001__1__0___600`. Returns the number of patches written.
+    """
+    from tqdm import tqdm
+    src_dir, dst_dir = Path(src_dir), Path(dst_dir)
+    if detect_format(src_dir) != "dota":
+        raise DatasetError(f"{src_dir}: split_images needs a DOTA layout (images/ + labelTxt/ or annfiles/)")
+    if len(sizes) != len(gaps):
+        raise ValueError("sizes and gaps must have the same length")
+    images = _image_folder(src_dir)
+    (dst_dir / "images").mkdir(parents=True, exist_ok=True)
+    (dst_dir / "labelTxt").mkdir(parents=True, exist_ok=True)
+    count = 0
+    for label_file in tqdm(_label_files(src_dir, "dota"), desc="split", unit="img"):
+        ann = read_dota_txt(label_file)
+        path = _find_image(images, label_file.stem)
+        if path is None:
+            _fail(label_file, "label file without its image")
+        full = Image.fromarray(load_image(path))
+        for rate in rates:
+            img = full if rate == 1 else full.resize((round(full.width * rate), round(full.height * rate)), Image.BILINEAR)
+            polys = ann["polys"].astype(np.float64) * rate
+            for size, gap in zip(sizes, gaps):
+                for win in sliding_windows(img.width, img.height, size, gap, img_rate_thr):
+                    iof = window_iof(polys, win)
+                    keep = iof >= iof_thr
+                    if skip_empty and not keep.any():
+                        continue
+                    x, y = int(win[0]), int(win[1])
+                    patch = Image.new("RGB", (size, size), tuple(padding_value))
+                    patch.paste(img.crop((x, y, min(x + size, img.width), min(y + size, img.height))), (0, 0))
+                    name = patch_name(label_file.stem, rate, x, y)
+                    patch.save(dst_dir / "images" / f"{name}{ext}")
+                    shifted = polys[keep] - np.tile([x, y], 4)
+                    diff = np.where(iof[keep] < 1, 2, ann["difficult"][keep].astype(int))
+                    write_dota_txt(dst_dir / "labelTxt" / f"{name}.txt", shifted,
+                                   [ann["labels"][i] for i in np.nonzero(keep)[0]], diff)
+                    count += 1
+    return count
+
+
+def merge_patch_detections(patch_dets: dict, iou_thr: float = 0.1) -> dict:
+    """Merge per-patch detections into full images, as the DOTA devkit's ResultMerge.
+
+    Args:
+        patch_dets: {patch name: list over classes of (K, 6) arrays [cx, cy, w, h, θ, score] in
+            patch pixels}; names like `P0001__1__0___600` (rate and offset are read from them).
+        iou_thr: rotated NMS threshold per image and class (suppress when IoU > thr; 0.1 in the
+            devkit and mmrotate).
+    Returns:
+        {image name: list over classes of (K, 6) arrays in full-image pixels}.
+    """
+    grouped = {}
+    for name, per_class in patch_dets.items():
+        stem, rate, x, y = parse_patch_name(name)
+        lists = grouped.setdefault(stem, [[] for _ in per_class])
+        for c, det in enumerate(per_class):
+            det = np.asarray(det, dtype=np.float64).reshape(-1, 6).copy()
+            det[:, 0] += x
+            det[:, 1] += y
+            det[:, :4] /= rate
+            lists[c].append(det)
+    merged = {}
+    for stem, lists in grouped.items():
+        out = []
+        for dets in lists:
+            dets = np.concatenate(dets) if dets else np.zeros((0, 6))
+            if len(dets):
+                t = torch.from_numpy(dets)
+                dets = dets[ro.nms_rotated(t[:, :5], t[:, 5], iou_thr).numpy()]
+            out.append(dets)
+        merged[stem] = out
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms (torchvision v2 on polygons, back to le90 boxes through poly2obb)
+# ---------------------------------------------------------------------------------------------
+
+def _to_polys(item):
+    from torchvision import tv_tensors
+    h, w = item["image"].shape[-2:]
+    polys = ro.obb2poly(item["boxes"].double()).float()
+    return tv_tensors.BoundingBoxes(polys, format="XYXYXYXY", canvas_size=(h, w), clamping_mode=None)
+
+
+def _from_polys(item, image, polys, keep=None):
+    item = dict(item)
+    boxes = ro.poly2obb(polys.as_subclass(torch.Tensor).double()).float()
+    if keep is not None:
+        boxes = boxes[keep]
+        item["labels"], item["difficult"] = item["labels"][keep], item["difficult"][keep]
+    item["image"], item["boxes"] = image.as_subclass(torch.Tensor), boxes
+    return item
+
+
+@dataclass
+class Resize:
+    """Resize the longer side to `size` keeping the aspect ratio (mmrotate RResize keep_ratio)."""
+    size: int
+
+    def __call__(self, item):
+        from torchvision.transforms.v2 import functional as TF
+        h, w = item["image"].shape[-2:]
+        scale = self.size / max(h, w)
+        new = [max(1, round(h * scale)), max(1, round(w * scale))]
+        polys = TF.resize(_to_polys(item), new)
+        image = TF.resize(item["image"], new, antialias=True)
+        item = _from_polys(item, image, polys)
+        item["scale"] = (new[0] / h, new[1] / w)
+        return item
+
+
+@dataclass
+class RandomFlip:
+    """Horizontal, vertical and diagonal (both) flips, each with probability p (mmrotate RRandomFlip)."""
+    p: float = 0.25
+    generator: random.Random = field(default_factory=random.Random)
+
+    def __call__(self, item):
+        from torchvision.transforms.v2 import functional as TF
+        r = self.generator.random()
+        if r >= 3 * self.p:
+            return item
+        kind = int(r // self.p)  # 0 horizontal, 1 vertical, 2 diagonal
+        image, polys = item["image"], _to_polys(item)
+        if kind in (0, 2):
+            image, polys = TF.horizontal_flip(image), TF.horizontal_flip(polys)
+        if kind in (1, 2):
+            image, polys = TF.vertical_flip(image), TF.vertical_flip(polys)
+        return _from_polys(item, image, polys)
+
+
+@dataclass
+class RandomRotate:
+    """Rotate the image about its centre with probability p (mmrotate PolyRandomRotate).
+
+    The angle is uniform in ±`angle_range`/2 degrees, or a multiple of 90° when the image holds an
+    object of `rect_classes` (whose boxes are only meaningful axis-aligned, e.g. storage tanks,
+    roundabouts). Objects whose centre leaves the image are dropped. `quarter_turns_only` restricts
+    every rotation to multiples of 90°.
+    """
+    p: float = 0.5
+    angle_range: float = 180.0
+    rect_classes: tuple = ()
+    quarter_turns_only: bool = False
+    generator: random.Random = field(default_factory=random.Random)
+
+    def __call__(self, item):
+        from torchvision.transforms.v2 import functional as TF
+        if self.generator.random() >= self.p:
+            return item
+        if self.quarter_turns_only or any(int(l) in self.rect_classes for l in item["labels"]):
+            angle = self.generator.choice([90.0, 180.0, 270.0])
+        else:
+            angle = (self.generator.random() - 0.5) * self.angle_range
+        polys = TF.rotate(_to_polys(item), angle)
+        image = TF.rotate(item["image"], angle)
+        h, w = image.shape[-2:]
+        centres = polys.as_subclass(torch.Tensor).view(-1, 4, 2).mean(1)
+        keep = (centres[:, 0] >= 0) & (centres[:, 0] < w) & (centres[:, 1] >= 0) & (centres[:, 1] < h)
+        return _from_polys(item, image, polys, keep)
+
+
+def rot90(item, k: int = 1):
+    """Turn an item by k x 90° counter-clockwise on screen (image and boxes, canvas swapped)."""
+    from torchvision.transforms.v2 import functional as TF
+    image, polys = item["image"], _to_polys(item)
+    for _ in range(k % 4):
+        image, polys = TF.rotate(image, 90, expand=True), TF.rotate(polys, 90, expand=True)
+    return _from_polys(item, image, polys)
+
+
+@dataclass
+class Normalize:
+    """uint8 image -> float (x - mean) / std with ImageNet statistics (both papers' configs)."""
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+
+    def __call__(self, item):
+        item = dict(item)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        item["image"] = (item["image"].float() - mean) / std
+        return item
+
+
+@dataclass
+class Compose:
+    transforms: list
+
+    def __call__(self, item):
+        for t in self.transforms:
+            item = t(item)
+        return item
+
+
+def collate(items: list) -> dict:
+    """Pad images to the largest size in the batch (bottom/right, value 0 after normalisation)
+    and keep the per-image targets as lists."""
+    h = max(it["image"].shape[-2] for it in items)
+    w = max(it["image"].shape[-1] for it in items)
+    images = items[0]["image"].new_zeros(len(items), items[0]["image"].shape[0], h, w)
+    masks = torch.ones(len(items), h, w, dtype=torch.bool)  # True where padded
+    for k, it in enumerate(items):
+        ih, iw = it["image"].shape[-2:]
+        images[k, :, :ih, :iw] = it["image"]
+        masks[k, :ih, :iw] = False
+    batch = dict(images=images, masks=masks)
+    for key in items[0]:
+        if key != "image":
+            batch[key] = [it[key] for it in items]
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-source sampling (BabelRS joint training: 2 SAR : 1 RGB : 1 IR per batch)
+# ---------------------------------------------------------------------------------------------
+
+class MultiSourceSampler:
+    """Batches with a fixed mix of sources, from an infinite shuffled stream per source.
+
+    Batch k holds `ratios[s]` samples of source s, in source order, as (source, index) pairs.
+    Each source's stream is a new permutation every pass, seeded by (seed, source, pass), and
+    rank r of `world_size` takes every world_size-th element, so ranks never share a sample in a
+    pass. The state is the number of batches drawn: `state_dict()` / `load_state_dict()` resume
+    exactly.
+    """
+
+    def __init__(self, sizes, ratios, seed=0, rank=0, world_size=1):
+        if len(sizes) != len(ratios) or any(r < 1 for r in ratios) or any(n < 1 for n in sizes):
+            raise ValueError(f"need one ratio >= 1 per non-empty source, got sizes {sizes} and ratios {ratios}")
+        self.sizes, self.ratios = list(sizes), list(ratios)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.batches_drawn = 0
+        self._perm_cache = {}
+
+    def _element(self, source, n):
+        """The n-th sample of `source` for this rank."""
+        per_rank = max(1, self.sizes[source] // self.world_size)
+        p, offset = divmod(n, per_rank)
+        key = (source, p)
+        if key not in self._perm_cache:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + source * 7919 + p)
+            self._perm_cache = {key: torch.randperm(self.sizes[source], generator=g).tolist()}
+        perm = self._perm_cache[key]
+        return perm[(self.rank + self.world_size * offset) % self.sizes[source]]
+
+    def batch(self, k):
+        """The k-th batch (a list of (source, index) pairs)."""
+        out = []
+        for s, r in enumerate(self.ratios):
+            out += [(s, self._element(s, k * r + j)) for j in range(r)]
+        return out
+
+    def __iter__(self):
+        while True:
+            b = self.batch(self.batches_drawn)
+            self.batches_drawn += 1
+            yield b
+
+    def state_dict(self):
+        return dict(batches_drawn=self.batches_drawn)
+
+    def load_state_dict(self, state):
+        self.batches_drawn = int(state["batches_drawn"])
+
+
+# ---------------------------------------------------------------------------------------------
+# SynthSOI: the embedded default data set
+# ---------------------------------------------------------------------------------------------
+
+CONCEPTS = ("ship", "plane", "vehicle", "tank", "bridge", "harbor")
+SYNTH_CLASSES = {"rgb": list(CONCEPTS), "sar": list(CONCEPTS), "ir": ["vehicle", "ship", "plane"]}
+# (length, width) range in px at a 256-px image; each concept has its own shape and colour
+_SHAPE = {"ship": ((30, 44), (9, 12)), "plane": ((26, 34), (26, 34)), "vehicle": ((14, 20), (7, 9)),
+          "tank": ((18, 26), (18, 26)), "bridge": ((60, 90), (8, 11)), "harbor": ((36, 48), (22, 28))}
+_COLOUR = {"ship": (235, 235, 240), "plane": (190, 40, 40), "vehicle": (40, 80, 210),
+           "tank": (240, 200, 40), "bridge": (120, 120, 120), "harbor": (140, 70, 160)}
+
+
+def _draw_object(draw, concept, box, colour):
+    """Draw one object of a concept inside its oriented box (cx, cy, L, W, θ)."""
+    cx, cy, L, W, t = box
+    u, v = np.array([math.cos(t), math.sin(t)]), np.array([-math.sin(t), math.cos(t)])
+
+    def P(a, b):  # local (along, across) in units of half-length / half-width
+        p = np.array([cx, cy]) + a * L / 2 * u + b * W / 2 * v
+        return (float(p[0]), float(p[1]))
+
+    if concept == "ship":  # pointed hull
+        draw.polygon([P(-1, -1), P(0.55, -1), P(1, 0), P(0.55, 1), P(-1, 1)], fill=colour)
+    elif concept == "plane":  # fuselage + wings + tail
+        draw.polygon([P(-1, -0.14), P(1, -0.14), P(1, 0.14), P(-1, 0.14)], fill=colour)
+        draw.polygon([P(0.05, -1), P(0.3, -1), P(0.3, 1), P(0.05, 1)], fill=colour)
+        draw.polygon([P(-0.95, -0.45), P(-0.8, -0.45), P(-0.8, 0.45), P(-0.95, 0.45)], fill=colour)
+    elif concept == "tank":  # round tank
+        draw.ellipse([cx - L / 2, cy - W / 2, cx + L / 2, cy + W / 2], fill=colour)
+    elif concept == "harbor":  # pier: an L shape
+        draw.polygon([P(-1, -1), P(1, -1), P(1, -0.3), P(-0.4, -0.3), P(-0.4, 1), P(-1, 1)], fill=colour)
+    else:  # vehicle, bridge: rectangles (a bridge gets darker railings)
+        draw.polygon([P(-1, -1), P(1, -1), P(1, 1), P(-1, 1)], fill=colour)
+        if concept == "bridge":
+            dark = max(0, colour - 60) if isinstance(colour, int) else tuple(max(0, c - 60) for c in colour)
+            draw.line([P(-1, -0.8), P(1, -0.8)], fill=dark, width=2)
+            draw.line([P(-1, 0.8), P(1, 0.8)], fill=dark, width=2)
+
+
+def _scene_objects(rng, classes, size, max_objects, axis_aligned=False):
+    """Non-overlapping oriented boxes (cx, cy, L, W, θ) and their concepts for one image."""
+    scale = size / 256
+    objects, placed = [], []
+    for _ in range(rng.randint(2, max_objects)):
+        concept = rng.choice(classes)
+        (l0, l1), (w0, w1) = _SHAPE[concept]
+        L, W = rng.uniform(l0, l1) * scale, rng.uniform(w0, w1) * scale
+        t = 0.0 if axis_aligned else rng.uniform(-math.pi / 2, math.pi / 2)
+        if concept == "tank":
+            W, t = L, 0.0
+        for _ in range(20):  # rejection sampling for free space
+            cx, cy = rng.uniform(L / 2 + 2, size - L / 2 - 2), rng.uniform(L / 2 + 2, size - L / 2 - 2)
+            box = (cx, cy, L, W, t)
+            if all((cx - p[0]) ** 2 + (cy - p[1]) ** 2 > ((L + p[2]) / 2 + 3) ** 2 for p in placed):
+                placed.append(box)
+                objects.append((concept, box))
+                break
+    return objects
+
+
+def _render(modality, objects, rng, size):
+    """RGB: textured ground; SAR: dark speckled clutter with bright scatterers; IR: thermal blobs."""
+    nrng = np.random.default_rng(rng.randrange(2 ** 31))
+    if modality == "rgb":
+        base = np.array([rng.randint(60, 110), rng.randint(80, 120), rng.randint(50, 90)], np.float64)
+        img = np.clip(base + nrng.normal(0, 10, (size, size, 3)), 0, 255).astype(np.uint8)
+        pil = Image.fromarray(img)
+        draw = ImageDraw.Draw(pil)
+        for concept, box in objects:
+            _draw_object(draw, concept, box, _COLOUR[concept])
+        return pil
+    grey = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(grey)
+    level = {"ship": 230, "plane": 200, "vehicle": 170, "tank": 250, "bridge": 150, "harbor": 190}
+    for concept, box in objects:
+        _draw_object(draw, concept, box, level[concept])
+    if modality == "ir":
+        grey = grey.filter(ImageFilter.GaussianBlur(1.5))  # heat spreads
+        a = np.asarray(grey, np.float64) + 40 + nrng.normal(0, 6, (size, size))
+    else:  # multiplicative speckle on a dark sea/land background
+        a = (np.asarray(grey, np.float64) + 25) * nrng.gamma(4.0, 1 / 4.0, (size, size))
+    a = np.clip(a, 0, 255).astype(np.uint8)
+    return Image.fromarray(np.repeat(a[..., None], 3, axis=2))
+
+
+def _instructions(objects, modality, image_rel, size):
+    """Instruction turns about one scene: counts, categories at a box, and where an object is."""
+    def box1000(box):
+        x1, y1, x2, y2 = ro.obb2hbb(torch.tensor([box], dtype=torch.float64))[0].tolist()
+        return "[[" + ", ".join(str(int(round(min(max(v / size, 0), 1) * 1000))) for v in (x1, y1, x2, y2)) + "]]"
+
+    name = {"rgb": "optical", "sar": "SAR", "ir": "infrared"}[modality]
+    counts = {}
+    for concept, _ in objects:
+        counts[concept] = counts.get(concept, 0) + 1
+    out = []
+    summary = ", ".join(f"{n} {c}{'s' if n > 1 else ''}" for c, n in sorted(counts.items()))
+    out.append((f"How many objects are in this {name} image, and of which categories?",
+                f"There are {len(objects)} objects: {summary}."))
+    concept, box = objects[0]
+    out.append((f"What is the category visible in the area <box>{box1000(box)}</box>? "
+                f"The classes are: {', '.join(CONCEPTS)}.", f"A {concept}."))
+    out.append((f"Where is a {concept} in the image?", f"<ref>{concept}</ref><box>{box1000(box)}</box>"))
+    return [{"image": image_rel, "conversations": [{"from": "human", "value": "<image>\n" + q},
+                                                   {"from": "gpt", "value": a}]} for q, a in out]
+
+
+def make_synthetic(root, n_train=48, n_test=16, size=256, max_objects=8, seed=0, modalities=("rgb", "sar", "ir")) -> Path:
+    """Write SynthSOI, the embedded default data set, under `root` and return it.
+
+    Layout (the official ones): `rgb/{train,test}/{images,labelTxt}` (DOTA txt, oriented),
+    `sar/{train,test}/{images, annotations.json}` (COCO json, horizontal boxes, as SARDet-50K),
+    `ir/{train,test}/{images,labelTxt}` (DOTA txt, oriented, as DroneVehicle), and
+    `instructions/{rgb,sar,ir}.jsonl` + `instructions/meta.json` (InternVL-style). The concepts
+    (ship, plane, vehicle, tank, bridge, harbor) are shared across modalities, each with its own
+    shape, so a detector learns them quickly. Deterministic from `seed`; a finished data set
+    (marked by `root/.complete`) is not written again.
+    """
+    root = Path(root)
+    marker = root / ".complete"
+    wanted = json.dumps(dict(n_train=n_train, n_test=n_test, size=size, max_objects=max_objects, seed=seed,
+                             modalities=list(modalities)))
+    if marker.exists() and marker.read_text() == wanted:
+        return root
+    meta = {}
+    for m_index, modality in enumerate(modalities):
+        classes = SYNTH_CLASSES[modality]
+        jsonl = []
+        for split, n in (("train", n_train), ("test", n_test)):
+            rng = random.Random(seed * 1000 + m_index * 10 + (split == "test"))
+            out = root / modality / split
+            (out / "images").mkdir(parents=True, exist_ok=True)
+            coco = dict(images=[], annotations=[], categories=[{"id": k + 1, "name": c} for k, c in enumerate(classes)])
+            for i in range(n):
+                stem = f"{modality}_{split}_{i:04d}"
+                objects = _scene_objects(rng, classes, size, max_objects, axis_aligned=False)
+                _render(modality, objects, rng, size).save(out / "images" / f"{stem}.png")
+                boxes = torch.tensor([b for _, b in objects], dtype=torch.float64)
+                if modality == "sar":
+                    coco["images"].append(dict(id=i + 1, file_name=f"{stem}.png", width=size, height=size))
+                    for concept, hb in zip([c for c, _ in objects], ro.obb2hbb(boxes).tolist()):
+                        x1, y1, x2, y2 = (min(max(v, 0), size) for v in hb)
+                        coco["annotations"].append(dict(id=len(coco["annotations"]) + 1, image_id=i + 1,
+                                                        category_id=classes.index(concept) + 1, iscrowd=0,
+                                                        bbox=[x1, y1, x2 - x1, y2 - y1], area=(x2 - x1) * (y2 - y1)))
+                else:
+                    write_dota_txt(out / "labelTxt" / f"{stem}.txt", ro.obb2poly(boxes).numpy(),
+                                   [c for c, _ in objects], np.zeros(len(objects), bool))
+                if split == "train":
+                    jsonl += _instructions(objects, modality, f"{modality}/{split}/images/{stem}.png", size)
+            if modality == "sar":
+                atomic_write_text(out / "annotations.json", json.dumps(coco))
+        atomic_write_text(root / "instructions" / f"{modality}.jsonl", "".join(json.dumps(s) + "\n" for s in jsonl))
+        meta[f"synthsoi_{modality}"] = dict(root=str(root), annotation=f"instructions/{modality}.jsonl",
+                                            modality=modality, repeat_time=1, length=len(jsonl))
+    atomic_write_text(root / "instructions" / "meta.json", json.dumps(meta, indent=2))
+    atomic_write_text(marker, wanted)
+    return root

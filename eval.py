@@ -1,0 +1,372 @@
+"""Metrics of both papers, DOTA result files, and a command line.
+
+- `eval_rbbox_map`: rotated VOC AP (area or 11-point) at any list of IoU thresholds, with the DOTA
+  devkit's greedy matching and difficult handling (MutDet: VOC07 11-point AP50 / AP75; BabelRS:
+  area AP at 0.50:0.05:0.95 for DOTA and DroneVehicle).
+- `coco_bbox_map`: COCO box AP through pycocotools (BabelRS's SAR metric).
+- `h_map`, `overall_map`: BabelRS Sec. 3.4: the harmonic mean of the per-modality mAPs and the mean
+  over the union of all modalities' categories.
+- DOTA Task1 result files (`Task1_<class>.txt`), written and read.
+
+Command line: `python eval.py --dets DIR --ann DIR [--metric 11point|area] [--iou 0.5 0.75]`
+scores DOTA Task1 files against a DOTA (or DIOR-R) annotation folder.
+"""
+import argparse
+import contextlib
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import datasets
+import rotated_ops as ro
+
+COCO_IOUS = tuple(np.round(np.arange(0.5, 0.96, 0.05), 2))  # 0.50:0.05:0.95
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotated VOC AP
+# ---------------------------------------------------------------------------------------------
+
+def voc_ap(recall: np.ndarray, precision: np.ndarray, metric: str = "area") -> float:
+    """AP from a precision/recall curve, as the DOTA devkit's `voc_ap`.
+
+    "area": VOC2010+ all-point interpolation (precision envelope, summed over recall steps).
+    "11point": VOC07, the mean of the best precision at recall >= t for t = 0, 0.1, ..., 1; the
+    thresholds come from `np.arange(0., 1.1, 0.1)` as in the devkit and mmrotate, so 0.3, 0.6 and
+    0.7 are a hair above their decimal values (a recall of exactly 3/10 does not reach "0.3").
+    """
+    if metric == "11point":
+        ap = 0.0
+        for t in np.arange(0.0, 1.1, 0.1):
+            p = precision[recall >= t]
+            ap += (p.max() if p.size else 0.0) / 11.0
+        return float(ap)
+    if metric != "area":
+        raise ValueError(f"metric must be 'area' or '11point', got {metric!r}")
+    mrec = np.concatenate(([0.0], recall, [1.0]))
+    mpre = np.concatenate(([0.0], precision, [0.0]))
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]  # precision envelope
+    i = np.nonzero(mrec[1:] != mrec[:-1])[0]
+    return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
+
+
+def _best_gt_per_detection(det_boxes, det_keys, gt_boxes, gt_keys):
+    """For each detection, the highest-IoU ground truth with the same key (image, class).
+
+    Returns (ovmax (D,), argmax (D,) index into the ground truths, -1 where there is none).
+    Ties go to the first ground truth in input order, as `np.argmax` in the devkit.
+    """
+    D = len(det_keys)
+    ovmax, best = np.zeros(D), np.full(D, -1, dtype=np.int64)
+    if D == 0 or len(gt_keys) == 0:
+        return ovmax, best
+    order = np.argsort(gt_keys, kind="stable")
+    sorted_keys = gt_keys[order]
+    start = np.searchsorted(sorted_keys, det_keys, side="left")
+    count = np.searchsorted(sorted_keys, det_keys, side="right") - start  # (D,)
+    det_idx = np.repeat(np.arange(D), count)  # all (detection, same-key ground truth) pairs
+    offsets = np.arange(len(det_idx)) - np.repeat(np.cumsum(count) - count, count)
+    gt_idx = order[np.repeat(start, count) + offsets]
+    if len(det_idx) == 0:
+        return ovmax, best
+    b1 = torch.from_numpy(det_boxes[det_idx])
+    b2 = torch.from_numpy(gt_boxes[gt_idx])
+    h1, h2 = ro.obb2hbb(b1), ro.obb2hbb(b2)  # only pairs whose enclosing boxes meet can overlap
+    meet = ((h1[:, 0] <= h2[:, 2]) & (h2[:, 0] <= h1[:, 2]) & (h1[:, 1] <= h2[:, 3]) & (h2[:, 1] <= h1[:, 3])).numpy()
+    iou = np.zeros(len(det_idx))
+    if meet.any():
+        iou[meet] = ro.box_iou_rotated(b1[meet], b2[meet], aligned=True).numpy()
+    # per detection: the largest IoU, first ground truth (in input order) on ties
+    rank_in_input = gt_idx.astype(np.float64)
+    o = np.lexsort((rank_in_input, -iou, det_idx))  # by detection, then IoU desc, then input order
+    first = np.ones(len(o), dtype=bool)
+    first[1:] = det_idx[o][1:] != det_idx[o][:-1]
+    ovmax[det_idx[o][first]] = iou[o][first]
+    best[det_idx[o][first]] = gt_idx[o][first]
+    return ovmax, best
+
+
+def eval_rbbox_map(dets, annots, iou_thrs=(0.5,), metric="area", strict=False) -> dict:
+    """Rotated VOC mAP with the DOTA devkit's greedy matching.
+
+    Args:
+        dets: dets[i][c] is a (K, 6) array [cx, cy, w, h, θ, score] for image i and class c.
+        annots: annots[i] = dict(boxes (N, 5), labels (N,) int, difficult (N,) bool).
+        iou_thrs: IoU thresholds (T of them).
+        metric: "area" (VOC2010+) or "11point" (VOC07, the DOTA Task1 and MutDet metric).
+        strict: match when IoU > thr (the devkit's `dota_evaluation_task1.py`) instead of the
+            default IoU >= thr (mmrotate's `eval_rbbox_map`).
+    Returns:
+        dict(ap (T, C) with NaN for classes without a non-difficult ground truth, map (T,) the mean
+        over the other classes, mean = the mean of map over thresholds, num_gts (C,), num_dets (C,)).
+
+    Matching, per class: detections of all images by decreasing score (stable: ties keep image
+    order, then input order); each takes its highest-IoU ground truth in its image (matched or not,
+    difficult or not); above the threshold it is a true positive if that ground truth is free and
+    not difficult, ignored (neither TP nor FP) if it is difficult, and a false positive if it is
+    already taken; below the threshold it is a false positive. Since the chosen ground truth does
+    not depend on earlier matches, "free" means "no earlier detection chose it above the
+    threshold", which lets all thresholds and images be scored at once.
+    """
+    if len(dets) != len(annots):
+        raise ValueError(f"dets ({len(dets)} images) and annots ({len(annots)} images) differ in length")
+    num_classes = max([len(d) for d in dets] + [0])
+    for a in annots:
+        if len(a["labels"]):
+            num_classes = max(num_classes, int(np.max(a["labels"])) + 1)
+    thrs = np.asarray(iou_thrs, dtype=np.float64)
+    T = len(thrs)
+    ap = np.full((T, num_classes), np.nan)
+    num_gts, num_dets = np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64)
+
+    # flatten ground truths and detections with their (image, class) keys
+    gt_boxes, gt_keys, gt_diff = [], [], []
+    for i, a in enumerate(annots):
+        boxes = np.asarray(a["boxes"], np.float64).reshape(-1, 5)
+        labels = np.asarray(a["labels"], np.int64).reshape(-1)
+        diff = np.asarray(a.get("difficult", np.zeros(len(labels), bool)), bool).reshape(-1)
+        gt_boxes.append(boxes)
+        gt_keys.append(i * num_classes + labels)
+        gt_diff.append(diff)
+    gt_boxes = np.concatenate(gt_boxes) if gt_boxes else np.zeros((0, 5))
+    gt_keys = np.concatenate(gt_keys) if gt_keys else np.zeros(0, np.int64)
+    gt_diff = np.concatenate(gt_diff) if gt_diff else np.zeros(0, bool)
+    d_boxes, d_scores, d_keys, d_class = [], [], [], []
+    for i, per_class in enumerate(dets):
+        for c, d in enumerate(per_class):
+            d = np.asarray(d, np.float64).reshape(-1, 6)
+            d_boxes.append(d[:, :5])
+            d_scores.append(d[:, 5])
+            d_keys.append(np.full(len(d), i * num_classes + c, np.int64))
+            d_class.append(np.full(len(d), c, np.int64))
+    d_boxes = np.concatenate(d_boxes) if d_boxes else np.zeros((0, 5))
+    d_scores = np.concatenate(d_scores) if d_scores else np.zeros(0)
+    d_keys = np.concatenate(d_keys) if d_keys else np.zeros(0, np.int64)
+    d_class = np.concatenate(d_class) if d_class else np.zeros(0, np.int64)
+
+    ovmax, best = _best_gt_per_detection(d_boxes, d_keys, gt_boxes, gt_keys)
+    gt_class = gt_keys % num_classes if num_classes else gt_keys
+    for c in range(num_classes):
+        npos = int(np.sum((gt_class == c) & ~gt_diff))
+        num_gts[c] = npos
+        sel = np.nonzero(d_class == c)[0]
+        num_dets[c] = len(sel)
+        if npos == 0:
+            continue
+        sel = sel[np.argsort(-d_scores[sel], kind="stable")]  # by decreasing score, ties in input order
+        ov, gt = ovmax[sel], best[sel]
+        for t, thr in enumerate(thrs):
+            hit = (ov > thr) if strict else (ov >= thr)
+            hit &= gt >= 0
+            difficult = hit & gt_diff[np.maximum(gt, 0)]
+            claim = hit & ~difficult
+            first = np.zeros(len(sel), dtype=bool)  # first claim of each ground truth
+            if claim.any():
+                idx = np.nonzero(claim)[0]
+                _, first_pos = np.unique(gt[idx], return_index=True)
+                first[idx[first_pos]] = True
+            tp = first.astype(np.float64)
+            fp = (~first & ~difficult).astype(np.float64)
+            tp, fp = np.cumsum(tp), np.cumsum(fp)
+            recall = tp / npos
+            precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+            ap[t, c] = voc_ap(recall, precision, metric)
+    valid = num_gts > 0
+    mean_ap = np.nanmean(ap[:, valid], axis=1) if valid.any() else np.full(T, np.nan)
+    return dict(ap=ap, map=mean_ap, mean=float(np.mean(mean_ap)), num_gts=num_gts, num_dets=num_dets)
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO box AP (horizontal boxes)
+# ---------------------------------------------------------------------------------------------
+
+def coco_bbox_map(dets, annots, num_classes=None, max_dets=100) -> dict:
+    """COCO box AP through pycocotools, for horizontal-box data (SARDet-50K in BabelRS).
+
+    Args:
+        dets, annots: as `eval_rbbox_map`; oriented boxes are replaced by their enclosing
+            horizontal boxes. Difficult ground truths become COCO `iscrowd` (ignored) regions.
+        max_dets: detections per image (COCO's 100).
+    Returns:
+        dict(map = AP@[.5:.95], ap50, ap75, ap (C,) per-class AP@[.5:.95] with NaN for classes
+        without ground truth, ap50_per_class (C,)).
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if num_classes is None:
+        num_classes = max([len(d) for d in dets] + [int(np.max(a["labels"])) + 1 for a in annots if len(a["labels"])] + [1])
+    images, anns, results = [], [], []
+    for i, a in enumerate(annots):
+        images.append(dict(id=i + 1))
+        boxes = ro.obb2hbb(torch.as_tensor(np.asarray(a["boxes"], np.float64).reshape(-1, 5))).numpy()
+        diff = np.asarray(a.get("difficult", np.zeros(len(boxes), bool)), bool).reshape(-1)
+        for b, l, d in zip(boxes, np.asarray(a["labels"]).reshape(-1), diff):
+            w, h = b[2] - b[0], b[3] - b[1]
+            anns.append(dict(id=len(anns) + 1, image_id=i + 1, category_id=int(l) + 1, bbox=[b[0], b[1], w, h],
+                             area=float(w * h), iscrowd=int(d)))
+        for c, d in enumerate(dets[i] if i < len(dets) else []):
+            d = np.asarray(d, np.float64).reshape(-1, 6)
+            hb = ro.obb2hbb(torch.from_numpy(d[:, :5])).numpy()
+            for b, s in zip(hb, d[:, 5]):
+                results.append(dict(image_id=i + 1, category_id=c + 1, bbox=[b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                                    score=float(s)))
+    gt = COCO()
+    gt.dataset = dict(images=images, annotations=anns, categories=[dict(id=c + 1) for c in range(num_classes)])
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+        if not results:
+            return dict(map=0.0, ap50=0.0, ap75=0.0, ap=np.full(num_classes, np.nan), ap50_per_class=np.full(num_classes, np.nan))
+        dt = gt.loadRes(results)
+        ev = COCOeval(gt, dt, "bbox")
+        ev.params.maxDets = [1, 10, max_dets]
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    prec = ev.eval["precision"]  # (T iou, R recall, K class, A area, M maxdets)
+
+    def per_class(p):  # mean over recall points of valid entries
+        out = np.full(num_classes, np.nan)
+        for k in range(num_classes):
+            v = p[..., k]
+            v = v[v > -1]
+            if v.size:
+                out[k] = v.mean()
+        return out
+
+    return dict(map=float(ev.stats[0]), ap50=float(ev.stats[1]), ap75=float(ev.stats[2]),
+                ap=per_class(prec[:, :, :, 0, -1]), ap50_per_class=per_class(prec[0, :, :, 0, -1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# BabelRS summary metrics
+# ---------------------------------------------------------------------------------------------
+
+def h_map(per_modality: dict) -> float:
+    """BabelRS Sec. 3.4: H-mAP = |M| / Σ_m 1/mAP_m, the harmonic mean of per-modality mAPs; 0 if any is 0."""
+    values = [float(v) for v in per_modality.values()]
+    if not values:
+        raise ValueError("h_map needs at least one modality")
+    if any(v <= 0 for v in values):
+        return 0.0
+    return len(values) / sum(1.0 / v for v in values)
+
+
+def overall_map(per_class_ap: dict) -> float:
+    """BabelRS's "Overall" mAP: the mean AP over the union of all modalities' categories.
+
+    Args:
+        per_class_ap: {modality: {class name: AP}}; a category of one modality is distinct from a
+            namesake in another (SOI-Det keeps 'Ship' (DOTA) apart from 'ship' (SAR)); NaN entries
+            (no ground truth) are skipped. Equals the class-count-weighted mean of the modalities' mAPs.
+    """
+    values = [v for per_class in per_class_ap.values() for v in per_class.values() if np.isfinite(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# DOTA Task1 result files
+# ---------------------------------------------------------------------------------------------
+
+def write_dota_task1(out_dir, dets_by_image: dict, classes) -> list:
+    """Write `Task1_<class>.txt` files: `<image> <score> x1 y1 x2 y2 x3 y3 x4 y4` per detection.
+
+    Args:
+        dets_by_image: {image name: list over classes of (K, 6) [cx, cy, w, h, θ, score]}.
+    Returns the written paths.
+    """
+    out_dir = Path(out_dir)
+    paths = []
+    for c, name in enumerate(classes):
+        lines = []
+        for image, per_class in sorted(dets_by_image.items()):
+            d = np.asarray(per_class[c], np.float64).reshape(-1, 6)
+            polys = ro.obb2poly(torch.from_numpy(d[:, :5])).numpy()
+            lines += [f"{image} {s:.6f} " + " ".join(f"{v:.2f}" for v in p) for p, s in zip(polys, d[:, 5])]
+        path = out_dir / f"Task1_{name}.txt"
+        datasets.atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
+        paths.append(path)
+    return paths
+
+
+def read_dota_task1(det_dir, classes) -> dict:
+    """Read `Task1_<class>.txt` files back into {image: list over classes of (K, 6) arrays}.
+
+    Each quadrilateral becomes its minimum-area le90 rectangle (`poly2obb`), as mmrotate does.
+    A missing class file means no detections of that class.
+    """
+    det_dir = Path(det_dir)
+    found = {}
+    for c, name in enumerate(classes):
+        path = det_dir / f"Task1_{name}.txt"
+        if not path.exists():
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), start=1):
+            tokens = line.split()
+            if not tokens:
+                continue
+            if len(tokens) != 10:
+                raise datasets.DatasetError(f"{path}:{n}: expected '<image> <score> x1 y1 ... x4 y4', got {len(tokens)} tokens")
+            try:
+                values = [float(t) for t in tokens[1:]]
+            except ValueError:
+                raise datasets.DatasetError(f"{path}:{n}: non-numeric score or coordinate") from None
+            found.setdefault(tokens[0], [[] for _ in classes])[c].append(values)
+    out = {}
+    for image, per_class in found.items():
+        arrays = []
+        for rows in per_class:
+            rows = np.asarray(rows, np.float64).reshape(-1, 9)
+            boxes = ro.poly2obb(torch.from_numpy(rows[:, 1:])).numpy()
+            arrays.append(np.concatenate([boxes, rows[:, :1]], axis=1))
+        out[image] = arrays
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def format_table(names, ap, thrs) -> str:
+    header = f"{'class':<24}" + "".join(f"{'AP' + str(int(round(t * 100))):>9}" for t in thrs)
+    rows = [header, "-" * len(header)]
+    for c, name in enumerate(names):
+        rows.append(f"{name:<24}" + "".join(f"{ap[t, c] * 100:9.2f}" if np.isfinite(ap[t, c]) else f"{'-':>9}"
+                                          for t in range(len(thrs))))
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dets", help="folder of DOTA Task1_<class>.txt files")
+    p.add_argument("--ann", help="annotation folder (DOTA labelTxt/ or annfiles/, or DIOR-R xml) of the scored split")
+    p.add_argument("--metric", choices=["area", "11point"], default="11point",
+                   help="VOC area AP or VOC07 11-point AP (DOTA Task1, MutDet); default 11point")
+    p.add_argument("--iou", type=float, nargs="+", default=[0.5], help="IoU thresholds (default 0.5)")
+    p.add_argument("--strict", action="store_true", help="match when IoU > thr, as the DOTA devkit (default >=)")
+    args = p.parse_args(argv)
+    if not (args.dets and args.ann):
+        p.error("give --dets DIR and --ann DIR")
+    try:
+        split = datasets.load_detection_split(args.ann)
+        by_image = read_dota_task1(args.dets, split.classes)
+        known = {s.name for s in split.samples}
+        unknown = sorted(set(by_image) - known)
+        if unknown:
+            raise datasets.DatasetError(f"{args.dets}: detections for images not in {args.ann}: {unknown[:5]}")
+        dets = [by_image.get(s.name, [np.zeros((0, 6))] * len(split.classes)) for s in split.samples]
+        annots = [dict(boxes=s.boxes, labels=s.labels, difficult=s.difficult) for s in split.samples]
+    except datasets.DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    res = eval_rbbox_map(dets, annots, args.iou, args.metric, args.strict)
+    print(format_table(split.classes, res["ap"], args.iou))
+    print(f"{'mAP':<24}" + "".join(f"{m * 100:9.2f}" for m in res["map"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
