@@ -159,7 +159,7 @@ def main():
     q.add_argument("--images", type=int, default=2000)
     q.add_argument("--classes", type=int, default=15)
     q.add_argument("--dets", type=int, default=300)
-    q.add_argument("--ref-fraction", type=int, default=40, help="the reference loop runs on 1/N of the images")
+    q.add_argument("--ref-fraction", type=int, default=400, help="the reference loop runs on 1/N of the images")
     q.set_defaults(fn=bench_eval)
     args = p.parse_args()
     args.fn(args)
