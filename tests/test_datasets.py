@@ -8,7 +8,6 @@ import torch
 from PIL import Image
 
 import datasets as D
-import rotated_ops as ro
 
 
 def _dota_split(root, objects, size=(200, 300), header=True):
