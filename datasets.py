@@ -684,11 +684,11 @@ class MultiSourceSampler:
         """The n-th sample of `source` for this rank."""
         per_rank = max(1, self.sizes[source] // self.world_size)
         p, offset = divmod(n, per_rank)
-        key = (source, p)
-        if key not in self._perm_cache:
+        cached = self._perm_cache.get(source)  # (pass, permutation): one per source
+        if cached is None or cached[0] != p:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + source * 7919 + p)
-            self._perm_cache = {key: torch.randperm(self.sizes[source], generator=g).tolist()}
-        perm = self._perm_cache[key]
+            cached = self._perm_cache[source] = (p, torch.randperm(self.sizes[source], generator=g).tolist())
+        perm = cached[1]
         return perm[(self.rank + self.world_size * offset) % self.sizes[source]]
 
     def batch(self, k):

@@ -72,13 +72,8 @@ def _best_gt_per_detection(det_boxes, det_keys, gt_boxes, gt_keys):
     gt_idx = order[np.repeat(start, count) + offsets]
     if len(det_idx) == 0:
         return ovmax, best
-    b1 = torch.from_numpy(det_boxes[det_idx])
-    b2 = torch.from_numpy(gt_boxes[gt_idx])
-    h1, h2 = ro.obb2hbb(b1), ro.obb2hbb(b2)  # only pairs whose enclosing boxes meet can overlap
-    meet = ((h1[:, 0] <= h2[:, 2]) & (h2[:, 0] <= h1[:, 2]) & (h1[:, 1] <= h2[:, 3]) & (h2[:, 1] <= h1[:, 3])).numpy()
-    iou = np.zeros(len(det_idx))
-    if meet.any():
-        iou[meet] = ro.box_iou_rotated(b1[meet], b2[meet], aligned=True).numpy()
+    iou = ro.box_iou_rotated(torch.from_numpy(det_boxes[det_idx]), torch.from_numpy(gt_boxes[gt_idx]),
+                             aligned=True).numpy()  # (pairs,); disjoint pairs are skipped inside
     # per detection: the largest IoU, first ground truth (in input order) on ties
     rank_in_input = gt_idx.astype(np.float64)
     o = np.lexsort((rank_in_input, -iou, det_idx))  # by detection, then IoU desc, then input order

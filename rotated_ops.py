@@ -243,19 +243,36 @@ def _pair_iou(b1: torch.Tensor, b2: torch.Tensor, mode: str) -> torch.Tensor:
                        torch.zeros_like(inter))
 
 
+def _hbb_meet(h1: torch.Tensor, h2: torch.Tensor) -> torch.Tensor:
+    """Whether enclosing horizontal boxes (..., 4) overlap (touching counts): only then can boxes meet."""
+    return (h1[..., 0] <= h2[..., 2]) & (h2[..., 0] <= h1[..., 2]) & (h1[..., 1] <= h2[..., 3]) & (h2[..., 1] <= h1[..., 3])
+
+
 def _candidate_pairs(b1: torch.Tensor, b2: torch.Tensor, block: int):
     """Index pairs (i, j) whose enclosing horizontal boxes overlap (only they can intersect)."""
     h1, h2 = obb2hbb(b1.detach()), obb2hbb(b2.detach())
     rows, cols = [], []
     step = max(1, block // max(1, len(b2)))
     for s in range(0, len(b1), step):
-        a = h1[s:s + step, None]  # (n, 1, 4)
-        meet = ((a[..., 0] <= h2[None, :, 2]) & (h2[None, :, 0] <= a[..., 2])
-                & (a[..., 1] <= h2[None, :, 3]) & (h2[None, :, 1] <= a[..., 3]))  # (n, M)
-        i, j = meet.nonzero(as_tuple=True)
+        i, j = _hbb_meet(h1[s:s + step, None], h2[None]).nonzero(as_tuple=True)  # (n, M) mask
         rows.append(i + s)
         cols.append(j)
     return torch.cat(rows), torch.cat(cols)
+
+
+def _iou_of_pairs(b1: torch.Tensor, b2: torch.Tensor, mode: str, chunk_size: int, prefiltered=False) -> torch.Tensor:
+    """IoU of aligned pairs, (P, 5) x (P, 5) -> (P,), in chunks; pairs whose enclosing boxes do not
+    meet are 0 without computation (`prefiltered`: the caller already kept only pairs that meet)."""
+    out = b1.new_zeros(len(b1))
+    if prefiltered:
+        meet = torch.arange(len(b1), device=b1.device)
+    else:
+        meet = _hbb_meet(obb2hbb(b1.detach()), obb2hbb(b2.detach())).nonzero(as_tuple=True)[0]
+    if len(meet):
+        vals = torch.cat([_pair_iou(b1[meet[s:s + chunk_size]], b2[meet[s:s + chunk_size]], mode)
+                          for s in range(0, len(meet), chunk_size)])
+        out = out.index_put((meet,), vals)
+    return out
 
 
 def box_iou_rotated(boxes1: torch.Tensor, boxes2: torch.Tensor, aligned: bool = False,
@@ -283,18 +300,12 @@ def box_iou_rotated(boxes1: torch.Tensor, boxes2: torch.Tensor, aligned: bool = 
     if aligned:
         if len(b1) != len(b2):
             raise ValueError(f"aligned IoU needs as many boxes1 as boxes2, got {len(b1)} and {len(b2)}")
-        parts = [_pair_iou(b1[s:s + chunk_size], b2[s:s + chunk_size], mode)
-                 for s in range(0, len(b1), chunk_size)]
-        return (torch.cat(parts) if parts else b1.new_zeros(0)).to(out_dtype)
+        return _iou_of_pairs(b1, b2, mode, chunk_size).to(out_dtype)
     n, m = len(b1), len(b2)
     if n == 0 or m == 0:
         return b1.new_zeros(n, m).to(out_dtype)
     ii, jj = _candidate_pairs(b1, b2, block=chunk_size * 16)
-    vals = [_pair_iou(b1[ii[s:s + chunk_size]], b2[jj[s:s + chunk_size]], mode)
-            for s in range(0, len(ii), chunk_size)]
-    out = b1.new_zeros(n, m)
-    if vals:
-        out = out.index_put((ii, jj), torch.cat(vals))
+    out = b1.new_zeros(n, m).index_put((ii, jj), _iou_of_pairs(b1[ii], b2[jj], mode, chunk_size, prefiltered=True))
     return out.to(out_dtype)
 
 
@@ -325,9 +336,7 @@ def nms_rotated(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float)
     ii, jj = _candidate_pairs(b, b, block=1 << 22)
     later = jj > ii  # only a higher-ranked box suppresses a lower-ranked one
     ii, jj = ii[later], jj[later]
-    ious = torch.cat([_pair_iou(b[ii[s:s + 65536]], b[jj[s:s + 65536]], "iou")
-                      for s in range(0, len(ii), 65536)]) if len(ii) else b.new_zeros(0)
-    hit = ious > iou_threshold
+    hit = _iou_of_pairs(b[ii], b[jj], "iou", 1 << 16, prefiltered=True) > iou_threshold
     ii, jj = ii[hit].cpu().numpy(), jj[hit].cpu().numpy()
     # neighbours of each rank, as a CSR list (ii is sorted because pairs come out row by row)
     starts = np.searchsorted(ii, np.arange(len(b) + 1))
