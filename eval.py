@@ -8,8 +8,11 @@
   over the union of all modalities' categories.
 - DOTA Task1 result files (`Task1_<class>.txt`), written and read.
 
-Command line: `python eval.py --dets DIR --ann DIR [--metric 11point|area] [--iou 0.5 0.75]`
-scores DOTA Task1 files against a DOTA (or DIOR-R) annotation folder.
+- `evaluate_run`: scores a train.py run folder on the test split of each of its sources.
+
+Command line: `python eval.py --run DIR` scores a run and writes `DIR/metrics.json`;
+`python eval.py --dets DIR --ann DIR [--metric 11point|area] [--iou 0.5 0.75]` scores DOTA Task1
+files against a DOTA (or DIOR-R) annotation folder.
 """
 import argparse
 import contextlib
@@ -322,6 +325,138 @@ def read_dota_task1(det_dir, classes) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Scoring a run folder (eval.py --run DIR)
+# ---------------------------------------------------------------------------------------------
+
+def build_run_model(run: Path, device="cpu"):
+    """Rebuild a run's detector from its model.json and load model.safetensors. The model files
+    are imported here only, so that the metrics above need nothing but rotated_ops and datasets."""
+    import json
+    from safetensors.torch import load_file
+    import detection
+    run = Path(run)
+    for name in ("model.json", "model.safetensors"):
+        if not (run / name).exists():
+            raise datasets.DatasetError(f"{run}: not a finished run folder (no {name})")
+    args = json.loads((run / "model.json").read_text())
+    sources = args["sources"]
+    kwargs = {k: v for k, v in args.items() if k != "sources"}
+    kwargs["resnet"] = ""  # the trained weights replace the initial ones
+    model = detection.build_detector([dict(modality=s["modality"], classes=s["classes"], box_type=s["box_type"])
+                                      for s in sources], **kwargs)
+    model.load_state_dict(load_file(str(run / "model.safetensors")))
+    return model.to(device).eval(), sources
+
+
+@torch.no_grad()
+def predict_split(model, split, modality: str, image_size: int, device="cpu", batch_size: int = 4, progress=True):
+    """Detections of `model` on every image of a split: list over images of a list over classes of
+    (K, 6) arrays [cx, cy, w, h, θ, score] in original pixels, and the matching annotations."""
+    tf = datasets.Compose([datasets.Resize(image_size), datasets.Normalize()])
+    num_classes = len(split.classes)
+    dets, annots = [], []
+    index = range(0, len(split), batch_size)
+    if progress:
+        from tqdm import tqdm
+        index = tqdm(index, desc=f"scoring {modality}", leave=False)
+    for start in index:
+        items = [tf(split[i]) for i in range(start, min(start + batch_size, len(split)))]
+        sizes = [tuple(it["image"].shape[-2:]) for it in items]
+        batch = datasets.collate(items)
+        results = model.predict(batch["images"].to(device), batch["masks"].to(device), [modality] * len(items),
+                                sizes, [it["scale"] for it in items])
+        for r in results:
+            boxes, scores, labels = r["boxes"].cpu().double().numpy(), r["scores"].cpu().double().numpy(), r["labels"].cpu().numpy()
+            dets.append([np.concatenate([boxes[labels == c], scores[labels == c, None]], 1) for c in range(num_classes)])
+    for s in split.samples:
+        annots.append(dict(boxes=s.boxes, labels=s.labels, difficult=s.difficult))
+    return dets, annots
+
+
+def score_source(dets, annots, classes, box_type: str) -> dict:
+    """Both papers' metrics of one source.
+
+    - obb: rotated VOC area AP at 0.50:0.05:0.95 (BabelRS's DOTA / DroneVehicle numbers) gives
+      AP50, AP75 and mAP per class; hbb: COCO box AP (BabelRS's SAR numbers).
+    - the MutDet protocol, VOC07 11-point AP50 and AP75 (on the le90 boxes; for hbb sources the
+      boxes are axis-aligned, so this is horizontal IoU).
+    """
+    out = dict(classes=list(classes), box_type=box_type)
+    if box_type == "hbb":
+        c = coco_bbox_map(dets, annots, num_classes=len(classes))
+        per_map, per_50 = c["ap"], c["ap50_per_class"]
+        r75 = eval_rbbox_map(dets, annots, (0.75,), "area")
+        out.update(ap50=c["ap50"], ap75=c["ap75"], map=c["map"])
+        per_75 = r75["ap"][0]
+    else:
+        r = eval_rbbox_map(dets, annots, COCO_IOUS, "area")
+        per_50, per_75, per_map = r["ap"][0], r["ap"][5], r["ap"].mean(axis=0)  # NaN stays NaN
+        out.update(ap50=float(r["map"][0]), ap75=float(r["map"][5]), map=float(r["mean"]))
+    voc07 = eval_rbbox_map(dets, annots, (0.5, 0.75), "11point")
+    out["voc07_ap50"], out["voc07_ap75"] = float(voc07["map"][0]), float(voc07["map"][1])
+
+    def named(values):
+        return {name: (float(v) if np.isfinite(v) else None) for name, v in zip(classes, values)}
+
+    out["per_class"] = dict(ap50=named(per_50), ap75=named(per_75), map=named(per_map),
+                            voc07_ap50=named(voc07["ap"][0]), voc07_ap75=named(voc07["ap"][1]))
+    return out
+
+
+def evaluate_model(model, sources: list, device="cpu", batch_size: int = 4, progress=True) -> dict:
+    """Score a detector on the test split of each source (dicts with modality, classes, box_type,
+    test, image_size, as stored in a run's model.json). With several modalities, add BabelRS's
+    overall mAP (mean over the union of classes) and H-mAP (harmonic mean of per-modality
+    mAP@[.5:.95]); the same two over AP50."""
+    was_training = model.training
+    model.eval()
+    metrics = dict(sources={})
+    for s in sources:
+        split = datasets.load_detection_split(s["test"], s["modality"], s["classes"])
+        dets, annots = predict_split(model, split, s["modality"], s["image_size"], device, batch_size, progress)
+        metrics["sources"][s["modality"]] = dict(score_source(dets, annots, s["classes"], s["box_type"]),
+                                                 test=s["test"], images=len(split))
+    model.train(was_training)
+    per_mod = metrics["sources"]
+    if len(per_mod) > 1:
+        def per_class(key):
+            return {m: {k: (np.nan if v is None else v) for k, v in r["per_class"][key].items()} for m, r in per_mod.items()}
+        metrics["overall_map"] = overall_map(per_class("map"))
+        metrics["overall_ap50"] = overall_map(per_class("ap50"))
+        metrics["h_map"] = h_map({m: r["map"] for m, r in per_mod.items()})
+        metrics["h_ap50"] = h_map({m: r["ap50"] for m, r in per_mod.items()})
+    return metrics
+
+
+def evaluate_run(run, device="cpu", batch_size: int = 4) -> dict:
+    """Score a run folder's checkpoint (`evaluate_model`), write metrics.json into it and print a table."""
+    import json
+    run = Path(run)
+    model, sources = build_run_model(run, device)
+    metrics = evaluate_model(model, sources, device, batch_size)
+    datasets.atomic_write_text(run / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    print(format_run_metrics(metrics))
+    return metrics
+
+
+def format_run_metrics(metrics: dict) -> str:
+    """Per class and per modality AP50 / AP75 / mAP (and the VOC07 11-point numbers), then the summary."""
+    cols = ("ap50", "ap75", "map", "voc07_ap50", "voc07_ap75")
+    header = f"{'':<26}" + "".join(f"{c:>11}" for c in cols)
+    lines = []
+    for m, r in metrics["sources"].items():
+        lines += [f"{m} ({r['box_type']}, {r['images']} test images)", header]
+        for name in r["classes"]:
+            vals = [r["per_class"][c][name] for c in cols]
+            lines.append(f"  {name:<24}" + "".join(f"{v * 100:11.2f}" if v is not None else f"{'-':>11}" for v in vals))
+        lines.append(f"  {'mean':<24}" + "".join(f"{r[c] * 100:11.2f}" for c in cols))
+    if "h_map" in metrics:
+        lines.append(f"overall mAP {metrics['overall_map'] * 100:.2f}  (AP50 {metrics['overall_ap50'] * 100:.2f})   "
+                     f"H-mAP {metrics['h_map'] * 100:.2f}  (H-AP50 {metrics['h_ap50'] * 100:.2f})")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
@@ -336,6 +471,8 @@ def format_table(names, ap, thrs) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", help="a run folder of train.py: score its checkpoint on each source's test split")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for --run")
     p.add_argument("--dets", help="folder of DOTA Task1_<class>.txt files")
     p.add_argument("--ann", help="annotation folder (DOTA labelTxt/ or annfiles/, or DIOR-R xml) of the scored split")
     p.add_argument("--metric", choices=["area", "11point"], default="11point",
@@ -343,8 +480,15 @@ def main(argv=None) -> int:
     p.add_argument("--iou", type=float, nargs="+", default=[0.5], help="IoU thresholds (default 0.5)")
     p.add_argument("--strict", action="store_true", help="match when IoU > thr, as the DOTA devkit (default >=)")
     args = p.parse_args(argv)
+    if args.run:
+        try:
+            evaluate_run(args.run, args.device)
+        except datasets.DatasetError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     if not (args.dets and args.ann):
-        p.error("give --dets DIR and --ann DIR")
+        p.error("give --run DIR, or --dets DIR and --ann DIR")
     try:
         split = datasets.load_detection_split(args.ann)
         by_image = read_dota_task1(args.dets, split.classes)

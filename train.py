@@ -1,0 +1,497 @@
+"""The one entry point: `python train.py --stage finetune|csia|sam|mutdet [--preset tiny|paper] [--<field> value]`.
+
+Every stage has one flat `@dataclass` config; `--preset tiny` (the default: CPU, SynthSOI, minutes)
+and `--preset paper` (the papers' sizes and hyper-parameters) are two instances of it, and every
+field is also a flag of the same name (`--max_steps` or `--max-steps`). The resolved config is
+printed and stored in the run folder `runs/<stage>-<time>/` (or `--out DIR`) with:
+
+    config.json     the resolved config          model.json   what eval.py needs to rebuild the model
+    log.jsonl       one line per step: step, loss, every loss term, grad_norm, lr, samples_per_s
+    model.safetensors, state.pt   weights; optimizer / scheduler / scaler / RNG / step (weights_only)
+
+`--resume DIR` continues a run exactly where it stopped, in the same folder. Under
+`torchrun --nproc_per_node N` the same command trains with DDP (gloo on CPU, nccl on GPU).
+Bad data stops with the data set's one-line message and exit status 2; a non-finite loss or
+gradient norm is logged with its step and stops the run with exit status 3.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, get_args, get_origin
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import datasets
+import detection
+import eval as evaluation
+
+EXIT_BAD_DATA, EXIT_NONFINITE = 2, 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs and presets
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class FinetuneConfig:
+    """Rotated-DETR (ARS-DETR) detection training on one or more sources, one head set per modality."""
+    # data
+    data: list = field(default_factory=list)  # MODALITY:PATH ...; none = SynthSOI-RGB, generated on first use
+    synth_root: str = "data/synthsoi"  # where SynthSOI is written
+    image_size: int = 256  # longer side after resizing; paper: RResize(800, 800) (MutDet base_settings_DIOR.py)
+    data_fraction: float = 1.0  # fraction of each training split, drawn with --seed (MutDet's 10% DIOR-R)
+    seed: int = 0
+    batch_size: int = 4  # images per process with one source; paper: samples_per_gpu=2
+    source_ratio: list = field(default_factory=list)  # images of each source per batch (BabelRS: 2 SAR : 1 RGB : 1 IR)
+    loss_weights: list = field(default_factory=list)  # per source (BabelRS: RGB 1.5); default 1 each
+    augment: bool = True  # RRandomFlip h/v/diagonal p=0.25 each (ARS-DETR); rotation with --rotate_p
+    rotate_p: float = 0.0  # PolyRandomRotate probability (BabelRS: 0.5; MutDet: none)
+    workers: int = 0  # data loading processes
+    # model (detection.build_detector)
+    backbone: Literal["resnet50", "resnet18"] = "resnet18"  # paper: ResNet-50 (MutDet Sec. 4, ARS-DETR)
+    resnet: str = ""  # local torchvision ResNet weights (ImageNet); empty = random init
+    frozen_bn: bool = False  # paper: True (norm_eval, requires_grad=False)
+    dim: int = 128  # paper: 256
+    heads: int = 4  # paper: 8
+    levels: int = 4
+    points: int = 4
+    enc_layers: int = 2  # paper: 6 (ars_detr_DIOR_MutDet.py)
+    dec_layers: int = 3  # paper: 6
+    ffn: int = 256  # paper: 1024
+    dropout: float = 0.0  # paper: 0.1
+    num_queries: int = 100  # paper: 300
+    num_dn_queries: int = 30  # paper: 100
+    gn_groups: int = 32
+    init: str = ""  # a checkpoint of this project (run folder or .safetensors), loaded non-strictly
+    # optimisation (MutDet base_settings_DIOR.py)
+    lr: float = 2e-4  # paper: 1e-4
+    weight_decay: float = 1e-5
+    lr_mult: float = 1.0  # paper: 0.1 for the parameters named in lr_mult_keys
+    lr_mult_keys: list = field(default_factory=lambda: ["backbone", "sampling_offsets", "reference_points"])
+    clip: float = 35.0  # max L2 norm of all gradients
+    warmup: int = 100  # iterations of linear warm-up from warmup_ratio·lr; paper: 500
+    warmup_ratio: float = 1 / 3
+    epochs: int = 50  # paper: 36
+    lr_steps: list = field(default_factory=lambda: [45])  # epochs where lr *= 0.1; paper: [32]
+    amp: Literal["off", "bf16", "fp16"] = "off"  # fp16 uses dynamic loss scaling
+    max_steps: int = 0  # stop after this many steps (0 = the whole schedule); the schedule is unchanged
+    # run
+    out: str = ""  # run folder; default runs/finetune-<time>
+    resume: str = ""  # run folder to continue
+    ckpt_every: int = 500  # steps between checkpoints (and one at the end)
+    eval_every: int = 0  # steps between scorings of the test splits during training (logged as eval_*)
+    eval: bool = True  # score the test splits at the end (eval.py --run)
+
+
+FINETUNE_PRESETS = {
+    "tiny": FinetuneConfig(),
+    "paper": FinetuneConfig(image_size=800, batch_size=2, backbone="resnet50", frozen_bn=True, dim=256, heads=8,
+                            enc_layers=6, dec_layers=6, ffn=1024, dropout=0.1, num_queries=300, num_dn_queries=100,
+                            lr=1e-4, lr_mult=0.1, warmup=500, epochs=36, lr_steps=[32], workers=4,
+                            ckpt_every=2000),
+}
+PRESETS = {"finetune": FINETUNE_PRESETS}
+
+
+def _parse_bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """One flag per dataclass field (`--max_steps` and `--max-steps`), typed from the annotation;
+    flags not given keep the preset's value (default SUPPRESS)."""
+    for f in dataclasses.fields(cls):
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"(default from the preset)")
+        if get_origin(f.type) is Literal:
+            kw.update(choices=list(get_args(f.type)))
+        elif f.type is bool:
+            kw.update(type=_parse_bool, metavar="true|false")
+        elif f.type is list:
+            kw.update(nargs="*", type=float if f.name in ("loss_weights",) else (int if f.name in ("source_ratio", "lr_steps") else str))
+        else:
+            kw.update(type=f.type)
+        parser.add_argument(*names, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed helpers (do nothing when WORLD_SIZE is unset)
+# ---------------------------------------------------------------------------------------------
+
+def setup_distributed():
+    """(rank, world_size, device); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        rank = dist.get_rank()
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return rank, world, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: safetensors weights + a weights_only torch state, both written atomically
+# ---------------------------------------------------------------------------------------------
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def save_checkpoint(run: Path, model, state: dict) -> None:
+    from safetensors.torch import save_file
+    weights = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
+    tmp = run / "model.safetensors.tmp"
+    save_file(weights, str(tmp))
+    os.replace(tmp, run / "model.safetensors")
+    tmp = run / "state.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, run / "state.pt")
+
+
+def load_init(model, path: str) -> None:
+    """Load any checkpoint of this project non-strictly (a run folder or a weight file) and print
+    what was skipped: parameters missing from the file, unexpected ones, and shape mismatches
+    (e.g. a 256-way pseudo-class head from MutDet pre-training)."""
+    p = Path(path)
+    file = p / "model.safetensors" if p.is_dir() else p
+    if not file.exists():
+        raise datasets.DatasetError(f"{path}: no checkpoint (model.safetensors) found")
+    state = detection.load_state_file(str(file))
+    own = model.state_dict()
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    state = {k: v for k, v in state.items() if k not in mismatched}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    print(f"--init {file}: loaded {len(state) - len(unexpected)} tensors; skipped "
+          f"{len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} shape-mismatched")
+    for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        for k in keys:
+            print(f"  {name}: {k}")
+
+
+def rng_state() -> dict:
+    """The generators a step draws from: torch (denoising noise, dropout) and Python's `random`.
+    (Augmentation has its own per-step generator, see StepBatches.)"""
+    state = dict(torch=torch.get_rng_state(), python=random.getstate())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Data for the finetune stage
+# ---------------------------------------------------------------------------------------------
+
+def resolve_sources(cfg: FinetuneConfig, rank: int) -> list:
+    """--data MODALITY:PATH entries (or SynthSOI-RGB) -> list of dict(modality, root, train, test)."""
+    entries = list(cfg.data)
+    if not entries:
+        root = Path(cfg.synth_root)
+        if rank == 0:
+            datasets.make_synthetic(root)
+        barrier()
+        entries = [f"rgb:{root / 'rgb'}"]
+    sources = []
+    for e in entries:
+        modality, sep, path = e.partition(":")
+        if not sep or modality not in ("rgb", "sar", "ir"):
+            raise datasets.DatasetError(f"--data {e!r}: expected MODALITY:PATH with MODALITY one of rgb, sar, ir")
+        root = Path(path).resolve()
+        if not root.is_dir():
+            raise datasets.DatasetError(f"{root}: no such folder (from --data {e})")
+        sources.append(dict(modality=modality, root=str(root), train=str(datasets.find_split(root, "train")),
+                            test=str(datasets.find_split(root, "test"))))
+    return sources
+
+
+def subset(ds, fraction: float, seed: int):
+    """A random `fraction` of a split (at least one image), the same for every process."""
+    if fraction >= 1.0:
+        return ds
+    if not 0 < fraction:
+        raise ValueError(f"data_fraction must be in (0, 1], got {fraction}")
+    g = torch.Generator().manual_seed(seed)
+    keep = sorted(torch.randperm(len(ds), generator=g)[:max(1, math.ceil(fraction * len(ds)))].tolist())
+    return dataclasses.replace(ds, samples=[ds.samples[i] for i in keep])
+
+
+def detection_transform(image_size: int, augment: bool, rotate_p: float, generator: random.Random):
+    steps = [datasets.Resize(image_size)]
+    if augment:
+        steps.append(datasets.RandomFlip(0.25, generator))
+        if rotate_p > 0:
+            steps.append(datasets.RandomRotate(rotate_p, generator=generator))
+    return datasets.Compose(steps + [datasets.Normalize()])
+
+
+def pad_batch(batch: dict, multiple: int = 32) -> dict:
+    """Pad a collated batch to a multiple of the largest stride (mmdet Pad(size_divisor=32))."""
+    h, w = batch["images"].shape[-2:]
+    ph, pw = -h % multiple, -w % multiple
+    if ph or pw:
+        batch["images"] = torch.nn.functional.pad(batch["images"], (0, pw, 0, ph))
+        batch["masks"] = torch.nn.functional.pad(batch["masks"], (0, pw, 0, ph), value=True)
+    return batch
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Batch k of the run, determined by k alone: the sampler's k-th draw, augmented with a
+    generator seeded by (seed, rank, k). Resuming at step k therefore sees exactly the batches an
+    uninterrupted run would, whatever the number of loader workers."""
+
+    def __init__(self, splits: list, sampler: datasets.MultiSourceSampler, cfg: FinetuneConfig, rank: int):
+        self.splits, self.sampler, self.cfg, self.rank = splits, sampler, cfg, rank
+
+    def __len__(self):
+        return 1 << 62
+
+    def __getitem__(self, k: int) -> dict:
+        gen = random.Random(f"{self.cfg.seed}-{self.rank}-{k}")
+        items = []
+        for source, index in self.sampler.batch(k):
+            ds = self.splits[source]
+            item = detection_transform(self.cfg.image_size, self.cfg.augment, self.cfg.rotate_p, gen)(ds[index])
+            item["size"] = tuple(item["image"].shape[-2:])
+            items.append(item)
+        return pad_batch(datasets.collate(items))
+
+
+def model_args(cfg: FinetuneConfig, sources: list) -> dict:
+    """The keyword arguments of `detection.build_detector`, stored as model.json for eval.py."""
+    weights = {s["modality"]: (cfg.loss_weights[i] if i < len(cfg.loss_weights) else 1.0) for i, s in enumerate(sources)}
+    return dict(sources=[dict(modality=s["modality"], classes=s["classes"], box_type=s["box_type"]) for s in sources],
+                backbone=cfg.backbone, resnet=cfg.resnet, frozen_bn=cfg.frozen_bn, dim=cfg.dim, heads=cfg.heads,
+                levels=cfg.levels, points=cfg.points, enc_layers=cfg.enc_layers, dec_layers=cfg.dec_layers,
+                ffn=cfg.ffn, dropout=cfg.dropout, num_queries=cfg.num_queries, num_dn_queries=cfg.num_dn_queries,
+                gn_groups=cfg.gn_groups, loss_weights=weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimisation
+# ---------------------------------------------------------------------------------------------
+
+def lr_at(step: int, cfg, steps_per_epoch: int) -> float:
+    """Linear warm-up from warmup_ratio·lr over `warmup` steps (mmcv), then ×0.1 at each epoch in lr_steps."""
+    factor = 0.1 ** sum(step >= e * steps_per_epoch for e in cfg.lr_steps)
+    if step < cfg.warmup:
+        factor *= 1 - (1 - cfg.warmup_ratio) * (1 - step / cfg.warmup)
+    return cfg.lr * factor
+
+
+def param_groups(model, cfg) -> list:
+    """AdamW groups: lr × lr_mult for parameters whose name holds one of lr_mult_keys (ARS-DETR:
+    backbone, sampling offsets, reference points), the base lr for the rest."""
+    slow, fast = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (slow if any(k in name for k in cfg.lr_mult_keys) else fast).append(p)
+    return [dict(params=fast, lr_mult=1.0), dict(params=slow, lr_mult=cfg.lr_mult)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The finetune stage
+# ---------------------------------------------------------------------------------------------
+
+def run_folder(cfg, stage: str, rank: int) -> Path:
+    run = Path(cfg.resume or cfg.out or f"runs/{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+    barrier()
+    return run
+
+
+def finetune(cfg: FinetuneConfig) -> int:
+    rank, world, device = setup_distributed()
+    torch.manual_seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    sources = resolve_sources(cfg, rank)
+    splits = []
+    for i, s in enumerate(sources):
+        ds = datasets.load_detection_split(s["train"], s["modality"])
+        ds = subset(ds, cfg.data_fraction, cfg.seed)
+        ds.source = i
+        s.update(classes=ds.classes, box_type=ds.box_type, train_images=len(ds))
+        splits.append(ds)
+    if cfg.source_ratio and len(cfg.source_ratio) != len(sources):
+        raise ValueError(f"--source_ratio needs one value per --data source ({len(sources)}), got {cfg.source_ratio}")
+    ratios = list(cfg.source_ratio) or ([cfg.batch_size] if len(sources) == 1 else [1] * len(sources))
+    per_step = sum(ratios) * world
+    steps_per_epoch = max(1, sum(len(d) for d in splits) // per_step)
+    total = cfg.epochs * steps_per_epoch
+    end = min(total, cfg.max_steps) if cfg.max_steps else total
+
+    run = run_folder(cfg, "finetune", rank)
+    margs = model_args(cfg, sources)
+    model = detection.build_detector(**margs).to(device)
+    if cfg.init and not cfg.resume:
+        load_init(model, cfg.init)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    sampler = datasets.MultiSourceSampler([len(d) for d in splits], ratios, cfg.seed, rank, world)
+    start = 0
+    if cfg.resume and (run / "state.pt").exists():
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(str(run / "model.safetensors")))
+        state = torch.load(run / "state.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        start = state["step"]
+        print(f"resumed {run} at step {start}")
+    stored_sources = [dict(m, root=s["root"], train=s["train"], test=s["test"], image_size=cfg.image_size)
+                      for m, s in zip(margs["sources"], sources)]
+    if rank == 0:
+        datasets.atomic_write_text(run / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        datasets.atomic_write_text(run / "model.json", json.dumps(dict(margs, sources=stored_sources), indent=2) + "\n")
+    ddp = model
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model.train()
+    loader = torch.utils.data.DataLoader(StepBatches(splits, sampler, cfg, rank), batch_size=None,
+                                         sampler=range(start, end), num_workers=cfg.workers,
+                                         persistent_workers=cfg.workers > 0)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    log = open(run / "log.jsonl", "a") if rank == 0 else None
+    bar = None
+    if rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=end, initial=start, desc="finetune", dynamic_ncols=True)
+    status, step = 0, start
+    t_last = time.time()
+    for step, batch in zip(range(start, end), loader):
+        lr = lr_at(step, cfg, steps_per_epoch)
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g["lr_mult"]
+        targets = [dict(boxes=b, labels=l, size=s) for b, l, s in zip(batch["boxes"], batch["labels"], batch["size"])]
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out = ddp(batch["images"].to(device), batch["masks"].to(device), batch["modality"], targets)
+        losses = out["losses"]
+        loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+        if cfg.amp == "fp16":
+            scaler.step(optimizer)  # skips the update on an overflow; the scaler lowers its scale
+            finite = bool(torch.isfinite(loss))
+        elif finite:
+            optimizer.step()
+        scaler.update()
+        now = time.time()
+        record = dict(step=step + 1, loss=loss.item(), **{k: v.item() for k, v in losses.items()},
+                      grad_norm=grad_norm.item(), lr=lr, samples_per_s=per_step / max(now - t_last, 1e-9))
+        t_last = now
+        if rank == 0:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
+        if not finite:
+            if rank == 0:
+                print(f"\nstep {step + 1}: non-finite loss ({record['loss']}) or gradient norm ({record['grad_norm']});"
+                      f" stopping. The run folder keeps the last checkpoint.", file=sys.stderr)
+            status = EXIT_NONFINITE
+            break
+        done = step + 1
+        if cfg.eval_every and done % cfg.eval_every == 0 and rank == 0:
+            m = evaluation.evaluate_model(model, stored_sources, device, progress=False)
+            scores = {f"eval_{mod}_{k}": r[k] for mod, r in m["sources"].items() for k in ("ap50", "map", "voc07_ap50")}
+            log.write(json.dumps(dict(step=done, **scores)) + "\n")
+            bar.write(f"step {done}: " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+        if done % cfg.ckpt_every == 0 or done == end:
+            rngs = [None] * world
+            if world > 1:
+                dist.all_gather_object(rngs, rng_state())
+            else:
+                rngs = [rng_state()]
+            if rank == 0:
+                save_checkpoint(run, model, dict(step=done, optimizer=optimizer.state_dict(),
+                                                 scaler=scaler.state_dict(), rng=rngs,
+                                                 sampler=dict(batches_drawn=done), config=dataclasses.asdict(cfg)))
+    if rank == 0:
+        bar.close()
+        log.close()
+        print(f"run folder: {run}")
+    if status == 0 and cfg.eval and rank == 0:
+        evaluation.evaluate_run(run, device=device)
+    barrier()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    return status
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+STAGES = {"finetune": (FinetuneConfig, finetune)}
+LATER = {"csia": "babelrs.py (BabelRS CSIA pre-training)", "sam": "mutdet.py (MutDet SAM proposals)",
+         "mutdet": "mutdet.py (MutDet pre-training)"}
+
+
+def parse_config(argv=None):
+    """(stage, config) from the command line: the preset, then the flags given, or the stored
+    config of --resume DIR with the flags given on top."""
+    head = argparse.ArgumentParser(add_help=False)
+    head.add_argument("--stage", choices=list(STAGES) + list(LATER), default="finetune")
+    head.add_argument("--preset", choices=["tiny", "paper"], default="tiny")
+    known, _ = head.parse_known_args(argv)
+    if known.stage in LATER:
+        raise SystemExit(f"--stage {known.stage} is not available yet: it comes with {LATER[known.stage]}")
+    cls, _ = STAGES[known.stage]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[head])
+    add_config_flags(parser, cls)
+    given = vars(parser.parse_args(argv))
+    given.pop("stage"), given.pop("preset")
+    base = PRESETS[known.stage][known.preset]
+    resume = given.get("resume")
+    if resume:
+        stored = Path(resume) / "config.json"
+        if not stored.exists():
+            raise datasets.DatasetError(f"{resume}: not a run folder (no config.json)")
+        names = {f.name for f in dataclasses.fields(cls)}
+        base = cls(**{k: v for k, v in json.loads(stored.read_text()).items() if k in names})
+    return known.stage, dataclasses.replace(base, **given)
+
+
+def main(argv=None) -> int:
+    try:
+        stage, cfg = parse_config(argv)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(dict(stage=stage, **dataclasses.asdict(cfg))))
+        return STAGES[stage][1](cfg)
+    except datasets.DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_DATA
+
+
+if __name__ == "__main__":
+    sys.exit(main())
