@@ -265,6 +265,26 @@ class MSDeformAttn(nn.Module):
             nn.init.xavier_uniform_(lin.weight)
             nn.init.zeros_(lin.bias)
 
+    def sampling_locations(self, offsets, reference, shapes, reference_angle=None):
+        """(B, Q, H, L, P, 2) raw offsets -> (B, Q, H, L, P, 2) sampling points in [0, 1] per level.
+        Offsets are scaled (by the level size, or by the reference box's w, h) in the box's own frame
+        first and then turned by its angle, so a sampling grid follows the oriented box."""
+        ref = reference[:, :, None, :, None]  # (B, Q, 1, L, 1, 2|4)
+        if reference.shape[-1] == 2:
+            local = offsets
+        elif reference.shape[-1] == 4:
+            local = offsets / self.points * ref[..., 2:] * 0.5
+        else:
+            raise ValueError(f"reference must end in 2 or 4 values, got {tuple(reference.shape)}")
+        if reference_angle is not None:
+            c, s = reference_angle.cos(), reference_angle.sin()
+            R = torch.stack([torch.stack([c, s], -1), torch.stack([-s, c], -1)], -2)  # (B, Q, 2, 2)
+            local = local @ R[:, :, None, None]  # (B, Q, H, L, P, 2) turned by θ
+        if reference.shape[-1] == 2:
+            normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=offsets.dtype, device=offsets.device)
+            return ref + local / normalizer[None, None, None, :, None]
+        return ref[..., :2] + local
+
     def forward(self, query, query_pos, value, value_mask, reference, shapes, reference_angle=None):
         """
         Args:
@@ -281,22 +301,12 @@ class MSDeformAttn(nn.Module):
         H, L, P = self.heads, self.levels, self.points
         v = self.value_proj(value).masked_fill(value_mask[..., None], 0.0)
         v = v.view(B, v.shape[1], H, -1)  # (B, S, H, Dh)
-        offsets = self.sampling_offsets(query).view(B, Q, H, L, P, 2)
         weights = self.attention_weights(query).view(B, Q, H, L * P).softmax(-1).view(B, Q, H, L, P)
-        if reference_angle is not None:
-            c, s = reference_angle.cos(), reference_angle.sin()
-            R = torch.stack([torch.stack([c, s], -1), torch.stack([-s, c], -1)], -2)  # (B, Q, 2, 2)
-            offsets = offsets @ R[:, :, None, None]  # (B, Q, H, L, P, 2) turned by θ
-        ref = reference[:, :, None, :, None]  # (B, Q, 1, L, 1, 2|4)
-        if reference.shape[-1] == 2:
-            normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=offsets.dtype, device=offsets.device)
-            locations = ref + offsets / normalizer[None, None, None, :, None]
-        elif reference.shape[-1] == 4:
-            locations = ref[..., :2] + offsets / P * ref[..., 2:] * 0.5
-        else:
-            raise ValueError(f"reference must end in 2 or 4 values, got {tuple(reference.shape)}")
+        locations = self.sampling_locations(self.sampling_offsets(query).view(B, Q, H, L, P, 2), reference, shapes,
+                                            reference_angle)
+        dt = torch.float64 if v.dtype == torch.float64 else torch.float32  # half precision samples in float32
         with torch.autocast(device_type=query.device.type, enabled=False):
-            out = ms_deform_attn_core(v.float(), shapes, locations.float(), weights.float())
+            out = ms_deform_attn_core(v.to(dt), shapes, locations.to(dt), weights.to(dt))
         return identity + self.dropout(self.output_proj(out.to(query.dtype)))
 
 
