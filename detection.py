@@ -497,6 +497,8 @@ class HungarianMatcher(nn.Module):
                 out.append((torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)))
                 continue
             c = self.cost(logits[b], boxes[b], None if angle_logits is None else angle_logits[b], tgt)
+            # a diverged model gives NaN costs; match anyway so that the loss, not the matcher, reports it
+            c = torch.nan_to_num(c, nan=1e8, posinf=1e8, neginf=-1e8)
             rows, cols = linear_sum_assignment(c.cpu().numpy())
             out.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
         return out

@@ -376,7 +376,8 @@ def finetune(cfg: FinetuneConfig) -> int:
     model.train()
     loader = torch.utils.data.DataLoader(StepBatches(splits, sampler, cfg, rank), batch_size=None,
                                          sampler=range(start, end), num_workers=cfg.workers,
-                                         persistent_workers=cfg.workers > 0)
+                                         persistent_workers=cfg.workers > 0,
+                                         generator=torch.Generator().manual_seed(cfg.seed))  # not the global RNG
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     log = open(run / "log.jsonl", "a") if rank == 0 else None
     bar = None

@@ -1,0 +1,125 @@
+"""train.py --stage finetune and eval.py --run, end to end on a very small model: exact resume,
+clean errors, non-finite stops, DDP with two CPU processes, scoring with several modalities."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import datasets
+import eval as evaluation
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--image_size", "64", "--dim", "32", "--heads", "2", "--enc_layers", "1", "--dec_layers", "1", "--ffn", "32",
+         "--num_queries", "10", "--num_dn_queries", "4", "--gn_groups", "8", "--batch_size", "2", "--eval", "false"]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return datasets.make_synthetic(tmp_path_factory.mktemp("synth"), n_train=8, n_test=4, size=128, max_objects=4)
+
+
+def read_log(run):
+    return [json.loads(line) for line in (Path(run) / "log.jsonl").read_text().splitlines()]
+
+
+def test_presets_and_flags():
+    stage, cfg = train.parse_config(["--preset", "paper", "--max-steps", "7", "--lr_steps", "30", "33"])
+    assert stage == "finetune" and cfg.backbone == "resnet50" and cfg.lr == 1e-4 and cfg.lr_mult == 0.1
+    assert cfg.max_steps == 7 and cfg.lr_steps == [30, 33] and cfg.frozen_bn and cfg.enc_layers == 6
+    _, tiny = train.parse_config(["--augment", "false", "--data-fraction", "0.1"])
+    assert tiny.backbone == "resnet18" and tiny.augment is False and tiny.data_fraction == 0.1
+
+
+def test_lr_schedule():
+    cfg = train.FinetuneConfig(lr=1.0, warmup=10, warmup_ratio=0.25, lr_steps=[2])
+    assert train.lr_at(0, cfg, 100) == pytest.approx(0.25)
+    assert train.lr_at(5, cfg, 100) == pytest.approx(0.25 + 0.75 * 0.5)
+    assert train.lr_at(10, cfg, 100) == 1.0 and train.lr_at(199, cfg, 100) == 1.0
+    assert train.lr_at(200, cfg, 100) == pytest.approx(0.1)
+
+
+def test_data_fraction_is_a_fixed_subset(synth):
+    ds = datasets.load_detection_split(synth / "rgb" / "train", "rgb")
+    a, b = train.subset(ds, 0.25, seed=1), train.subset(ds, 0.25, seed=1)
+    assert len(a) == 2 and [s.name for s in a.samples] == [s.name for s in b.samples]
+    assert len(train.subset(ds, 0.01, seed=1)) == 1
+
+
+def test_resume_continues_exactly(synth, tmp_path):
+    data = ["--data", f"rgb:{synth / 'rgb'}"]
+    assert train.main(SMALL + data + ["--max-steps", "6", "--out", str(tmp_path / "straight")]) == 0
+    assert train.main(SMALL + data + ["--max-steps", "3", "--out", str(tmp_path / "split")]) == 0
+    assert train.main(["--resume", str(tmp_path / "split"), "--max-steps", "6"]) == 0
+    straight, split = read_log(tmp_path / "straight"), read_log(tmp_path / "split")
+    assert [r["step"] for r in split] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(straight, split):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-6)
+    assert {"loss_cls", "grad_norm", "lr", "samples_per_s", "dn_loss_giou"} <= {k.split(".", 1)[-1] for k in split[-1]}
+    assert sorted(p.name for p in (tmp_path / "split").iterdir()) == [
+        "config.json", "log.jsonl", "model.json", "model.safetensors", "state.pt"]
+
+
+def test_bad_data_stops_with_one_line(tmp_path, capsys):
+    split = tmp_path / "bad" / "train"
+    (split / "images").mkdir(parents=True)
+    (split / "labelTxt").mkdir()
+    from PIL import Image
+    Image.new("RGB", (32, 32)).save(split / "images" / "a.png")
+    (split / "labelTxt" / "a.txt").write_text("1 1 10 1 10 10 1 10 ship 0\n1 1 10 1 10 ship\n")
+    out = tmp_path / "run"
+    assert train.main(SMALL + ["--data", f"rgb:{tmp_path / 'bad'}", "--out", str(out)]) == train.EXIT_BAD_DATA
+    err = capsys.readouterr().err
+    assert "a.txt:2:" in err and "Traceback" not in err and not out.exists()
+    assert train.main(SMALL + ["--data", f"xray:{tmp_path}"]) == train.EXIT_BAD_DATA
+    assert "MODALITY:PATH" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_cleanly(synth, tmp_path, capsys):
+    run = tmp_path / "run"
+    code = train.main(SMALL + ["--data", f"rgb:{synth / 'rgb'}", "--lr", "1e30", "--warmup", "0", "--max-steps", "20",
+                               "--out", str(run)])
+    assert code == train.EXIT_NONFINITE
+    log = read_log(run)
+    import math
+    assert not (math.isfinite(log[-1]["loss"]) and math.isfinite(log[-1]["grad_norm"])) and len(log) < 20
+    assert f"step {log[-1]['step']}: non-finite" in capsys.readouterr().err
+
+
+def test_two_sources_init_and_eval_run(synth, tmp_path, capsys):
+    rgb = tmp_path / "rgb"
+    assert train.main(SMALL + ["--data", f"rgb:{synth / 'rgb'}", "--max-steps", "2", "--out", str(rgb)]) == 0
+    both = tmp_path / "both"
+    argv = SMALL + ["--data", f"rgb:{synth / 'rgb'}", f"sar:{synth / 'sar'}", "--source_ratio", "1", "1",
+                    "--loss_weights", "1.5", "1", "--max-steps", "2", "--init", str(rgb), "--out", str(both)]
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "missing: heads.sar." in out and "heads.rgb" not in out.split("--init")[1].split("\n", 1)[1].split("{")[0]
+    log = read_log(both)
+    assert "rgb.loss_angle" in log[0] and "sar.loss_giou" in log[0] and "sar.loss_angle" not in log[0]
+    assert evaluation.main(["--run", str(both)]) == 0
+    metrics = json.loads((both / "metrics.json").read_text())
+    assert set(metrics["sources"]) == {"rgb", "sar"}
+    for m in ("rgb", "sar"):
+        r = metrics["sources"][m]
+        assert {"ap50", "ap75", "map", "voc07_ap50", "voc07_ap75", "per_class"} <= set(r) and 0 <= r["map"] <= 1
+    assert metrics["sources"]["sar"]["box_type"] == "hbb"
+    assert {"overall_map", "h_map"} <= set(metrics)
+    printed = capsys.readouterr().out
+    assert "H-mAP" in printed and "voc07_ap50" in printed
+    assert evaluation.main(["--run", str(tmp_path)]) == 2  # not a run folder: one line, status 2
+
+
+def test_ddp_two_cpu_processes(synth, tmp_path):
+    run = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(ROOT / "train.py")] + SMALL + ["--data", f"rgb:{synth / 'rgb'}", "--max-steps", "2", "--out", str(run)]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-2000:]
+    log = read_log(run)
+    assert [r["step"] for r in log] == [1, 2]  # rank 0 logs; each step saw 2 x 2 images
+    assert (run / "model.safetensors").exists()
