@@ -3,6 +3,7 @@ same run, on this machine.
 
     python bench.py iou    # rotated IoU of 1000 x 1000 boxes vs shapely 2 (sparse and dense scenes)
     python bench.py eval   # rotated VOC mAP on a DOTA-val-sized workload vs the devkit's per-detection loop
+    python bench.py detr   # rotated DETR training steps (tiny preset, paper size) vs torchvision's Faster R-CNN
 """
 import argparse
 import math
@@ -148,6 +149,71 @@ def bench_eval(args):
     print(f"  speed-up {t_ref_full / t_ours:.1f}x; budget: {t_ours:.1f} s of 60 s")
 
 
+def _train_step_time(model, forward, repeat, warmup=1):
+    """Best-of-`repeat` seconds of forward + backward + AdamW step."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step():
+        loss = forward()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for _ in range(warmup):
+        step()
+    return _best_of(step, repeat)[0]
+
+
+def bench_detr(args):
+    """Training speed of the rotated DETR. Reference: torchvision's Faster R-CNN (ResNet-50 FPN, the
+    standard two-stage detector) on the same images and boxes, trained in the same run."""
+    import torchvision
+
+    import datasets
+    import detection
+    import train
+    torch.manual_seed(0)
+    print(f"rotated DETR training steps, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}")
+    # tiny preset on SynthSOI-RGB, batches exactly as train.py builds them
+    cfg = train.FINETUNE_PRESETS["tiny"]
+    root = datasets.make_synthetic(cfg.synth_root)
+    split = datasets.load_detection_split(root / "rgb" / "train", "rgb")
+    sources = [dict(modality="rgb", root=str(root / "rgb"), classes=split.classes, box_type="obb")]
+    model = detection.build_detector(**train.model_args(cfg, sources)).train()
+    batches = train.StepBatches([split], datasets.MultiSourceSampler([len(split)], [cfg.batch_size]), cfg, 0)
+    batch = batches[0]
+    targets = [dict(boxes=b, labels=l, size=s) for b, l, s in zip(batch["boxes"], batch["labels"], batch["size"])]
+
+    def tiny_forward():
+        return sum(model(batch["images"], batch["masks"], batch["modality"], targets)["losses"].values())
+    t_tiny = _train_step_time(model, tiny_forward, args.repeat)
+    n = len(batch["modality"])
+    print(f"  tiny preset ({cfg.backbone}, {cfg.enc_layers}/{cfg.dec_layers} layers, {cfg.image_size} px, batch {n}): "
+          f"{t_tiny:.2f} s a step = {n / t_tiny:.2f} samples/s")
+
+    # paper size: ResNet-50, 6/6 layers, 300 queries, 800 px, batch 2, 20 objects an image
+    B, size = 2, args.size
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(B, 3, size, size, generator=g)
+    masks = torch.zeros(B, size, size, dtype=torch.bool)
+    boxes = [ro.regularize_obb(torch.cat([torch.rand(20, 2, generator=g) * (size - 200) + 100,
+                                          torch.rand(20, 2, generator=g) * 80 + 10,
+                                          (torch.rand(20, 1, generator=g) - 0.5) * math.pi], 1)) for _ in range(B)]
+    labels = [torch.randint(0, 15, (20,), generator=g) for _ in range(B)]
+    paper = train.FINETUNE_PRESETS["paper"]
+    model = detection.build_detector(**train.model_args(paper, [dict(sources[0], classes=[str(c) for c in range(15)])])).train()
+    tg = [dict(boxes=b, labels=l, size=(size, size)) for b, l in zip(boxes, labels)]
+    t_detr = _train_step_time(model, lambda: sum(model(images, masks, ["rgb"] * B, tg)["losses"].values()), args.repeat)
+    frcnn = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None,
+                                                                 min_size=size, max_size=size).train()
+    ftg = [dict(boxes=ro.obb2hbb(b), labels=l + 1) for b, l in zip(boxes, labels)]
+    t_ref = _train_step_time(frcnn, lambda: sum(frcnn(list(images), ftg).values()), args.repeat)
+    print(f"  paper size (resnet50, 6/6 layers, 300 queries, {size} px, batch {B}): forward+backward+step "
+          f"{t_detr:.2f} s")
+    print(f"  torchvision Faster R-CNN R50-FPN, same images:                  {t_ref:.2f} s")
+    print(f"  ratio ARS-DETR / Faster R-CNN: {t_detr / t_ref:.2f}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -161,6 +227,10 @@ def main():
     q.add_argument("--dets", type=int, default=300)
     q.add_argument("--ref-fraction", type=int, default=400, help="the reference loop runs on 1/N of the images")
     q.set_defaults(fn=bench_eval)
+    q = sub.add_parser("detr", help="rotated DETR training speed vs torchvision Faster R-CNN")
+    q.add_argument("--size", type=int, default=800)
+    q.add_argument("--repeat", type=int, default=2)
+    q.set_defaults(fn=bench_detr)
     args = p.parse_args()
     args.fn(args)
 

@@ -80,8 +80,8 @@ class FinetuneConfig:
     clip: float = 35.0  # max L2 norm of all gradients
     warmup: int = 100  # iterations of linear warm-up from warmup_ratio·lr; paper: 500
     warmup_ratio: float = 1 / 3
-    epochs: int = 50  # paper: 36
-    lr_steps: list = field(default_factory=lambda: [45])  # epochs where lr *= 0.1; paper: [32]
+    epochs: int = 40  # paper: 36
+    lr_steps: list = field(default_factory=lambda: [36])  # epochs where lr *= 0.1; paper: [32]
     amp: Literal["off", "bf16", "fp16"] = "off"  # fp16 uses dynamic loss scaling
     max_steps: int = 0  # stop after this many steps (0 = the whole schedule); the schedule is unchanged
     # run
