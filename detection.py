@@ -137,7 +137,10 @@ class ResNetBackbone(nn.Module):
         if weights:
             state = load_state_file(weights)
             state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-            missing, unexpected = net.load_state_dict(state, strict=False)
+            try:
+                missing, unexpected = net.load_state_dict(state, strict=False)
+            except RuntimeError as e:  # shape mismatches
+                raise ValueError(f"{weights}: not a torchvision {depth} state dict ({str(e).splitlines()[1].strip()})") from None
             missing = [k for k in missing if not k.startswith("fc.")]
             if missing or unexpected:
                 raise ValueError(f"{weights}: not a torchvision {depth} state dict "

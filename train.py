@@ -45,14 +45,14 @@ EXIT_BAD_DATA, EXIT_NONFINITE = 2, 3
 class FinetuneConfig:
     """Rotated-DETR (ARS-DETR) detection training on one or more sources, one head set per modality."""
     # data
-    data: list = field(default_factory=list)  # MODALITY:PATH ...; none = SynthSOI-RGB, generated on first use
+    data: list[str] = field(default_factory=list)  # MODALITY:PATH ...; none = SynthSOI-RGB, generated on first use
     synth_root: str = "data/synthsoi"  # where SynthSOI is written
     image_size: int = 256  # longer side after resizing; paper: RResize(800, 800) (MutDet base_settings_DIOR.py)
     data_fraction: float = 1.0  # fraction of each training split, drawn with --seed (MutDet's 10% DIOR-R)
     seed: int = 0
     batch_size: int = 4  # images per process with one source; paper: samples_per_gpu=2
-    source_ratio: list = field(default_factory=list)  # images of each source per batch (BabelRS: 2 SAR : 1 RGB : 1 IR)
-    loss_weights: list = field(default_factory=list)  # per source (BabelRS: RGB 1.5); default 1 each
+    source_ratio: list[int] = field(default_factory=list)  # images of each source per batch (BabelRS: 2 SAR : 1 RGB : 1 IR)
+    loss_weights: list[float] = field(default_factory=list)  # per source (BabelRS: RGB 1.5); default 1 each
     augment: bool = True  # RRandomFlip h/v/diagonal p=0.25 each (ARS-DETR); rotation with --rotate_p
     rotate_p: float = 0.0  # PolyRandomRotate probability (BabelRS: 0.5; MutDet: none)
     workers: int = 0  # data loading processes
@@ -76,12 +76,12 @@ class FinetuneConfig:
     lr: float = 2e-4  # paper: 1e-4
     weight_decay: float = 1e-5
     lr_mult: float = 1.0  # paper: 0.1 for the parameters named in lr_mult_keys
-    lr_mult_keys: list = field(default_factory=lambda: ["backbone", "sampling_offsets", "reference_points"])
+    lr_mult_keys: list[str] = field(default_factory=lambda: ["backbone", "sampling_offsets", "reference_points"])
     clip: float = 35.0  # max L2 norm of all gradients
     warmup: int = 100  # iterations of linear warm-up from warmup_ratio·lr; paper: 500
     warmup_ratio: float = 1 / 3
     epochs: int = 40  # paper: 36
-    lr_steps: list = field(default_factory=lambda: [36])  # epochs where lr *= 0.1; paper: [32]
+    lr_steps: list[int] = field(default_factory=lambda: [36])  # epochs where lr *= 0.1; paper: [32]
     amp: Literal["off", "bf16", "fp16"] = "off"  # fp16 uses dynamic loss scaling
     max_steps: int = 0  # stop after this many steps (0 = the whole schedule); the schedule is unchanged
     # run
@@ -110,18 +110,19 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, cls, presets: dict) -> None:
     """One flag per dataclass field (`--max_steps` and `--max-steps`), typed from the annotation;
-    flags not given keep the preset's value (default SUPPRESS)."""
+    flags not given keep the preset's value (default SUPPRESS). The help lists the presets' values."""
     for f in dataclasses.fields(cls):
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"(default from the preset)")
+        values = "  ".join(f"{name}: {getattr(p, f.name)!r}" for name, p in presets.items())
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=values)
         if get_origin(f.type) is Literal:
             kw.update(choices=list(get_args(f.type)))
         elif f.type is bool:
             kw.update(type=_parse_bool, metavar="true|false")
-        elif f.type is list:
-            kw.update(nargs="*", type=float if f.name in ("loss_weights",) else (int if f.name in ("source_ratio", "lr_steps") else str))
+        elif get_origin(f.type) is list:
+            kw.update(nargs="*", type=get_args(f.type)[0])
         else:
             kw.update(type=f.type)
         parser.add_argument(*names, **kw)
@@ -349,7 +350,10 @@ def finetune(cfg: FinetuneConfig) -> int:
 
     run = run_folder(cfg, "finetune", rank)
     margs = model_args(cfg, sources)
-    model = detection.build_detector(**margs).to(device)
+    try:
+        model = detection.build_detector(**margs).to(device)
+    except (ValueError, FileNotFoundError) as e:  # a weight file that is missing or of another model
+        raise datasets.DatasetError(str(e)) from None
     if cfg.init and not cfg.resume:
         load_init(model, cfg.init)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -469,7 +473,7 @@ def parse_config(argv=None):
         raise SystemExit(f"--stage {known.stage} is not available yet: it comes with {LATER[known.stage]}")
     cls, _ = STAGES[known.stage]
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[head])
-    add_config_flags(parser, cls)
+    add_config_flags(parser, cls, PRESETS[known.stage])
     given = vars(parser.parse_args(argv))
     given.pop("stage"), given.pop("preset")
     base = PRESETS[known.stage][known.preset]

@@ -338,3 +338,14 @@ def test_tiny_model_overfits_two_images(tmp_path):
             if ap50 == 1.0:
                 break
     assert ap50 == 1.0
+
+
+def test_resnet_loads_local_torchvision_weights(tmp_path):
+    net = torchvision.models.resnet18(weights=None)
+    torch.save(net.state_dict(), tmp_path / "r18.pth")
+    backbone = detection.ResNetBackbone("resnet18", str(tmp_path / "r18.pth"), frozen_bn=True)
+    assert torch.equal(backbone.layer3[1].conv2.weight, net.layer3[1].conv2.weight)
+    assert torch.equal(backbone.stem[1].running_var, net.bn1.running_var)  # into FrozenBatchNorm2d
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="not a torchvision resnet18"):
+        detection.ResNetBackbone("resnet18", str(tmp_path / "bad.pth"))

@@ -1,6 +1,7 @@
 """train.py --stage finetune and eval.py --run, end to end on a very small model: exact resume,
 clean errors, non-finite stops, DDP with two CPU processes, scoring with several modalities."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -76,6 +77,8 @@ def test_bad_data_stops_with_one_line(tmp_path, capsys):
     assert "a.txt:2:" in err and "Traceback" not in err and not out.exists()
     assert train.main(SMALL + ["--data", f"xray:{tmp_path}"]) == train.EXIT_BAD_DATA
     assert "MODALITY:PATH" in capsys.readouterr().err
+    assert train.main(SMALL + ["--resnet", str(tmp_path / "missing.pth"), "--out", str(out)]) == train.EXIT_BAD_DATA
+    assert "missing.pth" in capsys.readouterr().err
 
 
 def test_non_finite_loss_stops_cleanly(synth, tmp_path, capsys):
@@ -123,3 +126,11 @@ def test_ddp_two_cpu_processes(synth, tmp_path):
     log = read_log(run)
     assert [r["step"] for r in log] == [1, 2]  # rank 0 logs; each step saw 2 x 2 images
     assert (run / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_steps(synth, tmp_path, amp):
+    run = tmp_path / amp
+    assert train.main(SMALL + ["--data", f"rgb:{synth / 'rgb'}", "--amp", amp, "--max-steps", "2", "--out", str(run)]) == 0
+    log = read_log(run)
+    assert len(log) == 2 and all(math.isfinite(r["loss"]) for r in log)
