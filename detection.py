@@ -363,6 +363,13 @@ class DecoderLayer(nn.Module):
 # Contrastive denoising queries (DINO Sec. 3.3, ARS-DETR's angle noise)
 # ---------------------------------------------------------------------------------------------
 
+def _signed_noise(like: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """±u per entry, u ∈ [0, 1) on positive copies and [1, 2) on negative ones (rows of `negative`)."""
+    sign = torch.randint(0, 2, like.shape, device=like.device).to(like.dtype) * 2 - 1
+    u = torch.rand_like(like) + negative.view(-1, *[1] * (like.dim() - 1)).to(like.dtype)
+    return sign * u
+
+
 def make_denoising_queries(targets: list, label_embedding: nn.Embedding, num_classes: int,
                            num_dn_queries: int = 100, label_noise: float = 0.5, box_noise: float = 0.4,
                            angle_noise: float = 0.02, with_angle: bool = True):
@@ -380,8 +387,9 @@ def make_denoising_queries(targets: list, label_embedding: nn.Embedding, num_cla
         targets: per image dict(boxes (M, 4) normalised cxcywh, angles (M,), labels (M,)).
     Returns:
         content (B, 2·G·pad, D), reference (B, 2·G·pad, 4) in inverse-sigmoid space,
-        angle (B, 2·G·pad) or None, attn_mask (2·G·pad + Q, 2·G·pad + Q) bool with True = blocked
-        (to be completed by the caller for Q matching queries), meta dict(groups, pad).
+        angle (B, 2·G·pad) or None, blocked (2·G·pad, 2·G·pad) bool attention mask with True =
+        blocked, meta dict(groups, pad, positives = per image (slot indices, object indices) of the
+        positive copies, the pairs the denoising loss uses).
     """
     device = label_embedding.weight.device
     counts = [len(t["labels"]) for t in targets]
@@ -392,6 +400,7 @@ def make_denoising_queries(targets: list, label_embedding: nn.Embedding, num_cla
     content = torch.zeros(B, n_dn, D, device=device)
     reference = torch.zeros(B, n_dn, 4, device=device)
     angle = torch.zeros(B, n_dn, device=device)
+    positives = [(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))] * B
     for b, t in enumerate(targets):
         m = counts[b]
         if m == 0:
@@ -405,19 +414,16 @@ def make_denoising_queries(targets: list, label_embedding: nn.Embedding, num_cla
         if box_noise > 0:
             xyxy = ro.hbb_cxcywh_to_xyxy(boxes)
             half = boxes[:, 2:].repeat(1, 2) / 2  # (2G·M, 4) half sizes per side
-            sign = torch.randint(0, 2, xyxy.shape, device=device).float() * 2 - 1
-            u = torch.rand_like(xyxy) + negative[:, None].float()
-            xyxy = (xyxy + sign * u * half * box_noise).clamp(0, 1)
+            xyxy = (xyxy + _signed_noise(xyxy, negative) * half * box_noise).clamp(0, 1)
             boxes = ro.hbb_xyxy_to_cxcywh(xyxy)
         slots = (torch.arange(2 * groups, device=device)[:, None] * pad + torch.arange(m, device=device)).flatten()
+        positives[b] = (slots[~negative].cpu(), torch.arange(m).repeat(groups))
         content[b, slots] = label_embedding(labels)
         reference[b, slots] = inverse_sigmoid(boxes, eps=1e-3)
         if with_angle:
             theta = t["angles"].repeat(2 * groups)
             if angle_noise > 0:
-                sign = torch.randint(0, 2, theta.shape, device=device).float() * 2 - 1
-                u = torch.rand_like(theta) + negative.float()
-                theta = ro.norm_angle(theta + sign * u * theta * angle_noise)
+                theta = ro.norm_angle(theta + _signed_noise(theta, negative) * theta * angle_noise)
             angle[b, slots] = theta
     blocked = torch.zeros(n_dn, n_dn, dtype=torch.bool, device=device)
     for g in range(groups):  # a group sees only itself
@@ -426,7 +432,8 @@ def make_denoising_queries(targets: list, label_embedding: nn.Embedding, num_cla
         blocked[lo:hi, hi:] = True
     if pad == 0:  # keep the label embedding in the graph (DDP needs every parameter used)
         content = content + 0.0 * label_embedding.weight[0, 0]
-    return content, reference, angle if with_angle else None, blocked, dict(groups=groups, pad=pad)
+    meta = dict(groups=groups, pad=pad, positives=positives)
+    return content, reference, angle if with_angle else None, blocked, meta
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,28 +532,27 @@ class SetCriterion(nn.Module):
     def _terms(self, logits, boxes, angle_logits, targets, indices, pixel_giou=False):
         """The four weighted losses of one prediction set given (query, target) index pairs per image."""
         B, Q, C = logits.shape
-        labels = torch.zeros(B, Q, C, device=logits.device)
         batch_idx = torch.cat([torch.full_like(r, b) for b, (r, _) in enumerate(indices)]).to(logits.device)
         query_idx = torch.cat([r for r, _ in indices]).to(logits.device)
-        tgt = [t for t in targets]
-        tgt_labels = torch.cat([t["labels"][c.to(t["labels"].device)] for t, (_, c) in zip(tgt, indices)])
-        labels[batch_idx, query_idx, tgt_labels] = 1.0
+
+        def matched(key):  # the targets' `key` in the order of the matched queries
+            return torch.cat([t[key][c.to(t[key].device)] for t, (_, c) in zip(targets, indices)])
+
+        labels = torch.zeros(B, Q, C, device=logits.device)
+        labels[batch_idx, query_idx, matched("labels")] = 1.0
         num_pos = _mean_over_ranks(len(query_idx), logits.device)
         out = dict(cls=self.weights["cls"] * sigmoid_focal_loss(logits.float(), labels).sum() / num_pos)
-        pred = boxes[batch_idx, query_idx].float()  # (N, 4)
-        gt = torch.cat([t["boxes"][c] for t, (_, c) in zip(tgt, indices)])  # (N, 4)
+        pred, gt = boxes[batch_idx, query_idx].float(), matched("boxes")  # (N, 4) each
         out["bbox"] = self.weights["bbox"] * (pred - gt).abs().sum() / num_pos
         pxy, gxy = ro.hbb_cxcywh_to_xyxy(pred), ro.hbb_cxcywh_to_xyxy(gt)
         if pixel_giou:
-            factor = torch.cat([t["factor"].expand(len(c), 4) for t, (_, c) in zip(tgt, indices)])
+            factor = torch.cat([t["factor"].expand(len(c), 4) for t, (_, c) in zip(targets, indices)])
             pxy, gxy = pxy * factor, gxy * factor
         out["giou"] = self.weights["giou"] * (1 - giou_xyxy(pxy, gxy, pairwise=False)).sum() / num_pos
         if self.with_angle:
             a_pred = angle_logits[batch_idx, query_idx].float()  # (N, A)
-            a_gt = torch.cat([t["angle_targets"][c] for t, (_, c) in zip(tgt, indices)])
-            w = torch.cat([angle_weight(t["aspect"][c]) for t, (_, c) in zip(tgt, indices)])
-            bce = F.binary_cross_entropy_with_logits(a_pred, a_gt, reduction="none") * w[:, None]
-            out["angle"] = self.weights["angle"] * bce.sum() / (num_pos * A)
+            bce = F.binary_cross_entropy_with_logits(a_pred, matched("angle_targets"), reduction="none")
+            out["angle"] = self.weights["angle"] * (bce * angle_weight(matched("aspect"))[:, None]).sum() / (num_pos * A)
         return out
 
     def forward(self, outputs: dict, targets: list) -> dict:
@@ -565,13 +571,7 @@ class SetCriterion(nn.Module):
             for k, v in self._terms(e["pred_logits"], e["pred_boxes"], e.get("pred_angle_logits"), binary, idx).items():
                 losses[f"enc_loss_{k}"] = v
         if "dn_outputs" in outputs:
-            meta = outputs["dn_meta"]
-            idx = []  # positive slot g·2·pad + j reconstructs object j
-            for t in targets:
-                m = len(t["labels"])
-                j = torch.arange(m).repeat(meta["groups"])
-                slots = (torch.arange(meta["groups"]).repeat_interleave(m) * 2 * meta["pad"]) + j
-                idx.append((slots, j))
+            idx = outputs["dn_meta"]["positives"]  # positive copies reconstruct their object
             dn = outputs["dn_outputs"]
             for i, o in enumerate(dn):
                 prefix = "" if i == len(dn) - 1 else f"d{i}."

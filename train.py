@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args, get_origin
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -331,7 +330,6 @@ def finetune(cfg: FinetuneConfig) -> int:
     rank, world, device = setup_distributed()
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
-    np.random.seed(cfg.seed + rank)
     sources = resolve_sources(cfg, rank)
     splits = []
     for i, s in enumerate(sources):
@@ -439,8 +437,7 @@ def finetune(cfg: FinetuneConfig) -> int:
                 rngs = [rng_state()]
             if rank == 0:
                 save_checkpoint(run, model, dict(step=done, optimizer=optimizer.state_dict(),
-                                                 scaler=scaler.state_dict(), rng=rngs,
-                                                 sampler=dict(batches_drawn=done), config=dataclasses.asdict(cfg)))
+                                                 scaler=scaler.state_dict(), rng=rngs, config=dataclasses.asdict(cfg)))
     if rank == 0:
         bar.close()
         log.close()

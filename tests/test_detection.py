@@ -192,7 +192,7 @@ def test_criterion_names_and_matching_on_a_built_output():
     tgt = _targets(head, [[30, 30, 20, 8, 0.3], [70, 60, 10, 10, -0.8]], [0, 1])
     out = head(feats, masks, tgt)
     assert out["pred_logits"].shape == (1, 4, 2) and out["pred_angle_logits"].shape == (1, 4, ro.ANGLE_BINS)
-    assert out["dn_meta"] == dict(groups=2, pad=2) and out["dn_outputs"][0]["pred_boxes"].shape == (1, 8, 4)
+    assert (out["dn_meta"]["groups"], out["dn_meta"]["pad"]) == (2, 2) and out["dn_outputs"][0]["pred_boxes"].shape == (1, 8, 4)
     losses = head.criterion(out, tgt)
     expected = {f"{p}{k}" for p in ("", "d0.", "enc_", "dn_", "d0.dn_") for k in
                 ("loss_cls", "loss_bbox", "loss_giou", "loss_angle")}
@@ -213,7 +213,10 @@ def test_denoising_queries_follow_dino():
     targets = [dict(boxes=boxes, angles=torch.tensor([0.5, -1.0, 1.2]), labels=torch.tensor([1, 2, 3])),
                dict(boxes=boxes[:1], angles=torch.tensor([0.2]), labels=torch.tensor([4]))]
     content, ref, angle, blocked, meta = detection.make_denoising_queries(targets, emb, 5, num_dn_queries=10)
-    assert meta == dict(groups=3, pad=3)  # 10 // 3 groups of 2·3 slots
+    assert (meta["groups"], meta["pad"]) == (3, 3)  # 10 // 3 groups of 2·3 slots
+    slots, objects = meta["positives"][0]
+    assert slots.tolist() == [0, 1, 2, 6, 7, 8, 12, 13, 14] and objects.tolist() == [0, 1, 2] * 3
+    assert meta["positives"][1][0].tolist() == [0, 6, 12]
     assert content.shape == (2, 18, 8) and ref.shape == (2, 18, 4) and angle.shape == (2, 18)
     noisy = ref.sigmoid()
     for g in range(3):
@@ -238,7 +241,7 @@ def test_denoising_without_objects_keeps_the_embedding_in_the_graph():
     emb = torch.nn.Embedding(3, 4)
     content, ref, angle, blocked, meta = detection.make_denoising_queries(
         [dict(boxes=torch.zeros(0, 4), angles=torch.zeros(0), labels=torch.zeros(0, dtype=torch.long))], emb, 3)
-    assert content.shape == (1, 0, 4) and meta == dict(groups=1, pad=0)
+    assert content.shape == (1, 0, 4) and (meta["groups"], meta["pad"]) == (1, 0)
 
 
 # ---------------------------------------------------------------------------------------------
