@@ -205,6 +205,111 @@ def set_rng_state(s: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The training loop every stage shares
+# ---------------------------------------------------------------------------------------------
+
+def resume(run: Path, model, optimizer, scaler, rank: int) -> int:
+    """Reload weights, optimizer, scaler and this rank's RNG from a run folder; the step to go on from."""
+    if not (run / "state.pt").exists():
+        return 0
+    from safetensors.torch import load_file
+    model.load_state_dict(load_file(str(run / "model.safetensors")))
+    state = torch.load(run / "state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+    print(f"resumed {run} at step {state['step']}")
+    return state["step"]
+
+
+def train_steps(cfg, run: Path, model, optimizer, scaler, batches, start: int, end: int, lr_fn, forward,
+                per_step: int, desc: str, after_step=None) -> int:
+    """Steps start..end-1: set the lr, run `forward(net, micro_batch, step) -> (losses, extras)` on
+    each micro-batch of `batches[step]` (a batch or a list of micro-batches for gradient
+    accumulation) under autocast, clip, step, log one line, checkpoint every `cfg.ckpt_every` steps
+    and at the end. Returns 0, or EXIT_NONFINITE after logging a non-finite loss or gradient norm."""
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    device = next(model.parameters()).device
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model.train()
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start, end), num_workers=cfg.workers,
+                                         persistent_workers=cfg.workers > 0,
+                                         generator=torch.Generator().manual_seed(cfg.seed))  # not the global RNG
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    log = open(run / "log.jsonl", "a") if rank == 0 else None
+    bar = None
+    if rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=end, initial=start, desc=desc, dynamic_ncols=True)
+    status, t_last = 0, time.time()
+    for step, batch in zip(range(start, end), loader):
+        lr = lr_fn(step)
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_mult", 1.0)
+        micro = batch if isinstance(batch, list) else [batch]
+        optimizer.zero_grad(set_to_none=True)
+        terms, extras = {}, {}
+        for mb in micro:
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                losses, extras = forward(net, mb, step)
+            loss = sum(losses.values()) / len(micro)
+            scaler.scale(loss).backward()
+            for k, v in losses.items():
+                terms[k] = terms.get(k, 0.0) + v.item() / len(micro)
+        total = sum(terms.values())
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        finite = math.isfinite(total) and bool(torch.isfinite(grad_norm))
+        if cfg.amp == "fp16":
+            scaler.step(optimizer)  # skips the update on an overflow; the scaler lowers its scale
+            finite = math.isfinite(total)
+        elif finite:
+            optimizer.step()
+        scaler.update()
+        now = time.time()
+        record = dict(step=step + 1, loss=total, **terms, **extras, grad_norm=grad_norm.item(), lr=lr,
+                      samples_per_s=per_step / max(now - t_last, 1e-9))
+        t_last = now
+        if rank == 0:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}")
+        if not finite:
+            if rank == 0:
+                print(f"\nstep {step + 1}: non-finite loss ({total}) or gradient norm ({record['grad_norm']});"
+                      f" stopping. The run folder keeps the last checkpoint.", file=sys.stderr)
+            status = EXIT_NONFINITE
+            break
+        done = step + 1
+        if after_step is not None:
+            after_step(done, log, bar)
+        if done % cfg.ckpt_every == 0 or done == end:
+            rngs = [None] * world
+            if world > 1:
+                dist.all_gather_object(rngs, rng_state())
+            else:
+                rngs = [rng_state()]
+            if rank == 0:
+                save_checkpoint(run, model, dict(step=done, optimizer=optimizer.state_dict(),
+                                                 scaler=scaler.state_dict(), rng=rngs, config=dataclasses.asdict(cfg)))
+    if rank == 0:
+        bar.close()
+        log.close()
+        print(f"run folder: {run}")
+    return status
+
+
+def shutdown_distributed():
+    barrier()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
 # Data for the finetune stage
 # ---------------------------------------------------------------------------------------------
 
@@ -357,96 +462,30 @@ def finetune(cfg: FinetuneConfig) -> int:
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     sampler = datasets.MultiSourceSampler([len(d) for d in splits], ratios, cfg.seed, rank, world)
-    start = 0
-    if cfg.resume and (run / "state.pt").exists():
-        from safetensors.torch import load_file
-        model.load_state_dict(load_file(str(run / "model.safetensors")))
-        state = torch.load(run / "state.pt", map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-        start = state["step"]
-        print(f"resumed {run} at step {start}")
+    start = resume(run, model, optimizer, scaler, rank) if cfg.resume else 0
     stored_sources = [dict(m, root=s["root"], train=s["train"], test=s["test"], image_size=cfg.image_size)
                       for m, s in zip(margs["sources"], sources)]
     if rank == 0:
         datasets.atomic_write_text(run / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         datasets.atomic_write_text(run / "model.json", json.dumps(dict(margs, sources=stored_sources), indent=2) + "\n")
-    ddp = model
-    if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    model.train()
-    loader = torch.utils.data.DataLoader(StepBatches(splits, sampler, cfg, rank), batch_size=None,
-                                         sampler=range(start, end), num_workers=cfg.workers,
-                                         persistent_workers=cfg.workers > 0,
-                                         generator=torch.Generator().manual_seed(cfg.seed))  # not the global RNG
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-    log = open(run / "log.jsonl", "a") if rank == 0 else None
-    bar = None
-    if rank == 0:
-        from tqdm import tqdm
-        bar = tqdm(total=end, initial=start, desc="finetune", dynamic_ncols=True)
-    status, step = 0, start
-    t_last = time.time()
-    for step, batch in zip(range(start, end), loader):
-        lr = lr_at(step, cfg, steps_per_epoch)
-        for g in optimizer.param_groups:
-            g["lr"] = lr * g["lr_mult"]
+
+    def forward(net, batch, step):
         targets = [dict(boxes=b, labels=l, size=s) for b, l, s in zip(batch["boxes"], batch["labels"], batch["size"])]
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out = ddp(batch["images"].to(device), batch["masks"].to(device), batch["modality"], targets)
-        losses = out["losses"]
-        loss = sum(losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
-        if cfg.amp == "fp16":
-            scaler.step(optimizer)  # skips the update on an overflow; the scaler lowers its scale
-            finite = bool(torch.isfinite(loss))
-        elif finite:
-            optimizer.step()
-        scaler.update()
-        now = time.time()
-        record = dict(step=step + 1, loss=loss.item(), **{k: v.item() for k, v in losses.items()},
-                      grad_norm=grad_norm.item(), lr=lr, samples_per_s=per_step / max(now - t_last, 1e-9))
-        t_last = now
-        if rank == 0:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
-        if not finite:
-            if rank == 0:
-                print(f"\nstep {step + 1}: non-finite loss ({record['loss']}) or gradient norm ({record['grad_norm']});"
-                      f" stopping. The run folder keeps the last checkpoint.", file=sys.stderr)
-            status = EXIT_NONFINITE
-            break
-        done = step + 1
+        return net(batch["images"].to(device), batch["masks"].to(device), batch["modality"], targets)["losses"], {}
+
+    def after_step(done, log, bar):
         if cfg.eval_every and done % cfg.eval_every == 0 and rank == 0:
             m = evaluation.evaluate_model(model, stored_sources, device, progress=False)
             scores = {f"eval_{mod}_{k}": r[k] for mod, r in m["sources"].items() for k in ("ap50", "map", "voc07_ap50")}
             log.write(json.dumps(dict(step=done, **scores)) + "\n")
             bar.write(f"step {done}: " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-        if done % cfg.ckpt_every == 0 or done == end:
-            rngs = [None] * world
-            if world > 1:
-                dist.all_gather_object(rngs, rng_state())
-            else:
-                rngs = [rng_state()]
-            if rank == 0:
-                save_checkpoint(run, model, dict(step=done, optimizer=optimizer.state_dict(),
-                                                 scaler=scaler.state_dict(), rng=rngs, config=dataclasses.asdict(cfg)))
-    if rank == 0:
-        bar.close()
-        log.close()
-        print(f"run folder: {run}")
+
+    batches = StepBatches(splits, sampler, cfg, rank)
+    status = train_steps(cfg, run, model, optimizer, scaler, batches, start, end,
+                         lambda step: lr_at(step, cfg, steps_per_epoch), forward, per_step, "finetune", after_step)
     if status == 0 and cfg.eval and rank == 0:
         evaluation.evaluate_run(run, device=device)
-    barrier()
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    shutdown_distributed()
     return status
 
 

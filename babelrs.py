@@ -1,0 +1,475 @@
+"""BabelRS: language-pivoted pre-training of a ViT for RGB / SAR / infrared detection.
+
+Li et al., "Unifying Heterogeneous Multi-Modal Remote Sensing Detection Via Language-Pivoted
+Pretraining", arXiv 2603.01758; official code in the SM3Det repository (`BabelRS_pretrain/`).
+
+Paper -> this file
+    Sec. 3.1 CSIA: ViT -> projector -> causal LLM, instruction following on unpaired data   CSIA
+    Sec. 3.1 L_align = -Σ_j log P(r_j | q, r_<j, E(x)): CE on answer tokens only            build_conversation, CSIA.forward
+    Sec. 3.2 LVSA, α(t) = min(t/τ, 1), F̃ = (1-α)·F_L + α·mean_{l∈S} F_l                    lvsa_alpha, merge_layers
+    Tab. 5 / Fig. 5 merge variants: last, concat, sum, per-layer projectors, LVSA           CSIA(merge=...)
+    InternVL 2.5 pixel shuffle (2x2 -> 1 token) and projector LN-Linear-GELU-Linear         pixel_shuffle, make_projector
+    InternViT-300M (pre-norm, CLS, learned positions, layer scale, drop path)               ViT
+    ChatML (InternVL 2.5) template with <img><IMG_CONTEXT>...</img>                         build_conversation
+    dynamic tiling (<= 6 tiles of 448 px + thumbnail)                                       dynamic_tiles
+    Sec. 3.3 detection: shared ViT -> simple feature pyramid -> neck -> heads per modality  ViTPyramid, build_babelrs_detector
+
+Differences from the paper / official code
+    - LVSA layers default to the official `hidden_states[2, 8, 17, 23]` (outputs of blocks 2, 8,
+      17 and 23, counted from 1, so the "last" one is the penultimate block); the paper's reading
+      "3rd, 9th, 18th and last" is `--layers 3 9 18 24` (see CSIA's docstring).
+    - The detector keeps the ViT and adds a ViTDet-style simple feature pyramid instead of
+      ViT-Adapter (a deformable-attention side network), and the detection module's rotated DETR
+      head sets instead of GFL / Oriented R-CNN heads.
+    - Merge variants (a)-(c) of Tab. 5 are not in the released code; they are built as Fig. 5
+      draws them.
+
+Shape letters: B images (tiles), N tokens, C ViT width, D LLM width, T text length, L layers.
+"""
+import json
+import math
+import random
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+import datasets
+
+IGNORE_INDEX = -100  # label of tokens without loss (system, user turn, image tokens, padding)
+IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+# InternVL 2.5's added tokens, plus the ChatML markers of Qwen2
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMG_START, IMG_END, IMG_CONTEXT,
+                  "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
+SYSTEM_MESSAGE = "You are a remote sensing assistant that answers questions about optical, SAR and infrared images."
+OFFICIAL_LAYERS = (2, 8, 17, 23)  # --vision_select_layer '[2,8,17,23]' of BabelRS_internvl_1b_20ksteps.sh
+PAPER_LAYERS = (3, 9, 18, 24)  # Sec. 4.3: "the 3rd, 9th, 18th and last layer" of the 24 blocks
+
+
+# ---------------------------------------------------------------------------------------------
+# The ViT (InternViT parameter names)
+# ---------------------------------------------------------------------------------------------
+
+def resize_pos_embed(pos: torch.Tensor, grid: tuple) -> torch.Tensor:
+    """(1, G·G', C) patch position embeddings on a square grid -> (1, h·w, C), bicubic."""
+    n, c = pos.shape[1], pos.shape[2]
+    g = int(round(math.sqrt(n)))
+    if (g, g) == tuple(grid):
+        return pos
+    x = pos.reshape(1, g, g, c).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=grid, mode="bicubic", align_corners=False)
+    return x.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], c).to(pos.dtype)
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, dim: int, patch: int, image_size: int):
+        super().__init__()
+        self.patch = patch
+        self.class_embedding = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.patch_embedding = nn.Conv2d(3, dim, patch, stride=patch)
+        self.position_embedding = nn.Parameter(torch.randn(1, 1 + (image_size // patch) ** 2, dim) * 0.02)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embedding(pixels)  # (B, C, h, w)
+        grid = tuple(x.shape[-2:])
+        x = x.flatten(2).transpose(1, 2)  # (B, h·w, C)
+        pos = self.position_embedding
+        x = torch.cat([self.class_embedding.expand(len(x), -1, -1).to(x.dtype), x], 1)  # (B, 1 + h·w, C)
+        return x + torch.cat([pos[:, :1], resize_pos_embed(pos[:, 1:], grid)], 1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = True):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, N, C/H) each
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm block with layer scale and drop path: x + γ1·Attn(LN(x)), then x + γ2·MLP(LN(x))."""
+
+    def __init__(self, dim, heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, ls_init=0.1):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads, qkv_bias)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.ls1 = nn.Parameter(ls_init * torch.ones(dim))
+        self.ls2 = nn.Parameter(ls_init * torch.ones(dim))
+        self.drop_path = drop_path
+
+    def _drop(self, x):  # stochastic depth: drop the residual branch of whole samples
+        if not self.training or self.drop_path == 0:
+            return x
+        keep = torch.rand(len(x), 1, 1, device=x.device) >= self.drop_path
+        return x * keep / (1 - self.drop_path)
+
+    def forward(self, x):
+        x = x + self._drop(self.attn(self.norm1(x)) * self.ls1)
+        return x + self._drop(self.mlp(self.norm2(x)) * self.ls2)
+
+
+class Encoder(nn.Module):
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+
+class ViT(nn.Module):
+    """A plain pre-norm ViT whose state dict is InternViT's: the released
+    `BabelRS_ViT-300M.safetensors` and the `vision_model.*` tensors of InternVL2.5-1B load with
+    strict=True (`load_vit_weights` strips the prefix). Inputs of any size: position embeddings are
+    resized bicubically to the patch grid.
+
+    `forward` returns all hidden states, index 0 = embedding output, index k = output of block k,
+    as InternViT's `output_hidden_states=True`.
+    """
+
+    def __init__(self, dim=1024, depth=24, heads=16, patch=14, image_size=448, mlp_ratio=4.0, qkv_bias=True,
+                 drop_path=0.0, ls_init=0.1, grad_checkpoint=False):
+        super().__init__()
+        self.dim, self.depth, self.patch = dim, depth, patch
+        self.embeddings = VisionEmbeddings(dim, patch, image_size)
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # linear over depth
+        self.encoder = Encoder([Block(dim, heads, mlp_ratio, qkv_bias, r, ls_init) for r in rates])
+        self.grad_checkpoint = grad_checkpoint
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, pixels: torch.Tensor) -> list:
+        """(B, 3, H, W) -> list of depth + 1 tensors (B, 1 + N, C)."""
+        x = self.embeddings(pixels)
+        hidden = [x]
+        for block in self.encoder.layers:
+            if self.grad_checkpoint and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+            hidden.append(x)
+        return hidden
+
+
+def load_vit_weights(vit: ViT, path: str, patch_resize: bool = True) -> None:
+    """Load InternViT-named weights strictly: a `.safetensors` file (the released BabelRS ViT, or
+    an InternVL checkpoint file whose `vision_model.` tensors are taken), or a folder holding
+    `model.safetensors` (InternVL2.5-1B, or a `csia` run). A patch kernel of another size is
+    resized bicubically (BabelRS's detector loads the 14-px kernel into 16-px patches)."""
+    from safetensors.torch import load_file
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(p.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no .safetensors weights found")
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    for prefix in ("vision_model.", "vit.", "backbone.vit."):
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            break
+    kernel = state.get("embeddings.patch_embedding.weight")
+    if kernel is not None and patch_resize and kernel.shape[-1] != vit.patch:
+        state["embeddings.patch_embedding.weight"] = F.interpolate(
+            kernel.float(), size=(vit.patch, vit.patch), mode="bicubic", align_corners=False).to(kernel.dtype)
+    pos = state.get("embeddings.position_embedding")
+    if pos is not None and pos.shape != vit.embeddings.position_embedding.shape:
+        g = int(round(math.sqrt(vit.embeddings.position_embedding.shape[1] - 1)))
+        state["embeddings.position_embedding"] = torch.cat([pos[:, :1], resize_pos_embed(pos[:, 1:], (g, g))], 1)
+    try:
+        vit.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: not an InternViT checkpoint of this size ({str(e).splitlines()[1].strip()})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# LVSA, pixel shuffle, projector (Sec. 3.2)
+# ---------------------------------------------------------------------------------------------
+
+def lvsa_alpha(step: int, tau: float) -> float:
+    """Eq. α(t) = min(t / τ, 1): 0 at the start (last layer only), 1 after τ steps (plain mean)."""
+    return 1.0 if tau <= 0 else min(step / tau, 1.0)
+
+
+def merge_layers(hidden: list, layers: tuple, alpha: float) -> torch.Tensor:
+    """Eq. F̃ = (1 - α)·F_L + α·(1/|S|)·Σ_{l∈S} F_l, with F_L = hidden[layers[-1]]: (B, N, C)."""
+    selected = [hidden[l] for l in layers]
+    return (1 - alpha) * selected[-1] + alpha * torch.stack(selected).mean(0)
+
+
+def pixel_shuffle(x: torch.Tensor, scale: float = 0.5) -> torch.Tensor:
+    """InternVL's pixel shuffle (ps_version v2): (B, h, w, C) -> (B, h/2, w/2, 4C), each output token
+    the 2x2 neighbourhood's channels, in the exact channel order of InternVL's projector weights."""
+    n, w, h, c = x.shape
+    x = x.reshape(n, w, int(h * scale), int(c / scale)).permute(0, 2, 1, 3)
+    x = x.reshape(n, int(h * scale), int(w * scale), int(c / (scale * scale)))
+    return x.permute(0, 2, 1, 3).contiguous()
+
+
+def make_projector(in_dim: int, llm_dim: int) -> nn.Sequential:
+    """InternVL's `mlp1`: LayerNorm -> Linear -> GELU -> Linear (indices 0, 1, 3 as in its checkpoints)."""
+    return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversations, tokenizer, instruction data
+# ---------------------------------------------------------------------------------------------
+
+def build_conversation(tokenizer, conversations: list, num_image_tokens: int, system: str = SYSTEM_MESSAGE,
+                       max_length: int = 0):
+    """ChatML (InternVL 2.5) tokens and labels of a conversation.
+
+        <|im_start|>system\\n{system}<|im_end|>\\n
+        <|im_start|>user\\n<img><IMG_CONTEXT>×n</img>\\n{question}<|im_end|>\\n
+        <|im_start|>assistant\\n{answer}<|im_end|>\\n        (and further rounds)
+
+    Labels are IGNORE_INDEX everywhere except the answer tokens and their `<|im_end|>` (Sec. 3.1:
+    "the language modeling loss is applied only to the response tokens").
+    Returns (input_ids (T,), labels (T,)) as long tensors.
+    """
+    image = IMG_START + IMG_CONTEXT * num_image_tokens + IMG_END
+    pieces = [(f"<|im_start|>system\n{system}<|im_end|>\n", False)]
+    if len(conversations) % 2 or any(t["from"] != ("human", "gpt")[i % 2] for i, t in enumerate(conversations)):
+        raise ValueError("a conversation alternates human and gpt turns, starting with human")
+    for i in range(0, len(conversations), 2):
+        question = conversations[i]["value"].replace("<image>", image)
+        pieces.append((f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n", False))
+        pieces.append((conversations[i + 1]["value"] + "<|im_end|>", True))
+        pieces.append(("\n", False))
+    ids, labels = [], []
+    for text, supervised in pieces:
+        tok = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += tok
+        labels += tok if supervised else [IGNORE_INDEX] * len(tok)
+    if max_length and len(ids) > max_length:
+        ids, labels = ids[:max_length], labels[:max_length]
+    return torch.tensor(ids), torch.tensor(labels)
+
+
+def build_tokenizer(texts: list, vocab_size: int = 1024):
+    """A byte-level BPE tokenizer trained offline on `texts` (the instruction corpus), with the
+    ChatML and InternVL special tokens: the tiny preset's stand-in for Qwen2's tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=SPECIAL_TOKENS[3:])
+
+
+def dynamic_tiles(image: torch.Tensor, size: int, max_tiles: int = 6, thumbnail: bool = True) -> torch.Tensor:
+    """InternVL's dynamic tiling: resize to the (i·size, j·size) grid with i·j <= max_tiles whose
+    aspect ratio is closest to the image's (ties: the larger grid when the image is large enough),
+    cut it into size x size tiles, and add a size x size thumbnail when there are several tiles.
+    (3, H, W) float -> (n, 3, size, size)."""
+    h, w = image.shape[-2:]
+    ratio = w / h
+    grids = sorted({(i, j) for n in range(1, max_tiles + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+                    if i * j <= max_tiles}, key=lambda g: g[0] * g[1])
+    best, best_diff = (1, 1), float("inf")
+    for i, j in grids:  # i columns, j rows
+        diff = abs(ratio - i / j)
+        if diff < best_diff or (diff == best_diff and w * h > 0.5 * size * size * i * j):
+            best, best_diff = (i, j), diff
+    cols, rows = best
+    resized = F.interpolate(image[None], size=(rows * size, cols * size), mode="bicubic", align_corners=False)[0]
+    tiles = [resized[:, r * size:(r + 1) * size, c * size:(c + 1) * size] for r in range(rows) for c in range(cols)]
+    if thumbnail and len(tiles) > 1:
+        tiles.append(F.interpolate(image[None], size=(size, size), mode="bicubic", align_corners=False)[0])
+    return torch.stack(tiles)
+
+
+def read_instruction_meta(path) -> list:
+    """The sources of an instruction mix (the official `BabelRS_ft_data_instruct.json` layout):
+    {name: {root, annotation, modality, repeat_time}}. repeat_time < 1 keeps the first fraction of
+    a file, an integer > 1 repeats it (as the official loader). Returns a list of
+    dict(image path, conversations, modality, source)."""
+    path = Path(path)
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise datasets.DatasetError(f"{path}: cannot read the instruction meta file ({e})") from None
+    records = []
+    for name, src in meta.items():
+        for key in ("root", "annotation"):
+            if key not in src:
+                raise datasets.DatasetError(f"{path}: source {name!r} has no {key!r}")
+        root = Path(src["root"])
+        if not root.is_absolute() and not root.exists():
+            root = path.parent.parent / root.name if (path.parent.parent / root.name).exists() else path.parent.parent
+        ann = Path(src["annotation"])
+        ann = ann if ann.is_absolute() else root / ann
+        rows = datasets.read_instruction_jsonl(ann)
+        rep = float(src.get("repeat_time", 1))
+        if rep < 1:
+            rows = rows[:max(1, int(len(rows) * rep))]
+        elif rep != int(rep):
+            raise datasets.DatasetError(f"{path}: source {name!r}: repeat_time above 1 must be an integer, got {rep}")
+        else:
+            rows = rows * int(rep)
+        modality = src.get("modality", "rgb")
+        records += [dict(image=root / r["image"], conversations=r["conversations"], modality=modality, source=name)
+                    for r in rows]
+    return records
+
+
+class InstructionDataset(torch.utils.data.Dataset):
+    """Instruction samples as (pixel tiles, token ids, labels). Images are resized to one tile of
+    `image_size` (or dynamically tiled), normalised with ImageNet statistics."""
+
+    def __init__(self, records: list, tokenizer, image_size: int, tokens_per_tile: int, max_tiles: int = 1,
+                 max_length: int = 0):
+        self.records, self.tokenizer = records, tokenizer
+        self.image_size, self.tokens_per_tile, self.max_tiles, self.max_length = image_size, tokens_per_tile, max_tiles, max_length
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        r = self.records[i]
+        image = torch.from_numpy(datasets.load_image(r["image"])).permute(2, 0, 1).float()  # (3, H, W)
+        mean = torch.tensor(datasets.IMAGENET_MEAN).view(3, 1, 1)
+        std = torch.tensor(datasets.IMAGENET_STD).view(3, 1, 1)
+        image = (image - mean) / std
+        if self.max_tiles > 1:
+            tiles = dynamic_tiles(image, self.image_size, self.max_tiles)
+        else:
+            tiles = F.interpolate(image[None], size=(self.image_size, self.image_size), mode="bicubic",
+                                  align_corners=False)
+        ids, labels = build_conversation(self.tokenizer, r["conversations"], self.tokens_per_tile * len(tiles),
+                                         max_length=self.max_length)
+        return dict(pixels=tiles, input_ids=ids, labels=labels, modality=r["modality"])
+
+
+def collate_instructions(items: list, pad_id: int) -> dict:
+    """Right-pad token sequences; concatenate the tiles of all samples in order."""
+    T = max(len(it["input_ids"]) for it in items)
+    ids = torch.full((len(items), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), T), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros(len(items), T, dtype=torch.long)
+    for b, it in enumerate(items):
+        n = len(it["input_ids"])
+        ids[b, :n], labels[b, :n], mask[b, :n] = it["input_ids"], it["labels"], 1
+    return dict(pixels=torch.cat([it["pixels"] for it in items]), input_ids=ids, labels=labels, attention_mask=mask,
+                modality=[it["modality"] for it in items])
+
+
+# ---------------------------------------------------------------------------------------------
+# CSIA: the alignment pre-training model (Sec. 3.1 + 3.2)
+# ---------------------------------------------------------------------------------------------
+
+class CSIA(nn.Module):
+    """ViT -> layer merge (LVSA by default) -> CLS dropped -> pixel shuffle -> projector -> visual
+    tokens in place of the <IMG_CONTEXT> placeholders -> causal LM -> L_align.
+
+    `merge` (Tab. 5, Fig. 5):
+        "last"       the final block only (vanilla InternVL, the baseline row);
+        "concat"     (a) the selected layers concatenated along channels before one projector;
+        "sum"        (b) their element-wise sum before one projector;
+        "per-layer"  (c) one projector per layer, outputs weighted by LVSA and summed;
+        "lvsa"       (d) LVSA then one shared projector (BabelRS).
+    `layers` are hidden-state indices (0 = embeddings, k = block k). The official script uses
+    (2, 8, 17, 23), i.e. the outputs of blocks 2, 8, 17 and 23 of 24, so its "last" feature is the
+    penultimate block and block 24 gets no gradient; the paper's text says "3rd, 9th, 18th and
+    last" = (3, 9, 18, 24). We default to the official indices (they produced the released model).
+    Everything trains; nothing is frozen (official script: freeze_llm/mlp/backbone all False).
+    """
+
+    def __init__(self, vit: ViT, llm: nn.Module, img_context_id: int,
+                 merge: Literal["last", "concat", "sum", "per-layer", "lvsa"] = "lvsa",
+                 layers: tuple = OFFICIAL_LAYERS, tau: float = 6000.0):
+        super().__init__()
+        if merge not in ("last", "concat", "sum", "per-layer", "lvsa"):
+            raise ValueError(f"unknown merge {merge!r}")
+        if max(layers) > vit.depth or min(layers) < 0:
+            raise ValueError(f"layers {layers} outside the ViT's hidden states 0..{vit.depth}")
+        self.vit, self.llm, self.img_context_id = vit, llm, img_context_id
+        self.merge, self.layers, self.tau = merge, tuple(layers), tau
+        llm_dim = llm.get_input_embeddings().embedding_dim
+        n_proj = len(layers) if merge == "per-layer" else 1
+        in_dim = 4 * vit.dim * (len(layers) if merge == "concat" else 1)
+        projectors = [make_projector(in_dim, llm_dim) for _ in range(n_proj)]
+        self.mlp1 = projectors[0]  # InternVL's name, so its `mlp1` weights load
+        self.extra_projectors = nn.ModuleList(projectors[1:])
+
+    def _shuffle(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + h·w, C) -> (B, h·w/4, 4C): CLS dropped, 2x2 pixel shuffle."""
+        x = x[:, 1:]
+        g = int(round(math.sqrt(x.shape[1])))
+        return pixel_shuffle(x.reshape(len(x), g, g, -1)).flatten(1, 2)
+
+    def visual_tokens(self, pixels: torch.Tensor, step: int) -> torch.Tensor:
+        """(B, 3, S, S) tiles -> (B, N, D) visual tokens for the LLM, merged as `merge` says."""
+        hidden = self.vit(pixels)
+        alpha = lvsa_alpha(step, self.tau)
+        if self.merge == "last":
+            return self.mlp1(self._shuffle(hidden[-1]))
+        if self.merge == "lvsa":
+            return self.mlp1(self._shuffle(merge_layers(hidden, self.layers, alpha)))
+        if self.merge == "sum":
+            return self.mlp1(self._shuffle(torch.stack([hidden[l] for l in self.layers]).sum(0)))
+        if self.merge == "concat":
+            return self.mlp1(self._shuffle(torch.cat([hidden[l] for l in self.layers], -1)))
+        # per-layer projectors, weighted as LVSA: (1 - α + α/|S|) for the last layer, α/|S| for the others
+        projectors = [self.mlp1, *self.extra_projectors]
+        n = len(self.layers)
+        weights = [alpha / n] * (n - 1) + [1 - alpha + alpha / n]
+        return sum(w * p(self._shuffle(hidden[l])) for w, p, l in zip(weights, projectors[1:] + projectors[:1],
+                                                                     self.layers))
+
+    def forward(self, pixels, input_ids, attention_mask, labels, step: int = 0) -> dict:
+        """
+        Args:
+            pixels: (B_tiles, 3, S, S) all tiles of the batch, in sample order; input_ids, labels,
+            attention_mask: (B, T) with one <IMG_CONTEXT> per visual token; step: the optimizer
+            step t of α(t).
+        Returns:
+            dict(loss = L_align (mean CE over supervised tokens), alpha = α(t)).
+        """
+        embeds = self.llm.get_input_embeddings()(input_ids)  # (B, T, D)
+        visual = self.visual_tokens(pixels, step).flatten(0, 1)  # (B_tiles·N, D)
+        slots = input_ids == self.img_context_id
+        if int(slots.sum()) != len(visual):
+            raise ValueError(f"{int(slots.sum())} <IMG_CONTEXT> tokens for {len(visual)} visual tokens "
+                             f"(truncated by max_length?)")
+        embeds = embeds.masked_scatter(slots[..., None], visual.to(embeds.dtype))
+        logits = self.llm(inputs_embeds=embeds, attention_mask=attention_mask).logits  # (B, T, V)
+        # Sec. 3.1: L_align = -Σ_j log P(r_j | q, r_<j, E(x)), averaged over answer tokens
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+        return dict(loss=loss, alpha=lvsa_alpha(step, self.tau))
+
+
+def build_llm(path: str = "", vocab_size: int = 0, dim: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+              ffn: int = 128):
+    """The causal LM: any `transformers` model from a local folder (Qwen2.5-0.5B-Instruct in the
+    paper), or a small random Qwen2 (the tiny preset)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    if path:
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
+    cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=dim, intermediate_size=ffn, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
+                      tie_word_embeddings=True)
+    return Qwen2ForCausalLM(cfg)
