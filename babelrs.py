@@ -28,7 +28,6 @@ Shape letters: B images (tiles), N tokens, C ViT width, D LLM width, T text leng
 """
 import json
 import math
-import random
 from pathlib import Path
 from typing import Literal
 
@@ -38,6 +37,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 import datasets
+import detection
 
 IGNORE_INDEX = -100  # label of tokens without loss (system, user turn, image tokens, padding)
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
@@ -473,3 +473,70 @@ def build_llm(path: str = "", vocab_size: int = 0, dim: int = 64, layers: int = 
                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
                       tie_word_embeddings=True)
     return Qwen2ForCausalLM(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Detection fine-tuning with the ViT (Sec. 3.3)
+# ---------------------------------------------------------------------------------------------
+
+class ViTPyramid(nn.Module):
+    """The ViT as a multi-scale backbone: CLS dropped, the last block's tokens as a map of stride
+    `patch`, turned into strides 8, 16 and 32 by transposed convolutions or max-pooling (ViTDet's
+    simple feature pyramid; BabelRS uses ViT-Adapter here, see the module docstring). Returns the
+    list of maps and has `out_channels`, as the detection module's neck expects."""
+
+    def __init__(self, vit: ViT, strides=(8, 16, 32)):
+        super().__init__()
+        self.vit = vit
+        self.scales = nn.ModuleList()
+        for s in strides:
+            f = vit.patch / s
+            if f == 4:
+                self.scales.append(nn.Sequential(nn.ConvTranspose2d(vit.dim, vit.dim, 2, 2), nn.GELU(),
+                                                 nn.ConvTranspose2d(vit.dim, vit.dim, 2, 2)))
+            elif f == 2:
+                self.scales.append(nn.ConvTranspose2d(vit.dim, vit.dim, 2, 2))
+            elif f == 1:
+                self.scales.append(nn.Identity())
+            elif f in (0.5, 0.25):
+                self.scales.append(nn.MaxPool2d(int(1 / f)))
+            else:
+                raise ValueError(f"patch {vit.patch} cannot make stride {s}")
+        self.out_channels = [vit.dim] * len(strides)
+        self.strides = list(strides)
+
+    def forward(self, images: torch.Tensor) -> list:
+        B, _, H, W = images.shape
+        x = self.vit(images)[-1][:, 1:]  # (B, h·w, C) without CLS
+        x = x.transpose(1, 2).reshape(B, -1, H // self.vit.patch, W // self.vit.patch)  # (B, C, h, w)
+        return [scale(x) for scale in self.scales]
+
+
+def layer_decay_groups(model: nn.Module, vit_prefix: str, depth: int, decay: float, weight_decay: float) -> list:
+    """BabelRS's layer-wise learning-rate decay (InternViTAdapterLayerDecayOptimizerConstructor):
+    layer_id 0 for the embeddings, i + 1 for block i, depth + 1 for everything else; lr scale
+    decay^(depth + 1 - layer_id). 1-D parameters and biases get no weight decay."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith(vit_prefix + "embeddings."):
+            layer = 0
+        elif name.startswith(vit_prefix + "encoder.layers."):
+            layer = int(name[len(vit_prefix + "encoder.layers."):].split(".")[0]) + 1
+        else:
+            layer = depth + 1
+        no_wd = p.ndim == 1 or name.endswith(".bias")
+        key = (layer, no_wd)
+        if key not in groups:
+            groups[key] = dict(params=[], lr_mult=decay ** (depth + 1 - layer), weight_decay=0.0 if no_wd else weight_decay)
+        groups[key]["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+def build_detector(vit_args: dict = None, **kwargs) -> detection.RotatedDETR:
+    """The BabelRS detector (Sec. 3.3): the ViT pyramid (`vit_args`: dim, depth, heads, patch,
+    image_size) under `detection.build_detector`'s neck and per-modality head sets; without
+    `vit_args` the plain ResNet detector. Takes the arguments a run stores in model.json."""
+    backbone = ViTPyramid(ViT(**vit_args)) if vit_args else None
+    return detection.build_detector(**kwargs, backbone_module=backbone)

@@ -38,7 +38,6 @@ M ground-truth objects, C classes or channels, D model width, P sampling points,
 Boxes inside the model are (cx, cy, w, h) normalised by the image's own width and height (padding
 excluded) plus a le90 angle θ in radians; `postprocess` returns le90 boxes in pixels.
 """
-import copy
 import math
 from typing import Literal
 

@@ -332,8 +332,10 @@ def build_run_model(run: Path, device="cpu"):
     """Rebuild a run's detector from its model.json and load model.safetensors. The model files
     are imported here only, so that the metrics above need nothing but rotated_ops and datasets."""
     import json
+
     from safetensors.torch import load_file
-    import detection
+
+    import babelrs
     run = Path(run)
     for name in ("model.json", "model.safetensors"):
         if not (run / name).exists():
@@ -342,8 +344,8 @@ def build_run_model(run: Path, device="cpu"):
     sources = args["sources"]
     kwargs = {k: v for k, v in args.items() if k != "sources"}
     kwargs["resnet"] = ""  # the trained weights replace the initial ones
-    model = detection.build_detector([dict(modality=s["modality"], classes=s["classes"], box_type=s["box_type"])
-                                      for s in sources], **kwargs)
+    model = babelrs.build_detector(sources=[dict(modality=s["modality"], classes=s["classes"], box_type=s["box_type"])
+                                            for s in sources], **kwargs)
     model.load_state_dict(load_file(str(run / "model.safetensors")))
     return model.to(device).eval(), sources
 

@@ -29,6 +29,7 @@ from typing import Literal, get_args, get_origin
 import torch
 import torch.distributed as dist
 
+import babelrs
 import datasets
 import detection
 import eval as evaluation
@@ -56,8 +57,14 @@ class FinetuneConfig:
     rotate_p: float = 0.0  # PolyRandomRotate probability (BabelRS: 0.5; MutDet: none)
     workers: int = 0  # data loading processes
     # model (detection.build_detector)
-    backbone: Literal["resnet50", "resnet18"] = "resnet18"  # paper: ResNet-50 (MutDet Sec. 4, ARS-DETR)
+    synth_modalities: list[str] = field(default_factory=lambda: ["rgb"])  # SynthSOI parts used without --data
+    backbone: Literal["resnet50", "resnet18", "vit"] = "resnet18"  # MutDet: ResNet-50; BabelRS: the ViT
     resnet: str = ""  # local torchvision ResNet weights (ImageNet); empty = random init
+    vit_dim: int = 64  # the ViT backbone (BabelRS: InternViT-300M, 1024 / 24 / 16, patch 16 at 800 px)
+    vit_depth: int = 4
+    vit_heads: int = 4
+    vit_patch: int = 8
+    layer_decay: float = 1.0  # layer-wise lr decay of the ViT; BabelRS: 0.95
     frozen_bn: bool = False  # paper: True (norm_eval, requires_grad=False)
     dim: int = 128  # paper: 256
     heads: int = 4  # paper: 8
@@ -70,7 +77,8 @@ class FinetuneConfig:
     num_queries: int = 100  # paper: 300
     num_dn_queries: int = 30  # paper: 100
     gn_groups: int = 32
-    init: str = ""  # a checkpoint of this project (run folder or .safetensors), loaded non-strictly
+    init: str = ""  # a run of this project or .safetensors file: a detector (non-strict), or with the ViT
+    #                 backbone a csia run, the released BabelRS ViT or an InternVL folder (the ViT part)
     # optimisation (MutDet base_settings_DIOR.py)
     lr: float = 2e-4  # paper: 1e-4
     weight_decay: float = 1e-5
@@ -93,12 +101,77 @@ class FinetuneConfig:
 
 FINETUNE_PRESETS = {
     "tiny": FinetuneConfig(),
+    # BabelRS joint fine-tuning on SynthSOI's three modalities, the ViT of a tiny csia run
+    "babelrs-tiny": FinetuneConfig(synth_modalities=["sar", "rgb", "ir"], source_ratio=[2, 1, 1],
+                                   loss_weights=[1.0, 1.5, 1.0], backbone="vit", batch_size=4, epochs=12,
+                                   lr_steps=[8, 11], warmup=50, weight_decay=0.05),
+    # BabelRS Sec. 4.3 / BabelRS_20kstep.py, with the DETR head sets of the detection module
+    "babelrs": FinetuneConfig(source_ratio=[2, 1, 1], loss_weights=[1.0, 1.5, 1.0], image_size=800, backbone="vit",
+                              vit_dim=1024, vit_depth=24, vit_heads=16, vit_patch=16, layer_decay=0.95,
+                              dim=256, heads=8, enc_layers=6, dec_layers=6, ffn=1024, dropout=0.1, num_queries=300,
+                              num_dn_queries=100, lr=5e-5, weight_decay=0.05, warmup=500, epochs=12,
+                              lr_steps=[8, 11], rotate_p=0.5, workers=4, ckpt_every=2000),
     "paper": FinetuneConfig(image_size=800, batch_size=2, backbone="resnet50", frozen_bn=True, dim=256, heads=8,
                             enc_layers=6, dec_layers=6, ffn=1024, dropout=0.1, num_queries=300, num_dn_queries=100,
                             lr=1e-4, lr_mult=0.1, warmup=500, epochs=36, lr_steps=[32], workers=4,
                             ckpt_every=2000),
 }
-PRESETS = {"finetune": FINETUNE_PRESETS}
+@dataclass
+class CSIAConfig:
+    """BabelRS CSIA pre-training with LVSA (Sec. 3.1-3.2): ViT + projector + causal LM on the
+    instruction data of all modalities, cross-entropy on the answer tokens."""
+    # data
+    data: str = ""  # instruction meta json (official BabelRS_ft_data_instruct.json layout); default SynthSOI's
+    synth_root: str = "data/synthsoi"
+    image_size: int = 128  # tile side; paper: 448 (force_image_size)
+    max_tiles: int = 1  # dynamic tiles per image (+ a thumbnail when > 1); paper: 6 (max_dynamic_patch)
+    max_length: int = 512  # tokens; paper: 3072
+    batch_size: int = 8  # samples per process and micro-batch; paper: 4
+    grad_accum: int = 1  # micro-batches per step; paper: 4 (x 4 x 8 GPUs = global batch 128, Sec. 4.3)
+    workers: int = 0
+    seed: int = 0
+    # ViT (InternViT-300M in the paper)
+    vit: str = ""  # local InternViT weights (.safetensors or folder); empty = random init
+    vit_dim: int = 64  # paper: 1024
+    vit_depth: int = 4  # paper: 24
+    vit_heads: int = 4  # paper: 16
+    patch: int = 8  # paper: 14
+    drop_path: float = 0.0  # paper: 0.1 (--drop_path_rate)
+    grad_checkpoint: bool = False  # paper: True
+    # LLM (Qwen2.5-0.5B-Instruct in the paper)
+    llm: str = ""  # local transformers causal-LM folder (with its tokenizer); empty = a small random Qwen2
+    llm_dim: int = 128
+    llm_layers: int = 2
+    llm_heads: int = 4
+    llm_kv_heads: int = 2
+    llm_ffn: int = 256
+    vocab_size: int = 1024  # of the tokenizer trained on the instruction corpus
+    init: str = ""  # a csia run or an InternVL2.5-1B folder (vision_model, mlp1, language_model)
+    # LVSA (Sec. 3.2)
+    merge: Literal["lvsa", "last", "concat", "sum", "per-layer"] = "lvsa"  # Tab. 5 rows
+    layers: list[int] = field(default_factory=lambda: [1, 2, 3])  # hidden-state indices; paper: [2, 8, 17, 23]
+    tau: float = 120.0  # annealing steps of α(t); paper: 6000 of 20000 (Sec. 4.9)
+    # optimisation (BabelRS_internvl_1b_20ksteps.sh)
+    lr: float = 1e-3  # paper: 2e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1  # linear warm-up, then cosine to 0
+    clip: float = 1.0  # HF Trainer's max_grad_norm
+    steps: int = 400  # length of the schedule; paper: 20000
+    amp: Literal["off", "bf16", "fp16"] = "off"  # paper: bf16
+    max_steps: int = 0  # stop after this many steps (0 = the whole schedule)
+    # run
+    out: str = ""
+    resume: str = ""
+    ckpt_every: int = 1000
+
+
+CSIA_PRESETS = {
+    "tiny": CSIAConfig(),
+    "paper": CSIAConfig(image_size=448, max_tiles=6, max_length=3072, batch_size=4, grad_accum=4, workers=4,
+                        vit_dim=1024, vit_depth=24, vit_heads=16, patch=14, drop_path=0.1, grad_checkpoint=True,
+                        layers=list(babelrs.OFFICIAL_LAYERS), tau=6000.0, lr=2e-5, steps=20000, amp="bf16"),
+}
+PRESETS = {"finetune": FINETUNE_PRESETS, "csia": CSIA_PRESETS}
 
 
 def _parse_bool(s: str) -> bool:
@@ -159,7 +232,8 @@ def unwrap(model):
 
 def save_checkpoint(run: Path, model, state: dict) -> None:
     from safetensors.torch import save_file
-    weights = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
+    # clone: tied tensors (an LM's input and output embeddings) must not share storage in safetensors
+    weights = {k: v.detach().cpu().clone().contiguous() for k, v in unwrap(model).state_dict().items()}
     tmp = run / "model.safetensors.tmp"
     save_file(weights, str(tmp))
     os.replace(tmp, run / "model.safetensors")
@@ -168,20 +242,28 @@ def save_checkpoint(run: Path, model, state: dict) -> None:
     os.replace(tmp, run / "state.pt")
 
 
-def load_init(model, path: str) -> None:
+def read_weights(path: str) -> dict:
+    """All tensors of a run folder / folder of .safetensors files, or of one weight file."""
+    p = Path(path)
+    files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
+    if not files or not files[0].exists():
+        raise datasets.DatasetError(f"{path}: no checkpoint (.safetensors weights) found")
+    state = {}
+    for f in files:
+        state.update(detection.load_state_file(str(f)))
+    return state
+
+
+def load_init(model, path: str, state: dict = None) -> None:
     """Load any checkpoint of this project non-strictly (a run folder or a weight file) and print
     what was skipped: parameters missing from the file, unexpected ones, and shape mismatches
     (e.g. a 256-way pseudo-class head from MutDet pre-training)."""
-    p = Path(path)
-    file = p / "model.safetensors" if p.is_dir() else p
-    if not file.exists():
-        raise datasets.DatasetError(f"{path}: no checkpoint (model.safetensors) found")
-    state = detection.load_state_file(str(file))
+    state = read_weights(path) if state is None else state
     own = model.state_dict()
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     state = {k: v for k, v in state.items() if k not in mismatched}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    print(f"--init {file}: loaded {len(state) - len(unexpected)} tensors; skipped "
+    print(f"--init {path}: loaded {len(state) - len(unexpected)} tensors; skipped "
           f"{len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} shape-mismatched")
     for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
         for k in keys:
@@ -321,7 +403,7 @@ def resolve_sources(cfg: FinetuneConfig, rank: int) -> list:
         if rank == 0:
             datasets.make_synthetic(root)
         barrier()
-        entries = [f"rgb:{root / 'rgb'}"]
+        entries = [f"{m}:{root / m}" for m in cfg.synth_modalities]
     sources = []
     for e in entries:
         modality, sep, path = e.partition(":")
@@ -388,13 +470,15 @@ class StepBatches(torch.utils.data.Dataset):
 
 
 def model_args(cfg: FinetuneConfig, sources: list) -> dict:
-    """The keyword arguments of `detection.build_detector`, stored as model.json for eval.py."""
+    """The keyword arguments of `babelrs.build_detector`, stored as model.json for eval.py."""
     weights = {s["modality"]: (cfg.loss_weights[i] if i < len(cfg.loss_weights) else 1.0) for i, s in enumerate(sources)}
     return dict(sources=[dict(modality=s["modality"], classes=s["classes"], box_type=s["box_type"]) for s in sources],
                 backbone=cfg.backbone, resnet=cfg.resnet, frozen_bn=cfg.frozen_bn, dim=cfg.dim, heads=cfg.heads,
                 levels=cfg.levels, points=cfg.points, enc_layers=cfg.enc_layers, dec_layers=cfg.dec_layers,
                 ffn=cfg.ffn, dropout=cfg.dropout, num_queries=cfg.num_queries, num_dn_queries=cfg.num_dn_queries,
-                gn_groups=cfg.gn_groups, loss_weights=weights)
+                gn_groups=cfg.gn_groups, loss_weights=weights,
+                vit_args=dict(dim=cfg.vit_dim, depth=cfg.vit_depth, heads=cfg.vit_heads, patch=cfg.vit_patch,
+                              image_size=cfg.image_size) if cfg.backbone == "vit" else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,12 +538,22 @@ def finetune(cfg: FinetuneConfig) -> int:
     run = run_folder(cfg, "finetune", rank)
     margs = model_args(cfg, sources)
     try:
-        model = detection.build_detector(**margs).to(device)
+        model = babelrs.build_detector(**margs).to(device)
+        if cfg.init and not cfg.resume:
+            state = read_weights(cfg.init)
+            if cfg.backbone == "vit" and not any(k.startswith(("heads.", "backbone.")) for k in state):
+                babelrs.load_vit_weights(model.backbone.vit, cfg.init)  # the ViT of a csia run / release / InternVL
+                print(f"--init {cfg.init}: loaded the ViT (patch and positions resized to {cfg.vit_patch} px, "
+                      f"{cfg.image_size // cfg.vit_patch}^2 grid)")
+            else:
+                load_init(model, cfg.init, state)
     except (ValueError, FileNotFoundError) as e:  # a weight file that is missing or of another model
         raise datasets.DatasetError(str(e)) from None
-    if cfg.init and not cfg.resume:
-        load_init(model, cfg.init)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.backbone == "vit":
+        groups = babelrs.layer_decay_groups(model, "backbone.vit.", cfg.vit_depth, cfg.layer_decay, cfg.weight_decay)
+    else:
+        groups = param_groups(model, cfg)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     sampler = datasets.MultiSourceSampler([len(d) for d in splits], ratios, cfg.seed, rank, world)
     start = resume(run, model, optimizer, scaler, rank) if cfg.resume else 0
@@ -490,11 +584,112 @@ def finetune(cfg: FinetuneConfig) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# The csia stage (BabelRS Sec. 3.1-3.2)
+# ---------------------------------------------------------------------------------------------
+
+class InstructionBatches(torch.utils.data.Dataset):
+    """Step k's `grad_accum` micro-batches, determined by k alone (sampler draw k·accum + a)."""
+
+    def __init__(self, data, sampler: datasets.MultiSourceSampler, cfg: CSIAConfig, pad_id: int):
+        self.data, self.sampler, self.cfg, self.pad_id = data, sampler, cfg, pad_id
+
+    def __len__(self):
+        return 1 << 62
+
+    def __getitem__(self, k: int) -> list:
+        return [babelrs.collate_instructions([self.data[i] for _, i in self.sampler.batch(k * self.cfg.grad_accum + a)],
+                                             self.pad_id) for a in range(self.cfg.grad_accum)]
+
+
+def cosine_lr(step: int, cfg) -> float:
+    """HF Trainer's schedule: linear warm-up from 0 over warmup_ratio·steps, then cosine to 0."""
+    warmup = int(math.ceil(cfg.warmup_ratio * cfg.steps))
+    if step < warmup:
+        return cfg.lr * step / warmup
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, cfg.steps - warmup)))
+
+
+def csia_tokenizer(cfg: CSIAConfig, run: Path, records: list, rank: int):
+    """The LLM's own tokenizer (with InternVL's tokens added), or one trained on the instruction
+    corpus (tiny preset); either is stored in the run folder and reloaded from there on resume."""
+    from transformers import AutoTokenizer
+    stored = run / "tokenizer"
+    if (stored / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(str(stored), local_files_only=True)
+    if cfg.llm:
+        tok = AutoTokenizer.from_pretrained(cfg.llm, local_files_only=True)
+        tok.add_special_tokens({"additional_special_tokens": [t for t in babelrs.SPECIAL_TOKENS if t not in tok.get_vocab()]})
+    else:
+        texts = [babelrs.SYSTEM_MESSAGE] + [t["value"] for r in records for t in r["conversations"]]
+        tok = babelrs.build_tokenizer(texts, cfg.vocab_size)
+    if rank == 0:
+        tok.save_pretrained(str(stored))
+    return tok
+
+
+def csia(cfg: CSIAConfig) -> int:
+    rank, world, device = setup_distributed()
+    torch.manual_seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+    meta = cfg.data
+    if not meta:
+        root = Path(cfg.synth_root)
+        if rank == 0:
+            datasets.make_synthetic(root)
+        barrier()
+        meta = str(root / "instructions" / "meta.json")
+    records = babelrs.read_instruction_meta(meta)
+    run = run_folder(cfg, "csia", rank)
+    tokenizer = csia_tokenizer(cfg, run, records, rank)
+    barrier()
+    try:
+        vit = babelrs.ViT(cfg.vit_dim, cfg.vit_depth, cfg.vit_heads, cfg.patch, cfg.image_size,
+                          drop_path=cfg.drop_path, grad_checkpoint=cfg.grad_checkpoint)
+        if cfg.vit:
+            babelrs.load_vit_weights(vit, cfg.vit)
+        llm = babelrs.build_llm(cfg.llm, len(tokenizer), cfg.llm_dim, cfg.llm_layers, cfg.llm_heads, cfg.llm_kv_heads,
+                                cfg.llm_ffn)
+    except (ValueError, OSError) as e:
+        raise datasets.DatasetError(str(e)) from None
+    if llm.get_input_embeddings().num_embeddings < len(tokenizer):
+        llm.resize_token_embeddings(len(tokenizer))
+    model = babelrs.CSIA(vit, llm, tokenizer.convert_tokens_to_ids(babelrs.IMG_CONTEXT), cfg.merge,
+                         tuple(cfg.layers), cfg.tau).to(device)
+    if cfg.init and not cfg.resume:  # an InternVL folder names its parts vision_model / mlp1 / language_model
+        state = {k.replace("vision_model.", "vit.", 1).replace("language_model.", "llm.", 1): v
+                 for k, v in read_weights(cfg.init).items()}
+        load_init(model, cfg.init, state)
+    tokens_per_tile = (cfg.image_size // cfg.patch) ** 2 // 4
+    data = babelrs.InstructionDataset(records, tokenizer, cfg.image_size, tokens_per_tile, cfg.max_tiles, cfg.max_length)
+    sampler = datasets.MultiSourceSampler([len(data)], [cfg.batch_size], cfg.seed, rank, world)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    start = resume(run, model, optimizer, scaler, rank) if cfg.resume else 0
+    if rank == 0:
+        datasets.atomic_write_text(run / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        modalities = sorted({r["modality"] for r in records})
+        print(f"csia: {len(records)} instruction samples ({', '.join(modalities)}), "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {tokens_per_tile} tokens a tile")
+
+    def forward(net, batch, step):
+        out = net(batch["pixels"].to(device), batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                  batch["labels"].to(device), step=step)
+        return dict(loss_align=out["loss"]), dict(alpha=out["alpha"])
+
+    end = min(cfg.steps, cfg.max_steps) if cfg.max_steps else cfg.steps
+    status = train_steps(cfg, run, model, optimizer, scaler, InstructionBatches(data, sampler, cfg, tokenizer.pad_token_id),
+                         start, end, lambda step: cosine_lr(step, cfg), forward,
+                         cfg.batch_size * cfg.grad_accum * world, "csia")
+    shutdown_distributed()
+    return status
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
-STAGES = {"finetune": (FinetuneConfig, finetune)}
-LATER = {"csia": "babelrs.py (BabelRS CSIA pre-training)", "sam": "mutdet.py (MutDet SAM proposals)",
+STAGES = {"finetune": (FinetuneConfig, finetune), "csia": (CSIAConfig, csia)}
+LATER = {"sam": "mutdet.py (MutDet SAM proposals)",
          "mutdet": "mutdet.py (MutDet pre-training)"}
 
 
@@ -503,11 +698,13 @@ def parse_config(argv=None):
     config of --resume DIR with the flags given on top."""
     head = argparse.ArgumentParser(add_help=False)
     head.add_argument("--stage", choices=list(STAGES) + list(LATER), default="finetune")
-    head.add_argument("--preset", choices=["tiny", "paper"], default="tiny")
+    head.add_argument("--preset", default="tiny", help="tiny | paper (finetune also: babelrs-tiny | babelrs)")
     known, _ = head.parse_known_args(argv)
     if known.stage in LATER:
         raise SystemExit(f"--stage {known.stage} is not available yet: it comes with {LATER[known.stage]}")
     cls, _ = STAGES[known.stage]
+    if known.preset not in PRESETS[known.stage]:
+        raise SystemExit(f"--preset {known.preset}: the {known.stage} stage has presets {', '.join(PRESETS[known.stage])}")
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[head])
     add_config_flags(parser, cls, PRESETS[known.stage])
     given = vars(parser.parse_args(argv))

@@ -1,0 +1,228 @@
+"""BabelRS checked against its equations and the official conventions: the answer-only label mask,
+α(t) and the LVSA mixture, the merge variants, InternViT parameter names, pixel shuffle, tiling,
+layer-wise lr decay, a tiny CSIA model learning, and the csia stage end to end."""
+import json
+import math
+
+import pytest
+import torch
+
+import babelrs
+import datasets
+import train
+
+TEXTS = ["What is the category visible in the area? A tank.", "How many objects? There are 3 objects: 2 ships, 1 plane.",
+         babelrs.SYSTEM_MESSAGE]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return babelrs.build_tokenizer(TEXTS * 20, vocab_size=300)
+
+
+def test_label_mask_keeps_only_answers_and_im_end(tokenizer):
+    conv = [dict(value="<image>\nWhat is the category visible in the area?", **{"from": "human"}),
+            dict(value="A tank.", **{"from": "gpt"}),
+            dict(value="How many objects?", **{"from": "human"}),
+            dict(value="There are 3 objects: 2 ships, 1 plane.", **{"from": "gpt"})]
+    ids, labels = babelrs.build_conversation(tokenizer, conv, num_image_tokens=5)
+    text = tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>system\n" + babelrs.SYSTEM_MESSAGE + "<|im_end|>\n<|im_start|>user\n<img>")
+    assert text.count("<IMG_CONTEXT>") == 5 and "</img>\nWhat is" in text
+    supervised = labels != babelrs.IGNORE_INDEX
+    assert torch.equal(labels[supervised], ids[supervised])
+    # the supervised spans, read back: exactly the answers with their <|im_end|>
+    spans, cur = [], []
+    for t, s in zip(ids.tolist(), supervised.tolist()):
+        if s:
+            cur.append(t)
+        elif cur:
+            spans.append(tokenizer.decode(cur))
+            cur = []
+    assert spans == ["A tank.<|im_end|>", "There are 3 objects: 2 ships, 1 plane.<|im_end|>"]
+    assert text.endswith("<|im_end|>\n") and not supervised[-1]  # the trailing newline has no loss
+    with pytest.raises(ValueError, match="alternates"):
+        babelrs.build_conversation(tokenizer, conv[:1], 5)
+
+
+def test_alpha_and_lvsa_mixture_follow_the_equation():
+    assert babelrs.lvsa_alpha(0, 6000) == 0 and babelrs.lvsa_alpha(3000, 6000) == 0.5
+    assert babelrs.lvsa_alpha(9000, 6000) == 1 and babelrs.lvsa_alpha(5, 0) == 1
+    g = torch.Generator().manual_seed(0)
+    hidden = [torch.randn(2, 5, 3, generator=g) for _ in range(25)]
+    layers = babelrs.OFFICIAL_LAYERS
+    for alpha in (0.0, 0.3, 1.0):
+        got = babelrs.merge_layers(hidden, layers, alpha)
+        want = (1 - alpha) * hidden[23] + alpha * (hidden[2] + hidden[8] + hidden[17] + hidden[23]) / 4
+        assert torch.allclose(got, want, atol=1e-6)
+        # the official code's form: w_last = (1 - α) + α / N on F_L, α / N on the others
+        official = hidden[23] * ((1 - alpha) + alpha / 4) + (hidden[2] + hidden[8] + hidden[17]) * (alpha / 4)
+        assert torch.allclose(got, official, atol=1e-6)
+    assert torch.equal(babelrs.merge_layers(hidden, layers, 0.0), hidden[23])
+
+
+def test_pixel_shuffle_groups_2x2_neighbours():
+    x = torch.randn(2, 4, 6, 3)  # (B, rows, cols, C)
+    y = babelrs.pixel_shuffle(x)
+    assert y.shape == (2, 2, 3, 12)
+    for r in range(2):
+        for c in range(3):
+            want = torch.cat([x[:, 2 * r, 2 * c], x[:, 2 * r, 2 * c + 1], x[:, 2 * r + 1, 2 * c], x[:, 2 * r + 1, 2 * c + 1]], -1)
+            assert torch.equal(y[:, r, c], want)
+
+
+def internvit_keys(depth):
+    """The parameter names of InternViT-300M (qk_normalization off), written out by hand."""
+    keys = {"embeddings.class_embedding", "embeddings.patch_embedding.weight", "embeddings.patch_embedding.bias",
+            "embeddings.position_embedding"}
+    for i in range(depth):
+        for part in ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
+                     "attn.proj.bias", "ls1", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+                     "mlp.fc2.weight", "mlp.fc2.bias", "ls2"):
+            keys.add(f"encoder.layers.{i}.{part}")
+    return keys
+
+
+def test_vit_has_internvit_names_and_loads_strictly(tmp_path):
+    from safetensors.torch import save_file
+    vit = babelrs.ViT(dim=32, depth=2, heads=4, patch=14, image_size=56)
+    assert set(vit.state_dict()) == internvit_keys(2)
+    src = babelrs.ViT(dim=32, depth=2, heads=4, patch=14, image_size=56)
+    save_file({f"vision_model.{k}": v.contiguous() for k, v in src.state_dict().items()} | {"mlp1.0.weight": torch.ones(4)},
+              str(tmp_path / "internvl.safetensors"))
+    babelrs.load_vit_weights(vit, str(tmp_path / "internvl.safetensors"))
+    assert all(torch.equal(a, b) for a, b in zip(vit.state_dict().values(), src.state_dict().values()))
+    # BabelRS's detector: 14-px kernel -> 16 px, 4x4 position grid -> 5x5, both bicubic
+    det = babelrs.ViT(dim=32, depth=2, heads=4, patch=16, image_size=80)
+    babelrs.load_vit_weights(det, str(tmp_path / "internvl.safetensors"))
+    assert det.embeddings.patch_embedding.weight.shape[-1] == 16
+    assert torch.equal(det.embeddings.position_embedding[:, :1], src.embeddings.position_embedding[:, :1])
+    hidden = det(torch.randn(1, 3, 96, 64))  # any size: positions resized to the 6 x 4 grid
+    assert len(hidden) == 3 and hidden[0].shape == (1, 1 + 24, 32)
+    with pytest.raises(ValueError, match="not an InternViT"):
+        babelrs.load_vit_weights(babelrs.ViT(dim=48, depth=2, heads=4, patch=14, image_size=56),
+                                 str(tmp_path / "internvl.safetensors"))
+
+
+def test_hidden_states_are_embeddings_then_block_outputs():
+    vit = babelrs.ViT(dim=16, depth=3, heads=2, patch=8, image_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    hidden = vit(x)
+    assert torch.allclose(hidden[0], vit.embeddings(x))
+    for k in range(3):
+        assert torch.allclose(hidden[k + 1], vit.encoder.layers[k](hidden[k]))
+
+
+def _tiny_csia(tokenizer, merge="lvsa", tau=10.0):
+    torch.manual_seed(0)
+    vit = babelrs.ViT(dim=32, depth=3, heads=4, patch=8, image_size=32)
+    llm = babelrs.build_llm("", len(tokenizer), dim=32, layers=1, heads=2, kv_heads=1, ffn=64)
+    return babelrs.CSIA(vit, llm, tokenizer.convert_tokens_to_ids(babelrs.IMG_CONTEXT), merge, (1, 2, 3), tau)
+
+
+@pytest.mark.parametrize("merge", ["last", "concat", "sum", "per-layer", "lvsa"])
+def test_each_merge_variant(tokenizer, merge):
+    model = _tiny_csia(tokenizer, merge)
+    tokens = model.visual_tokens(torch.randn(3, 3, 32, 32), step=5)
+    assert tokens.shape == (3, 4, 32)  # (32/8)^2 = 16 patches -> 4 tokens after the 2x2 shuffle
+    n_proj = 3 if merge == "per-layer" else 1
+    assert 1 + len(model.extra_projectors) == n_proj
+    assert model.mlp1[0].normalized_shape[0] == 4 * 32 * (3 if merge == "concat" else 1)
+
+
+def test_tiny_csia_drives_the_alignment_loss_down(tokenizer):
+    model = _tiny_csia(tokenizer)
+    convs = [[dict(value="<image>\nWhat is the category visible in the area?", **{"from": "human"}),
+              dict(value=a, **{"from": "gpt"})] for a in ("A tank.", "There are 3 objects: 2 ships, 1 plane.")]
+    items = []
+    for i, c in enumerate(convs * 2):
+        ids, labels = babelrs.build_conversation(tokenizer, c, 4)
+        items.append(dict(pixels=torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(i)),
+                          input_ids=ids, labels=labels, modality="rgb"))
+    batch = babelrs.collate_instructions(items, tokenizer.pad_token_id)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(60):
+        out = model(batch["pixels"], batch["input_ids"], batch["attention_mask"], batch["labels"], step=step)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["loss"].item())
+    assert out["alpha"] == 1.0 and losses[-1] < 0.2 * losses[0]
+    assert model.vit.embeddings.patch_embedding.weight.grad.abs().sum() > 0  # the ViT trains too
+
+
+def test_image_token_count_is_checked(tokenizer):
+    model = _tiny_csia(tokenizer)
+    ids, labels = babelrs.build_conversation(tokenizer, [dict(value="<image>\nq", **{"from": "human"}),
+                                                         dict(value="a", **{"from": "gpt"})], 3)
+    with pytest.raises(ValueError, match="IMG_CONTEXT"):
+        model(torch.randn(1, 3, 32, 32), ids[None], torch.ones_like(ids)[None], labels[None])
+
+
+def test_dynamic_tiles():
+    assert babelrs.dynamic_tiles(torch.randn(3, 100, 200), 32).shape == (3, 3, 32, 32)  # 2 x 1 grid + thumbnail
+    # a square image keeps one tile while it is small (area <= half of the 2x2 grid's), then takes 2 x 2
+    assert babelrs.dynamic_tiles(torch.randn(3, 30, 30), 32).shape == (1, 3, 32, 32)
+    assert babelrs.dynamic_tiles(torch.randn(3, 90, 90), 32).shape == (5, 3, 32, 32)
+    assert babelrs.dynamic_tiles(torch.randn(3, 50, 300), 32, max_tiles=6).shape == (7, 3, 32, 32)
+
+
+def test_instruction_meta_repeat_time(tmp_path):
+    rows = [dict(image="a.png", conversations=[dict(value="<image>\nq", **{"from": "human"}),
+                                               dict(value=str(i), **{"from": "gpt"})]) for i in range(10)]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    meta = dict(half=dict(root=str(tmp_path), annotation="a.jsonl", repeat_time=0.5, modality="sar"),
+                twice=dict(root=str(tmp_path), annotation="a.jsonl", repeat_time=2, modality="ir"))
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    recs = babelrs.read_instruction_meta(tmp_path / "meta.json")
+    assert [r["conversations"][1]["value"] for r in recs if r["source"] == "half"] == ["0", "1", "2", "3", "4"]
+    assert sum(r["source"] == "twice" for r in recs) == 20 and recs[-1]["modality"] == "ir"
+    meta["half"]["repeat_time"] = 1.5
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(datasets.DatasetError, match="integer"):
+        babelrs.read_instruction_meta(tmp_path / "meta.json")
+
+
+def test_layer_decay_groups():
+    model = babelrs.build_detector(sources=[dict(modality="rgb", classes=["a"], box_type="obb")],
+                                   vit_args=dict(dim=32, depth=2, heads=4, patch=16, image_size=64), dim=32, heads=2,
+                                   enc_layers=1, dec_layers=1, ffn=32, num_queries=5, gn_groups=8)
+    groups = babelrs.layer_decay_groups(model, "backbone.vit.", 2, 0.9, 0.05)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    assert by_param[id(model.backbone.vit.embeddings.patch_embedding.weight)]["lr_mult"] == pytest.approx(0.9 ** 3)
+    assert by_param[id(model.backbone.vit.encoder.layers[0].attn.qkv.weight)]["lr_mult"] == pytest.approx(0.9 ** 2)
+    assert by_param[id(model.backbone.vit.encoder.layers[1].mlp.fc1.weight)]["lr_mult"] == pytest.approx(0.9)
+    assert by_param[id(model.heads["rgb"].query_embed.weight)]["lr_mult"] == 1.0
+    assert by_param[id(model.backbone.vit.encoder.layers[1].mlp.fc1.bias)]["weight_decay"] == 0.0
+    assert by_param[id(model.backbone.vit.encoder.layers[1].ls1)]["weight_decay"] == 0.0
+    assert by_param[id(model.heads["rgb"].query_embed.weight)]["weight_decay"] == 0.05
+    feats = model.backbone(torch.randn(1, 3, 64, 96))
+    assert [tuple(f.shape[-2:]) for f in feats] == [(8, 12), (4, 6), (2, 3)]  # strides 8, 16, 32 from patch 16
+
+
+CSIA_SMALL = ["--stage", "csia", "--image_size", "32", "--batch_size", "4", "--steps", "10", "--vocab_size", "400",
+              "--llm_dim", "32", "--llm_layers", "1", "--llm_ffn", "64"]
+
+
+def test_csia_stage_resumes_exactly_and_feeds_finetuning(tmp_path, capsys):
+    synth = datasets.make_synthetic(tmp_path / "synth", n_train=4, n_test=2, size=64, max_objects=2)
+    data = ["--synth_root", str(synth)]
+    assert train.main(CSIA_SMALL + data + ["--max-steps", "4", "--out", str(tmp_path / "straight")]) == 0
+    assert train.main(CSIA_SMALL + data + ["--max-steps", "2", "--out", str(tmp_path / "split")]) == 0
+    assert train.main(["--stage", "csia", "--resume", str(tmp_path / "split"), "--max-steps", "4"]) == 0
+    read = [[json.loads(l) for l in (tmp_path / r / "log.jsonl").read_text().splitlines()] for r in ("straight", "split")]
+    assert [r["step"] for r in read[1]] == [1, 2, 3, 4]
+    for a, b in zip(*read):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["alpha"] == b["alpha"]
+    assert read[0][0]["alpha"] == 0.0 and (tmp_path / "split" / "tokenizer" / "tokenizer.json").exists()
+    # fine-tune the ViT of that run on two SynthSOI modalities
+    capsys.readouterr()
+    argv = ["--preset", "babelrs-tiny", "--synth_root", str(synth), "--synth_modalities", "sar", "rgb",
+            "--source_ratio", "1", "1", "--loss_weights", "1", "1.5", "--image_size", "64", "--dim", "32", "--heads", "2",
+            "--enc_layers", "1", "--dec_layers", "1", "--ffn", "32", "--num_queries", "10", "--num_dn_queries", "4",
+            "--gn_groups", "8", "--max-steps", "1", "--init", str(tmp_path / "split"), "--out", str(tmp_path / "det")]
+    assert train.main(argv) == 0
+    assert "loaded the ViT" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "det" / "metrics.json").read_text())
+    assert set(metrics["sources"]) == {"sar", "rgb"} and "h_map" in metrics
