@@ -95,10 +95,17 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
+class QuickGELU(nn.Module):
+    """x·σ(1.702x), CLIP's activation."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
 class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, act: str = "gelu"):
         super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), QuickGELU() if act == "quick_gelu" else nn.GELU(), nn.Linear(hidden, dim)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
@@ -107,11 +114,11 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm block with layer scale and drop path: x + γ1·Attn(LN(x)), then x + γ2·MLP(LN(x))."""
 
-    def __init__(self, dim, heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, ls_init=0.1):
+    def __init__(self, dim, heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, ls_init=0.1, act="gelu", eps=1e-6):
         super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=eps), nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, heads, qkv_bias)
-        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.mlp = MLP(dim, int(dim * mlp_ratio), act)
         self.ls1 = nn.Parameter(ls_init * torch.ones(dim))
         self.ls2 = nn.Parameter(ls_init * torch.ones(dim))
         self.drop_path = drop_path
@@ -140,16 +147,18 @@ class ViT(nn.Module):
     resized bicubically to the patch grid.
 
     `forward` returns all hidden states, index 0 = embedding output, index k = output of block k,
-    as InternViT's `output_hidden_states=True`.
+    as InternViT's `output_hidden_states=True`. `act`, `pre_norm` (a LayerNorm on the embeddings)
+    and `eps` let the same class hold CLIP and DINOv2 ViTs (Tab. 3 baselines, `convert_hf_vit`).
     """
 
     def __init__(self, dim=1024, depth=24, heads=16, patch=14, image_size=448, mlp_ratio=4.0, qkv_bias=True,
-                 drop_path=0.0, ls_init=0.1, grad_checkpoint=False):
+                 drop_path=0.0, ls_init=0.1, grad_checkpoint=False, act="gelu", pre_norm=False, eps=1e-6):
         super().__init__()
         self.dim, self.depth, self.patch = dim, depth, patch
         self.embeddings = VisionEmbeddings(dim, patch, image_size)
+        self.embeddings_norm = nn.LayerNorm(dim, eps=eps) if pre_norm else None  # CLIP's pre_layrnorm
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # linear over depth
-        self.encoder = Encoder([Block(dim, heads, mlp_ratio, qkv_bias, r, ls_init) for r in rates])
+        self.encoder = Encoder([Block(dim, heads, mlp_ratio, qkv_bias, r, ls_init, act, eps) for r in rates])
         self.grad_checkpoint = grad_checkpoint
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -160,6 +169,8 @@ class ViT(nn.Module):
     def forward(self, pixels: torch.Tensor) -> list:
         """(B, 3, H, W) -> list of depth + 1 tensors (B, 1 + N, C)."""
         x = self.embeddings(pixels)
+        if self.embeddings_norm is not None:
+            x = self.embeddings_norm(x)
         hidden = [x]
         for block in self.encoder.layers:
             if self.grad_checkpoint and self.training:
@@ -170,10 +181,68 @@ class ViT(nn.Module):
         return hidden
 
 
-def load_vit_weights(vit: ViT, path: str, patch_resize: bool = True) -> None:
+VIT_FAMILIES = {  # ViT options of each weight family (Tab. 3 baselines through `transformers` checkpoints)
+    "internvit": dict(),
+    "clip": dict(act="quick_gelu", pre_norm=True, eps=1e-5, ls_init=1.0),
+    "dinov2": dict(eps=1e-6, ls_init=1.0),
+}
+
+
+def convert_hf_vit(state: dict, family: str) -> dict:
+    """A `transformers` CLIP vision tower or DINOv2 state dict -> InternViT names (q, k, v stacked
+    into qkv; CLIP's missing patch bias set to 0 and its absent layer scale to 1). Final norms
+    (`post_layernorm`, `layernorm`) and DINOv2's mask token are not part of the backbone."""
+    if family == "internvit":
+        return state
+    if family not in VIT_FAMILIES:
+        raise ValueError(f"unknown ViT family {family!r}; choose from {list(VIT_FAMILIES)}")
+    if family == "clip":
+        state = {k.removeprefix("vision_model."): v for k, v in state.items()}
+        dim = state["embeddings.class_embedding"].shape[-1]
+        out = {"embeddings.class_embedding": state["embeddings.class_embedding"].reshape(1, 1, dim),
+               "embeddings.patch_embedding.weight": state["embeddings.patch_embedding.weight"],
+               "embeddings.patch_embedding.bias": torch.zeros(dim),
+               "embeddings.position_embedding": state["embeddings.position_embedding.weight"][None],
+               "embeddings_norm.weight": state["pre_layrnorm.weight"], "embeddings_norm.bias": state["pre_layrnorm.bias"]}
+        layer, names = "encoder.layers.{}.", dict(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+                                                   o="self_attn.out_proj", n1="layer_norm1", n2="layer_norm2")
+    else:
+        state = {k.removeprefix("dinov2."): v for k, v in state.items()}
+        old = any(".attention.attention.query." in k for k in state)  # hub checkpoints before transformers 5
+        dim = state["embeddings.cls_token"].shape[-1]
+        out = {"embeddings.class_embedding": state["embeddings.cls_token"],
+               "embeddings.patch_embedding.weight": state["embeddings.patch_embeddings.projection.weight"],
+               "embeddings.patch_embedding.bias": state["embeddings.patch_embeddings.projection.bias"],
+               "embeddings.position_embedding": state["embeddings.position_embeddings"]}
+        layer = "encoder.layer.{}."
+        names = dict(q="attention.attention.query", k="attention.attention.key", v="attention.attention.value",
+                     o="attention.output.dense") if old else dict(q="attention.q_proj", k="attention.k_proj",
+                                                                  v="attention.v_proj", o="attention.o_proj")
+        names.update(n1="norm1", n2="norm2")
+    prefix = layer.split("{}")[0]
+    depth = 1 + max(int(k[len(prefix):].split(".")[0]) for k in state if k.startswith(prefix))
+    for i in range(depth):
+        src, dst = layer.format(i), f"encoder.layers.{i}."
+        for p in ("weight", "bias"):
+            out[dst + f"attn.qkv.{p}"] = torch.cat([state[src + names[n] + f".{p}"] for n in "qkv"])
+            out[dst + f"attn.proj.{p}"] = state[src + names["o"] + f".{p}"]
+            out[dst + f"norm1.{p}"] = state[src + names["n1"] + f".{p}"]
+            out[dst + f"norm2.{p}"] = state[src + names["n2"] + f".{p}"]
+            out[dst + f"mlp.fc1.{p}"] = state[src + f"mlp.fc1.{p}"]
+            out[dst + f"mlp.fc2.{p}"] = state[src + f"mlp.fc2.{p}"]
+        if family == "dinov2":
+            out[dst + "ls1"] = state[src + "layer_scale1.lambda1"]
+            out[dst + "ls2"] = state[src + "layer_scale2.lambda1"]
+        else:
+            out[dst + "ls1"] = out[dst + "ls2"] = torch.ones(dim)
+    return out
+
+
+def load_vit_weights(vit: ViT, path: str, patch_resize: bool = True, family: str = "internvit") -> None:
     """Load InternViT-named weights strictly: a `.safetensors` file (the released BabelRS ViT, or
     an InternVL checkpoint file whose `vision_model.` tensors are taken), or a folder holding
-    `model.safetensors` (InternVL2.5-1B, or a `csia` run). A patch kernel of another size is
+    `model.safetensors` (InternVL2.5-1B, or a `csia` run); with `family` "clip" or "dinov2", a
+    `transformers` CLIP vision / DINOv2 checkpoint through `convert_hf_vit`. A patch kernel of another size is
     resized bicubically (BabelRS's detector loads the 14-px kernel into 16-px patches)."""
     from safetensors.torch import load_file
     p = Path(path)
@@ -183,6 +252,7 @@ def load_vit_weights(vit: ViT, path: str, patch_resize: bool = True) -> None:
     state = {}
     for f in files:
         state.update(load_file(str(f)))
+    state = convert_hf_vit(state, family)
     for prefix in ("vision_model.", "vit.", "backbone.vit."):
         if any(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

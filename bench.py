@@ -4,6 +4,7 @@ same run, on this machine.
     python bench.py iou    # rotated IoU of 1000 x 1000 boxes vs shapely 2 (sparse and dense scenes)
     python bench.py eval   # rotated VOC mAP on a DOTA-val-sized workload vs the devkit's per-detection loop
     python bench.py detr   # rotated DETR training steps (tiny preset, paper size) vs torchvision's Faster R-CNN
+    python bench.py vit    # CSIA steps (tiny preset), InternViT-300M forward+backward vs torch.nn.TransformerEncoder
 """
 import argparse
 import math
@@ -214,6 +215,55 @@ def bench_detr(args):
     print(f"  ratio ARS-DETR / Faster R-CNN: {t_detr / t_ref:.2f}")
 
 
+def bench_vit(args):
+    """CSIA training speed of the tiny preset, and forward+backward of the paper-size ViT
+    (InternViT-300M, 448 px). Reference: PyTorch's nn.TransformerEncoder of the same width, depth
+    and token count, in the same run."""
+    import babelrs
+    import datasets
+    import train
+    torch.manual_seed(0)
+    print(f"ViT / CSIA, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    cfg = train.CSIA_PRESETS["tiny"]
+    root = datasets.make_synthetic(cfg.synth_root)
+    records = babelrs.read_instruction_meta(root / "instructions" / "meta.json")
+    texts = [babelrs.SYSTEM_MESSAGE] + [t["value"] for r in records for t in r["conversations"]]
+    tok = babelrs.build_tokenizer(texts, cfg.vocab_size)
+    vit = babelrs.ViT(cfg.vit_dim, cfg.vit_depth, cfg.vit_heads, cfg.patch, cfg.image_size)
+    llm = babelrs.build_llm("", len(tok), cfg.llm_dim, cfg.llm_layers, cfg.llm_heads, cfg.llm_kv_heads, cfg.llm_ffn)
+    model = babelrs.CSIA(vit, llm, tok.convert_tokens_to_ids(babelrs.IMG_CONTEXT), cfg.merge, tuple(cfg.layers), cfg.tau)
+    data = babelrs.InstructionDataset(records, tok, cfg.image_size, (cfg.image_size // cfg.patch) ** 2 // 4)
+    batch = babelrs.collate_instructions([data[i] for i in range(cfg.batch_size)], tok.pad_token_id)
+    t_csia = _train_step_time(model, lambda: model(batch["pixels"], batch["input_ids"], batch["attention_mask"],
+                                                   batch["labels"], step=10)["loss"], args.repeat)
+    print(f"  CSIA tiny preset (ViT {cfg.vit_dim}x{cfg.vit_depth}, {cfg.image_size} px, batch {cfg.batch_size}): "
+          f"{t_csia:.3f} s a step = {cfg.batch_size / t_csia:.1f} samples/s; {cfg.steps} steps ~ {t_csia * cfg.steps / 60:.1f} min")
+
+    paper = train.CSIA_PRESETS["paper"]
+    vit = babelrs.ViT(paper.vit_dim, paper.vit_depth, paper.vit_heads, paper.patch, paper.image_size).train()
+    x = torch.randn(args.batch, 3, paper.image_size, paper.image_size)
+
+    def fwd_bwd():
+        vit.zero_grad()
+        hidden = vit(x)
+        babelrs.merge_layers(hidden, tuple(paper.layers), 0.5).sum().backward()
+    t_ours = _best_of(fwd_bwd, args.repeat)[0]
+
+    # reference: PyTorch's own pre-norm transformer encoder of the same size on the same tokens
+    ref = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(
+        paper.vit_dim, paper.vit_heads, 4 * paper.vit_dim, dropout=0.0, activation="gelu", batch_first=True,
+        norm_first=True), paper.vit_depth, enable_nested_tensor=False).train()
+    tokens = vit.embeddings(x).detach()
+
+    def ref_fwd_bwd():
+        ref.zero_grad()
+        ref(tokens).sum().backward()
+    t_ref = _best_of(ref_fwd_bwd, args.repeat)[0]
+    print(f"  InternViT-300M ({paper.vit_dim}x{paper.vit_depth}, {paper.image_size} px, batch {args.batch}) "
+          f"forward+backward: {t_ours:.2f} s; torch.nn.TransformerEncoder of the same size: {t_ref:.2f} s "
+          f"(ratio ours / torch {t_ours / t_ref:.2f})")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -231,6 +281,10 @@ def main():
     q.add_argument("--size", type=int, default=800)
     q.add_argument("--repeat", type=int, default=2)
     q.set_defaults(fn=bench_detr)
+    q = sub.add_parser("vit", help="CSIA step time and InternViT-300M forward+backward")
+    q.add_argument("--batch", type=int, default=1)
+    q.add_argument("--repeat", type=int, default=2)
+    q.set_defaults(fn=bench_vit)
     args = p.parse_args()
     args.fn(args)
 

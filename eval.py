@@ -452,9 +452,13 @@ def format_run_metrics(metrics: dict) -> str:
             vals = [r["per_class"][c][name] for c in cols]
             lines.append(f"  {name:<24}" + "".join(f"{v * 100:11.2f}" if v is not None else f"{'-':>11}" for v in vals))
         lines.append(f"  {'mean':<24}" + "".join(f"{r[c] * 100:11.2f}" for c in cols))
-    if "h_map" in metrics:
-        lines.append(f"overall mAP {metrics['overall_map'] * 100:.2f}  (AP50 {metrics['overall_ap50'] * 100:.2f})   "
-                     f"H-mAP {metrics['h_map'] * 100:.2f}  (H-AP50 {metrics['h_ap50'] * 100:.2f})")
+    if "h_map" in metrics:  # BabelRS Tab. 2: AP@50 / mAP overall and per modality, then H-mAP
+        mods = list(metrics["sources"])
+        lines.append("")
+        lines.append(f"{'Overall':>15}" + "".join(f"{m:>15}" for m in mods) + f"{'H-mAP':>9}")
+        cells = [f"{metrics['overall_ap50'] * 100:.2f} / {metrics['overall_map'] * 100:.2f}"]
+        cells += [f"{metrics['sources'][m]['ap50'] * 100:.2f} / {metrics['sources'][m]['map'] * 100:.2f}" for m in mods]
+        lines.append("".join(f"{c:>15}" for c in cells) + f"{metrics['h_map'] * 100:9.2f}")
     return "\n".join(lines)
 
 

@@ -64,6 +64,7 @@ class FinetuneConfig:
     vit_depth: int = 4
     vit_heads: int = 4
     vit_patch: int = 8
+    vit_family: Literal["internvit", "clip", "dinov2"] = "internvit"  # weights of --init (Tab. 3 baselines)
     layer_decay: float = 1.0  # layer-wise lr decay of the ViT; BabelRS: 0.95
     frozen_bn: bool = False  # paper: True (norm_eval, requires_grad=False)
     dim: int = 128  # paper: 256
@@ -478,7 +479,8 @@ def model_args(cfg: FinetuneConfig, sources: list) -> dict:
                 ffn=cfg.ffn, dropout=cfg.dropout, num_queries=cfg.num_queries, num_dn_queries=cfg.num_dn_queries,
                 gn_groups=cfg.gn_groups, loss_weights=weights,
                 vit_args=dict(dim=cfg.vit_dim, depth=cfg.vit_depth, heads=cfg.vit_heads, patch=cfg.vit_patch,
-                              image_size=cfg.image_size) if cfg.backbone == "vit" else None)
+                              image_size=cfg.image_size, **babelrs.VIT_FAMILIES[cfg.vit_family])
+                if cfg.backbone == "vit" else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,7 +544,8 @@ def finetune(cfg: FinetuneConfig) -> int:
         if cfg.init and not cfg.resume:
             state = read_weights(cfg.init)
             if cfg.backbone == "vit" and not any(k.startswith(("heads.", "backbone.")) for k in state):
-                babelrs.load_vit_weights(model.backbone.vit, cfg.init)  # the ViT of a csia run / release / InternVL
+                # the ViT of a csia run, the BabelRS release, InternVL, or a transformers CLIP / DINOv2
+                babelrs.load_vit_weights(model.backbone.vit, cfg.init, family=cfg.vit_family)
                 print(f"--init {cfg.init}: loaded the ViT (patch and positions resized to {cfg.vit_patch} px, "
                       f"{cfg.image_size // cfg.vit_patch}^2 grid)")
             else:

@@ -226,3 +226,28 @@ def test_csia_stage_resumes_exactly_and_feeds_finetuning(tmp_path, capsys):
     assert "loaded the ViT" in capsys.readouterr().out
     metrics = json.loads((tmp_path / "det" / "metrics.json").read_text())
     assert set(metrics["sources"]) == {"sar", "rgb"} and "h_map" in metrics
+
+
+@pytest.mark.parametrize("family", ["clip", "dinov2"])
+def test_tab3_baselines_load_from_transformers_and_match_its_hidden_states(tmp_path, family):
+    """CLIP and DINOv2 vision towers built by `transformers` itself, saved, converted to InternViT
+    names and loaded strictly: every hidden state equals the library's."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model
+    torch.manual_seed(0)
+    kw = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+    ref = (CLIPVisionModel(CLIPVisionConfig(**kw)) if family == "clip" else Dinov2Model(Dinov2Config(**kw))).eval()
+    with torch.no_grad():  # non-trivial layer scales and biases
+        for name, p in ref.named_parameters():
+            if "lambda1" in name or name.endswith("bias"):
+                p.normal_(0, 0.5)
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    vit = babelrs.ViT(dim=32, depth=2, heads=4, patch=8, image_size=32, **babelrs.VIT_FAMILIES[family]).eval()
+    babelrs.load_vit_weights(vit, str(tmp_path / "w.safetensors"), family=family)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = ref(pixel_values=x, output_hidden_states=True).hidden_states
+        got = vit(x)
+    assert len(got) == len(want) == 3
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()

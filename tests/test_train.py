@@ -112,7 +112,7 @@ def test_two_sources_init_and_eval_run(synth, tmp_path, capsys):
     assert metrics["sources"]["sar"]["box_type"] == "hbb"
     assert {"overall_map", "h_map"} <= set(metrics)
     printed = capsys.readouterr().out
-    assert "H-mAP" in printed and "voc07_ap50" in printed
+    assert "H-mAP" in printed and "voc07_ap50" in printed and "Overall" in printed
     assert evaluation.main(["--run", str(tmp_path)]) == 2  # not a run folder: one line, status 2
 
 
