@@ -306,7 +306,7 @@ def resume(run: Path, model, optimizer, scaler, rank: int) -> int:
 
 
 def train_steps(cfg, run: Path, model, optimizer, scaler, batches, start: int, end: int, lr_fn, forward,
-                per_step: int, desc: str, after_step=None) -> int:
+                per_step: int, desc: str, after_step=None, find_unused: bool = False) -> int:
     """Steps start..end-1: set the lr, run `forward(net, micro_batch, step) -> (losses, extras)` on
     each micro-batch of `batches[step]` (a batch or a list of micro-batches for gradient
     accumulation) under autocast, clip, step, log one line, checkpoint every `cfg.ckpt_every` steps
@@ -316,7 +316,8 @@ def train_steps(cfg, run: Path, model, optimizer, scaler, batches, start: int, e
     device = next(model.parameters()).device
     net = model
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                        find_unused_parameters=find_unused)
     model.train()
     loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start, end), num_workers=cfg.workers,
                                          persistent_workers=cfg.workers > 0,
@@ -612,7 +613,7 @@ def cosine_lr(step: int, cfg) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, cfg.steps - warmup)))
 
 
-def csia_tokenizer(cfg: CSIAConfig, run: Path, records: list, rank: int):
+def csia_tokenizer(cfg: CSIAConfig, run: Path, records: list):
     """The LLM's own tokenizer (with InternVL's tokens added), or one trained on the instruction
     corpus (tiny preset); either is stored in the run folder and reloaded from there on resume."""
     from transformers import AutoTokenizer
@@ -625,8 +626,7 @@ def csia_tokenizer(cfg: CSIAConfig, run: Path, records: list, rank: int):
     else:
         texts = [babelrs.SYSTEM_MESSAGE] + [t["value"] for r in records for t in r["conversations"]]
         tok = babelrs.build_tokenizer(texts, cfg.vocab_size)
-    if rank == 0:
-        tok.save_pretrained(str(stored))
+    tok.save_pretrained(str(stored))
     return tok
 
 
@@ -643,8 +643,11 @@ def csia(cfg: CSIAConfig) -> int:
         meta = str(root / "instructions" / "meta.json")
     records = babelrs.read_instruction_meta(meta)
     run = run_folder(cfg, "csia", rank)
-    tokenizer = csia_tokenizer(cfg, run, records, rank)
+    if rank == 0:  # one process trains (or adapts) and stores the tokenizer; the others read it back
+        tokenizer = csia_tokenizer(cfg, run, records)
     barrier()
+    if rank != 0:
+        tokenizer = csia_tokenizer(cfg, run, records)
     try:
         vit = babelrs.ViT(cfg.vit_dim, cfg.vit_depth, cfg.vit_heads, cfg.patch, cfg.image_size,
                           drop_path=cfg.drop_path, grad_checkpoint=cfg.grad_checkpoint)
@@ -682,7 +685,9 @@ def csia(cfg: CSIAConfig) -> int:
     end = min(cfg.steps, cfg.max_steps) if cfg.max_steps else cfg.steps
     status = train_steps(cfg, run, model, optimizer, scaler, InstructionBatches(data, sampler, cfg, tokenizer.pad_token_id),
                          start, end, lambda step: cosine_lr(step, cfg), forward,
-                         cfg.batch_size * cfg.grad_accum * world, "csia")
+                         cfg.batch_size * cfg.grad_accum * world, "csia",
+                         # blocks after the last LVSA layer get no gradient (block 24 with the official layers)
+                         find_unused=max(cfg.layers) < cfg.vit_depth or cfg.merge == "last")
     shutdown_distributed()
     return status
 

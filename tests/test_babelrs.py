@@ -251,3 +251,18 @@ def test_tab3_baselines_load_from_transformers_and_match_its_hidden_states(tmp_p
     assert len(got) == len(want) == 3
     for a, b in zip(got, want):
         assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+
+
+def test_csia_under_torchrun_two_cpu_processes(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    synth = datasets.make_synthetic(tmp_path / "synth", n_train=4, n_test=2, size=64, max_objects=2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
+           str(root / "train.py")] + CSIA_SMALL + ["--synth_root", str(synth), "--max-steps", "2", "--out", str(tmp_path / "r")]
+    res = subprocess.run(cmd, cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-2000:]
+    log = [json.loads(l) for l in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["loss_align"]) for r in log)
