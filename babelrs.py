@@ -331,7 +331,14 @@ def build_conversation(tokenizer, conversations: list, num_image_tokens: int, sy
         ids += tok
         labels += tok if supervised else [IGNORE_INDEX] * len(tok)
     if max_length and len(ids) > max_length:
-        ids, labels = ids[:max_length], labels[:max_length]
+        end_img = tokenizer.convert_tokens_to_ids(IMG_END)
+        last_img = max((i for i, t in enumerate(ids) if t == end_img), default=-1)
+        if last_img >= max_length:
+            # the cut would split an image: keep the images whole and drop the sample's loss (the
+            # official loader multiplies such a sample's loss by 0)
+            ids, labels = ids[:last_img + 1], [IGNORE_INDEX] * (last_img + 1)
+        else:
+            ids, labels = ids[:max_length], labels[:max_length]
     return torch.tensor(ids), torch.tensor(labels)
 
 
@@ -374,7 +381,8 @@ def dynamic_tiles(image: torch.Tensor, size: int, max_tiles: int = 6, thumbnail:
 
 def read_instruction_meta(path) -> list:
     """The sources of an instruction mix (the official `BabelRS_ft_data_instruct.json` layout):
-    {name: {root, annotation, modality, repeat_time}}. repeat_time < 1 keeps the first fraction of
+    {name: {root, annotation, modality, repeat_time}}; a relative root is taken from the meta
+    file's folder when it exists there, else from the working folder. repeat_time < 1 keeps the first fraction of
     a file, an integer > 1 repeats it (as the official loader). Returns a list of
     dict(image path, conversations, modality, source)."""
     path = Path(path)
@@ -388,8 +396,8 @@ def read_instruction_meta(path) -> list:
             if key not in src:
                 raise datasets.DatasetError(f"{path}: source {name!r} has no {key!r}")
         root = Path(src["root"])
-        if not root.is_absolute() and not root.exists():
-            root = path.parent.parent / root.name if (path.parent.parent / root.name).exists() else path.parent.parent
+        if not root.is_absolute():  # relative to the meta file, else (the official files) to the working folder
+            root = path.parent / root if (path.parent / root).is_dir() else root
         ann = Path(src["annotation"])
         ann = ann if ann.is_absolute() else root / ann
         rows = datasets.read_instruction_jsonl(ann)
@@ -528,7 +536,10 @@ class CSIA(nn.Module):
         embeds = embeds.masked_scatter(slots[..., None], visual.to(embeds.dtype))
         logits = self.llm(inputs_embeds=embeds, attention_mask=attention_mask).logits  # (B, T, V)
         # Sec. 3.1: L_align = -Σ_j log P(r_j | q, r_<j, E(x)), averaged over answer tokens
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+        targets = labels[:, 1:].flatten()
+        if (targets == IGNORE_INDEX).all():  # nothing supervised in this micro-batch (all cut by max_length)
+            return dict(loss=logits.sum() * 0.0, alpha=lvsa_alpha(step, self.tau))
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX)
         return dict(loss=loss, alpha=lvsa_alpha(step, self.tau))
 
 

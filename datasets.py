@@ -865,7 +865,7 @@ def make_synthetic(root, n_train=48, n_test=16, size=256, max_objects=8, seed=0,
             if modality == "sar":
                 atomic_write_text(out / "annotations.json", json.dumps(coco))
         atomic_write_text(root / "instructions" / f"{modality}.jsonl", "".join(json.dumps(s) + "\n" for s in jsonl))
-        meta[f"synthsoi_{modality}"] = dict(root=str(root), annotation=f"instructions/{modality}.jsonl",
+        meta[f"synthsoi_{modality}"] = dict(root="..", annotation=f"instructions/{modality}.jsonl",  # relative to meta.json
                                             modality=modality, repeat_time=1, length=len(jsonl))
     atomic_write_text(root / "instructions" / "meta.json", json.dumps(meta, indent=2))
     atomic_write_text(marker, wanted)

@@ -266,3 +266,14 @@ def test_csia_under_torchrun_two_cpu_processes(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     log = [json.loads(l) for l in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["loss_align"]) for r in log)
+
+
+def test_truncation_never_splits_the_image(tokenizer):
+    conv = [dict(value="<image>\nWhat is the category visible in the area?", **{"from": "human"}),
+            dict(value="There are 3 objects: 2 ships, 1 plane.", **{"from": "gpt"})]
+    full, _ = babelrs.build_conversation(tokenizer, conv, 20)
+    ids, labels = babelrs.build_conversation(tokenizer, conv, 20, max_length=len(full) - 3)
+    assert len(ids) == len(full) - 3 and (labels != babelrs.IGNORE_INDEX).any()  # the answer is cut, not the image
+    ids, labels = babelrs.build_conversation(tokenizer, conv, 20, max_length=15)
+    img = tokenizer.convert_tokens_to_ids(babelrs.IMG_CONTEXT)
+    assert int((ids == img).sum()) == 20 and (labels == babelrs.IGNORE_INDEX).all()
