@@ -216,6 +216,16 @@ def test_csia_stage_resumes_exactly_and_feeds_finetuning(tmp_path, capsys):
     for a, b in zip(*read):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["alpha"] == b["alpha"]
     assert read[0][0]["alpha"] == 0.0 and (tmp_path / "split" / "tokenizer" / "tokenizer.json").exists()
+    # --init an InternVL-style folder: vision_model.* / mlp1.* / language_model.* tensors
+    from safetensors.torch import load_file, save_file
+    state = load_file(str(tmp_path / "split" / "model.safetensors"))
+    (tmp_path / "internvl").mkdir()
+    save_file({k.replace("vit.", "vision_model.", 1).replace("llm.", "language_model.", 1): v for k, v in state.items()},
+              str(tmp_path / "internvl" / "model.safetensors"))
+    capsys.readouterr()
+    assert train.main(CSIA_SMALL + data + ["--max-steps", "1", "--init", str(tmp_path / "internvl"),
+                                           "--out", str(tmp_path / "from_internvl")]) == 0
+    assert f"loaded {len(state)} tensors; skipped 0 missing, 0 unexpected, 0 shape-mismatched" in capsys.readouterr().out
     # fine-tune the ViT of that run on two SynthSOI modalities
     capsys.readouterr()
     argv = ["--preset", "babelrs-tiny", "--synth_root", str(synth), "--synth_modalities", "sar", "rgb",
