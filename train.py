@@ -531,14 +531,13 @@ def finetune(cfg: FinetuneConfig) -> int:
         s.update(classes=ds.classes, box_type=ds.box_type, train_images=len(ds))
         splits.append(ds)
     if cfg.source_ratio and len(cfg.source_ratio) != len(sources):
-        raise ValueError(f"--source_ratio needs one value per --data source ({len(sources)}), got {cfg.source_ratio}")
+        raise SystemExit(f"error: --source_ratio needs one value per --data source ({len(sources)}), got {cfg.source_ratio}")
     ratios = list(cfg.source_ratio) or ([cfg.batch_size] if len(sources) == 1 else [1] * len(sources))
     per_step = sum(ratios) * world
     steps_per_epoch = max(1, sum(len(d) for d in splits) // per_step)
     total = cfg.epochs * steps_per_epoch
     end = min(total, cfg.max_steps) if cfg.max_steps else total
 
-    run = run_folder(cfg, "finetune", rank)
     margs = model_args(cfg, sources)
     try:
         model = babelrs.build_detector(**margs).to(device)
@@ -553,6 +552,7 @@ def finetune(cfg: FinetuneConfig) -> int:
                 load_init(model, cfg.init, state)
     except (ValueError, FileNotFoundError) as e:  # a weight file that is missing or of another model
         raise datasets.DatasetError(str(e)) from None
+    run = run_folder(cfg, "finetune", rank)  # only now: a bad weight file leaves no empty run folder
     if cfg.backbone == "vit":
         groups = babelrs.layer_decay_groups(model, "backbone.vit.", cfg.vit_depth, cfg.layer_decay, cfg.weight_decay)
     else:

@@ -78,7 +78,7 @@ def test_bad_data_stops_with_one_line(tmp_path, capsys):
     assert train.main(SMALL + ["--data", f"xray:{tmp_path}"]) == train.EXIT_BAD_DATA
     assert "MODALITY:PATH" in capsys.readouterr().err
     assert train.main(SMALL + ["--resnet", str(tmp_path / "missing.pth"), "--out", str(out)]) == train.EXIT_BAD_DATA
-    assert "missing.pth" in capsys.readouterr().err
+    assert "missing.pth" in capsys.readouterr().err and not out.exists()
 
 
 def test_non_finite_loss_stops_cleanly(synth, tmp_path, capsys):
