@@ -554,19 +554,23 @@ class SetCriterion(nn.Module):
             out["angle"] = self.weights["angle"] * (bce * angle_weight(matched("aspect"))[:, None]).sum() / (num_pos * A)
         return out
 
-    def forward(self, outputs: dict, targets: list) -> dict:
-        """outputs: `DETRHead.forward`'s dict; targets: `DETRHead.prepare_targets`'s list."""
+    def forward(self, outputs: dict, targets: list, matches: dict = None) -> dict:
+        """outputs: `DETRHead.forward`'s dict; targets: `DETRHead.prepare_targets`'s list. A dict
+        passed as `matches` receives the (query, target) pairs of the last layer ("last") and of
+        the encoder proposals ("enc"), for losses built on top (MutDet's contrastive alignment)."""
+        matches = {} if matches is None else matches
         losses = {}
         layers = outputs["aux_outputs"] + [outputs]
         for i, o in enumerate(layers):
             idx = self.matcher(o["pred_logits"], o["pred_boxes"], o.get("pred_angle_logits"), targets)
             prefix = "" if i == len(layers) - 1 else f"d{i}."
+            matches["last"] = idx
             for k, v in self._terms(o["pred_logits"], o["pred_boxes"], o.get("pred_angle_logits"), targets, idx).items():
                 losses[f"{prefix}loss_{k}"] = v
         if "enc_outputs" in outputs:  # class-agnostic proposals: every object is class 0
             e = outputs["enc_outputs"]
             binary = [dict(t, labels=torch.zeros_like(t["labels"])) for t in targets]
-            idx = self.matcher(e["pred_logits"], e["pred_boxes"], e.get("pred_angle_logits"), binary)
+            idx = matches["enc"] = self.matcher(e["pred_logits"], e["pred_boxes"], e.get("pred_angle_logits"), binary)
             for k, v in self._terms(e["pred_logits"], e["pred_boxes"], e.get("pred_angle_logits"), binary, idx).items():
                 losses[f"enc_loss_{k}"] = v
         if "dn_outputs" in outputs:
@@ -704,22 +708,25 @@ class DETRHead(nn.Module):
         memory = memory.masked_fill(~ok, 0.0)
         return self.enc_output_norm(self.enc_output(memory)), anchors
 
-    def select_queries(self, memory, mask, shapes, branch_memory=None, scores=None):
+    def select_queries(self, memory, mask, shapes, tokens=None, scores=None):
         """Encoder proposals and the top-k of them as decoder references (DINO two-stage).
 
         Each token predicts a class, a box (refining its anchor) and an angle with the branches at
         index `dec_layers`; the top-`num_queries` tokens by class-0 logit (the encoder is trained
-        class-agnostic) give the reference boxes and angles, detached. `scores` (B, S) may replace
-        the class-0 logit for ranking (MutDet's enhanced branch).
+        class-agnostic) give the reference boxes and angles, detached. MutDet's enhanced branch
+        passes its own per-token features `tokens` (B, S, D) in place of `enc_output(memory)`, and
+        `scores` as a function of the class-0 logits (B, S) -> (B, S) for the ranking.
         Returns dict(enc_outputs=dict(pred_logits, pred_boxes, pred_angle_logits), reference (B, K, 4)
         in inverse-sigmoid space, angle (B, K) or None, topk (B, K)).
         """
-        out_memory, anchors = self.proposals(memory if branch_memory is None else branch_memory, mask, shapes)
+        out_memory, anchors = self.proposals(memory, mask, shapes)
+        if tokens is not None:
+            out_memory = tokens
         k = len(self.decoder)
         logits = self.cls_branches[k](out_memory)  # (B, S, C)
         coords = self.reg_branches[k](out_memory) + anchors  # (B, S, 4) unactivated
         angle_logits = self.angle_branches[k](out_memory) if self.with_angle else None  # (B, S, A)
-        rank = logits[..., 0] if scores is None else scores
+        rank = logits[..., 0] if scores is None else scores(logits[..., 0])
         topk = rank.topk(min(self.num_queries, rank.shape[1]), dim=1).indices  # (B, K)
         reference = coords.gather(1, topk[..., None].expand(-1, -1, 4)).detach()
         angle = None

@@ -1,0 +1,210 @@
+"""MutDet: mutually optimising pre-training for remote sensing object detection.
+
+Huang et al., "MutDet: Mutually Optimizing Pre-training for Remote Sensing Object Detection",
+ECCV 2024, arXiv 2407.09920; official code github.com/floatingstarZ/MutDet (MMRotate 0.x), itself
+built on DETReg (Bar et al., arXiv 2106.04550) and ARS-DETR (detection.py).
+
+Paper / official code -> this file
+    Fig. 2 "Mutual Enhancement", 3 enhancement layers (SAM's two-way transformer)   TwoWayBlock, MutualEnhancement
+    contrastive alignment loss, symmetric InfoNCE, τ = 0.2                         contrastive_alignment_loss
+    auxiliary siamese head: the same decoder on the un-enhanced memory              MutDetPretrainer.forward
+    L_ca on the enhanced decoder, its DN queries and encoder proposals, and on the siamese decoder and
+    its DN queries, all against the enhanced object embeddings O_enh              MutDetPretrainer._alignment
+
+Differences from the official code
+    - Not yet here: the SAM proposal cache (`--stage sam`) and the `mutdet` stage of train.py.
+    - The enhancement module runs per image, as the official loop, on the image's own objects.
+
+Shape letters: B images, S memory tokens, N objects of an image, Q queries, D model width.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import detection
+
+TAU = 0.2  # temperature of the contrastive alignment loss (DetReg_dn_ars_detr_headv7.py)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mutual enhancement (Fig. 2): object embeddings and image tokens attend to each other
+# ---------------------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    """Plain multi-head attention with separate q, k, v and output projections, no dropout."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, q, k, v):  # (Nq, D), (Nk, D), (Nk, D) -> (Nq, D)
+        def split(x):
+            return x.view(len(x), self.heads, -1).transpose(0, 1)  # (H, N, D/H)
+        out = F.scaled_dot_product_attention(split(self.q_proj(q)), split(self.k_proj(k)), split(self.v_proj(v)))
+        return self.out_proj(out.transpose(0, 1).reshape(len(q), -1))
+
+
+class TwoWayBlock(nn.Module):
+    """One enhancement layer (post-norm residuals):
+        O'     = LN1(O + SelfAttn(O))
+        O''    = LN2(O' + CrossAttn(q=O', k=v=F))            objects read the image
+        O_next = LN3(O'' + MLP(O''))
+        F_next = LN4(F + CrossAttn(q=F, k=v=O_next))          the image reads the objects
+    The image tokens get no self-attention and no MLP (official `TwoWayAttentionBlock` use)."""
+
+    def __init__(self, dim: int = 256, heads: int = 8, mlp: int = 2048):
+        super().__init__()
+        self.self_attn = Attention(dim, heads)
+        self.token_to_image = Attention(dim, heads)
+        self.image_to_token = Attention(dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.ReLU(), nn.Linear(mlp, dim))
+        self.norm1, self.norm2, self.norm3, self.norm4 = (nn.LayerNorm(dim) for _ in range(4))
+
+    def forward(self, objects, image):  # (N, D), (S, D)
+        objects = self.norm1(objects + self.self_attn(objects, objects, objects))
+        objects = self.norm2(objects + self.token_to_image(objects, image, image))
+        objects = self.norm3(objects + self.mlp(objects))
+        image = self.norm4(image + self.image_to_token(image, objects, objects))
+        return objects, image
+
+
+class MutualEnhancement(nn.Module):
+    """3 two-way layers between the object embeddings O (fed raw, no input projection) and the
+    projected encoder memory F: returns (O_enh, F_enh)."""
+
+    def __init__(self, dim: int = 256, heads: int = 8, mlp: int = 2048, depth: int = 3):
+        super().__init__()
+        self.layers = nn.ModuleList(TwoWayBlock(dim, heads, mlp) for _ in range(depth))
+
+    def forward(self, objects, image):
+        for layer in self.layers:
+            objects, image = layer(objects, image)
+        return objects, image
+
+
+# ---------------------------------------------------------------------------------------------
+# Contrastive alignment loss
+# ---------------------------------------------------------------------------------------------
+
+def contrastive_alignment_loss(pred: torch.Tensor, target: torch.Tensor, tau: float = TAU) -> torch.Tensor:
+    """Symmetric InfoNCE between M predicted embeddings and their M object embeddings, row i of each
+    a positive pair, all other rows negatives:
+        L_ca = 2τ·CE(q kᵀ / τ, I) + 2τ·CE(k qᵀ / τ, I),  q = z / |z|, k = o / |o|
+    (the official scale 2τ with mean cross-entropies; the paper's leading factor is not legible)."""
+    if len(pred) == 0:
+        return pred.sum() * 0.0
+    q, k = F.normalize(pred.float(), dim=-1), F.normalize(target.float(), dim=-1)
+    labels = torch.arange(len(q), device=q.device)
+    return 2 * tau * F.cross_entropy(q @ k.T / tau, labels) + 2 * tau * F.cross_entropy(k @ q.T / tau, labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pre-training model
+# ---------------------------------------------------------------------------------------------
+
+class MutDetPretrainer(nn.Module):
+    """ARS-DETR (one head set, pseudo-classes as labels) + mutual enhancement + contrastive
+    alignment + the auxiliary siamese head, returning a dict of named losses.
+
+    Two decoding passes share every weight of the head set:
+      - enhanced: the memory is projected (`patch_enc_output` + LN, padding and invalid tokens
+        zeroed first), enhanced with the image's object embeddings, and decoded; encoder proposals
+        come from the shared encoder branches on F_enh, ranked by max_j cos(Ẑ_enc, O_enh_j) times the
+        raw class-0 logit; losses prefixed `p_`;
+      - siamese (auxiliary): plain ARS-DETR on the un-enhanced memory, as at fine-tuning.
+    Every L_ca targets O_enh, so the alignment gradient reaches the enhancement module: the "mutual"
+    optimisation. Switches: `enhance` and `siamese` off and `align` off give DETReg's row.
+    """
+
+    def __init__(self, detector: detection.RotatedDETR, embed_dim: int, enhance: bool = True, align: bool = True,
+                 siamese: bool = True, depth: int = 3, heads: int = 8, mlp: int = 2048):
+        super().__init__()
+        if len(detector.heads) != 1:
+            raise ValueError("MutDet pre-trains one head set")
+        self.detector = detector
+        dim = self.head.dim
+        if embed_dim != dim:
+            raise ValueError(f"object embeddings ({embed_dim}-d) enter the enhancement module raw: they must be "
+                             f"{dim}-d like the model")
+        self.enhance, self.align, self.siamese = enhance, align, siamese
+        if not (enhance or siamese):
+            raise ValueError("at least one of the enhanced and siamese branches must run")
+        self.patch_enc_output, self.patch_enc_output_norm = nn.Linear(dim, dim), nn.LayerNorm(dim)
+        self.enhancement = MutualEnhancement(dim, heads, mlp, depth)
+        self.patch_enc_decode = nn.Sequential(nn.Linear(dim, 4 * dim), nn.ReLU(), nn.Linear(4 * dim, dim))
+        self.feature_embed = detection.MLP(dim, dim, dim, 2)  # query hidden state -> predicted embedding Ẑ
+
+    @property
+    def head(self) -> detection.DETRHead:
+        return next(iter(self.detector.heads.values()))
+
+    def forward(self, images, masks, targets: list) -> dict:
+        """
+        Args:
+            images (B, 3, H, W), masks (B, H, W); targets per image dict(boxes (N, 5) le90 pixels,
+            labels (N,) pseudo-classes, size (h, w), embeds (N, D) object embeddings).
+        Returns:
+            dict of named losses (detection terms of both branches, `*loss_embed` alignment terms).
+        """
+        det = self.detector
+        feats = det.neck(det.backbone(images))
+        level_masks = [F.interpolate(masks[None].float(), size=f.shape[-2:])[0].bool() for f in feats]
+        tgt = self.head.prepare_targets([t["boxes"] for t in targets], [t["labels"] for t in targets],
+                                        [t["size"] for t in targets])
+        embeds = [t["embeds"].to(images.device).float() for t in targets]
+        enc = self.head.encode(feats, level_masks)
+        losses = {}
+        objects_enh = embeds
+        if self.enhance:
+            _, anchors = self.head.proposals(enc["memory"], enc["mask"], enc["shapes"])
+            valid = (anchors.abs() < 10000).all(-1, keepdim=True)  # (B, S, 1) tokens with a proposal
+            patch = self.patch_enc_output_norm(self.patch_enc_output(enc["memory"].masked_fill(~valid, 0.0)))
+            pairs = [self.enhancement(o, f) for o, f in zip(embeds, patch)]  # per image, as the official loop
+            objects_enh = [o for o, _ in pairs]
+            image_enh = torch.stack([f for _, f in pairs])  # (B, S, D)
+            z_enc = F.normalize(self.patch_enc_decode(image_enh), dim=-1)  # Ẑ_enc, (B, S, D)
+
+            def scores(cls0):  # max_j cos(Ẑ_enc, O_enh_j) × class-0 logit (raw, as the official code)
+                sim = torch.stack([(z @ F.normalize(o, dim=-1).T).amax(-1) if len(o) else torch.zeros_like(z[:, 0])
+                                   for z, o in zip(z_enc, objects_enh)])
+                return sim * cls0
+            sel = self.head.select_queries(enc["memory"], enc["mask"], enc["shapes"], tokens=image_enh, scores=scores)
+            out = self.head.decode_queries(enc, sel, tgt, memory=image_enh)
+            matches = {}
+            for k, v in self.head.criterion(out, tgt, matches).items():
+                losses[f"p_{k}"] = v
+            if self.align:
+                losses["p_loss_embed"] = self._alignment(out["hidden"], matches["last"], objects_enh)
+                losses["p_dn_loss_embed"] = self._alignment(out["dn_outputs"][-1]["hidden"],
+                                                            _first_positives(out["dn_meta"]), objects_enh)
+                losses["p_enc_loss_embed"] = self._alignment(z_enc, matches["enc"], objects_enh, project=False)
+        if self.siamese:
+            sel = self.head.select_queries(enc["memory"], enc["mask"], enc["shapes"])
+            out = self.head.decode_queries(enc, sel, tgt)
+            matches = {}
+            losses.update(self.head.criterion(out, tgt, matches))
+            if self.align:
+                losses["loss_embed"] = self._alignment(out["hidden"], matches["last"], objects_enh)
+                losses["dn_loss_embed"] = self._alignment(out["dn_outputs"][-1]["hidden"],
+                                                          _first_positives(out["dn_meta"]), objects_enh)
+        return losses
+
+    def _alignment(self, hidden, indices, objects, project=True):
+        """L_ca over the matched (query, object) pairs of the whole batch."""
+        rows = [h[q] for h, (q, _) in zip(hidden, indices)]
+        pred = torch.cat(rows) if rows else hidden.new_zeros(0, hidden.shape[-1])
+        if project:
+            pred = self.feature_embed(pred)
+        target = torch.cat([o[c.to(o.device)] for o, (_, c) in zip(objects, indices)])
+        return contrastive_alignment_loss(pred, target)
+
+
+def _first_positives(meta: dict) -> list:
+    """The positive denoising copies of the first group, one per object (the official code takes the
+    first Σ #GT positive slots, which with several groups can repeat an object; we take each once)."""
+    out = []
+    for slots, objects in meta["positives"]:
+        n = len(objects) // max(meta["groups"], 1)
+        out.append((slots[:n], objects[:n]))
+    return out

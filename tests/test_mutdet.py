@@ -1,0 +1,123 @@
+"""MutDet's model parts: the enhancement layer's attention and invariances, the contrastive
+alignment loss against a per-row InfoNCE loop, and the pre-training model's losses and gradients."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import detection
+import mutdet
+
+
+def test_attention_is_softmax_qk_v():
+    torch.manual_seed(0)
+    attn = mutdet.Attention(8, 2)
+    q, kv = torch.randn(3, 8), torch.randn(5, 8)
+    Q, K, V = attn.q_proj(q), attn.k_proj(kv), attn.v_proj(kv)
+    heads = []
+    for h in range(2):
+        s = slice(4 * h, 4 * h + 4)
+        heads.append(torch.softmax(Q[:, s] @ K[:, s].T / 2.0, -1) @ V[:, s])
+    assert torch.allclose(attn(q, kv, kv), attn.out_proj(torch.cat(heads, 1)), atol=1e-6)
+
+
+def test_enhancement_layer_equations_and_permutations():
+    torch.manual_seed(0)
+    block = mutdet.TwoWayBlock(dim=16, heads=2, mlp=32)
+    o, f = torch.randn(4, 16), torch.randn(10, 16)
+    o1 = block.norm1(o + block.self_attn(o, o, o))
+    o2 = block.norm2(o1 + block.token_to_image(o1, f, f))
+    o3 = block.norm3(o2 + block.mlp(o2))
+    f1 = block.norm4(f + block.image_to_token(f, o3, o3))
+    got_o, got_f = block(o, f)
+    assert torch.allclose(got_o, o3, atol=1e-6) and torch.allclose(got_f, f1, atol=1e-6)
+    # objects are a set: permuting them permutes O_enh and leaves F_enh unchanged
+    module = mutdet.MutualEnhancement(dim=16, heads=2, mlp=32, depth=3)
+    perm = torch.tensor([2, 0, 3, 1])
+    a_o, a_f = module(o, f)
+    b_o, b_f = module(o[perm], f)
+    assert torch.allclose(a_o[perm], b_o, atol=1e-5) and torch.allclose(a_f, b_f, atol=1e-5)
+
+
+def test_contrastive_alignment_loss_against_a_loop():
+    g = torch.Generator().manual_seed(0)
+    z, o = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    q, k = F.normalize(z, dim=-1), F.normalize(o, dim=-1)
+    total = 0.0
+    for i in range(5):  # InfoNCE of row i in both directions
+        s_qk = [float(q[i] @ k[j]) / 0.2 for j in range(5)]
+        s_kq = [float(k[i] @ q[j]) / 0.2 for j in range(5)]
+        total += -s_qk[i] + math.log(sum(math.exp(v) for v in s_qk))
+        total += -s_kq[i] + math.log(sum(math.exp(v) for v in s_kq))
+    want = 2 * 0.2 * total / 5
+    assert math.isclose(float(mutdet.contrastive_alignment_loss(z, o)), want, rel_tol=1e-5)
+    # perfect alignment of orthogonal embeddings: each CE is log(1 + (M-1)·e^{-1/τ})
+    eye = torch.eye(3)
+    assert math.isclose(float(mutdet.contrastive_alignment_loss(eye, 2 * eye)),
+                        2 * 0.2 * 2 * math.log(1 + 2 * math.exp(-5)), rel_tol=1e-5)
+    assert float(mutdet.contrastive_alignment_loss(torch.zeros(0, 4), torch.zeros(0, 4))) == 0.0
+
+
+def _pretrainer(**kw):
+    torch.manual_seed(0)
+    det = detection.build_detector([dict(modality="rgb", classes=[f"cluster_{i}" for i in range(8)], box_type="obb")],
+                                   backbone="resnet18", frozen_bn=False, dim=32, heads=2, enc_layers=1, dec_layers=2,
+                                   ffn=32, num_queries=6, num_dn_queries=4, gn_groups=8)
+    return mutdet.MutDetPretrainer(det, embed_dim=32, heads=2, mlp=64, **kw)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    images, masks = torch.randn(2, 3, 64, 64, generator=g), torch.zeros(2, 64, 64, dtype=torch.bool)
+    masks[1, :, 48:] = True
+    targets = [dict(boxes=torch.tensor([[20.0, 20, 16, 6, 0.4], [40, 40, 10, 8, -1.0], [30, 50, 12, 4, 0.1]]),
+                    labels=torch.tensor([1, 5, 7]), size=(64, 64), embeds=torch.randn(3, 32, generator=g)),
+               dict(boxes=torch.tensor([[20.0, 30, 12, 6, 0.0]]), labels=torch.tensor([2]), size=(64, 48),
+                    embeds=torch.randn(1, 32, generator=g))]
+    return images, masks, targets
+
+
+def test_pretrainer_losses_and_gradients():
+    model = _pretrainer()
+    images, masks, targets = _batch()
+    losses = model(images, masks, targets)
+    for key in ("p_loss_cls", "p_enc_loss_angle", "p_dn_loss_giou", "p_loss_embed", "p_dn_loss_embed",
+                "p_enc_loss_embed", "loss_cls", "d0.loss_bbox", "enc_loss_cls", "loss_embed", "dn_loss_embed"):
+        assert key in losses and torch.isfinite(losses[key]), key
+    assert "enc_loss_embed" not in losses  # the siamese encoder has no alignment term
+    sum(losses.values()).backward()
+    assert model.enhancement.layers[0].token_to_image.q_proj.weight.grad.abs().sum() > 0
+    assert model.feature_embed[0].weight.grad.abs().sum() > 0
+    assert model.patch_enc_decode[0].weight.grad.abs().sum() > 0
+    assert model.detector.heads["rgb"].decoder[0].cross_attn.value_proj.weight.grad.abs().sum() > 0
+    assert "head.query_embed.weight" not in model.state_dict()  # the head set is stored once
+
+
+def test_detreg_row_and_switches():
+    images, masks, targets = _batch()
+    losses = _pretrainer(enhance=False, align=False)(images, masks, targets)
+    assert not any(k.startswith("p_") or "embed" in k for k in losses) and "loss_cls" in losses
+    only_enhanced = _pretrainer(siamese=False)(images, masks, targets)
+    assert "loss_cls" not in only_enhanced and "p_loss_embed" in only_enhanced
+    with pytest.raises(ValueError, match="at least one"):
+        _pretrainer(enhance=False, siamese=False)
+    with pytest.raises(ValueError, match="raw"):
+        mutdet.MutDetPretrainer(_pretrainer().detector, embed_dim=64)
+
+
+def test_pretrainer_learns_a_batch():
+    model = _pretrainer()
+    images, masks, targets = _batch()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    first = align_first = None
+    for _ in range(40):
+        losses = model(images, masks, targets)
+        total = sum(losses.values())
+        opt.zero_grad()
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 35)
+        opt.step()
+        if first is None:
+            first, align_first = total.item(), losses["p_loss_embed"].item()
+    assert total.item() < 0.6 * first and losses["p_loss_embed"].item() < align_first
