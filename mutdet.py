@@ -10,18 +10,28 @@ Paper / official code -> this file
     auxiliary siamese head: the same decoder on the un-enhanced memory              MutDetPretrainer.forward
     L_ca on the enhanced decoder, its DN queries and encoder proposals, and on the siamese decoder and
     its DN queries, all against the enhanced object embeddings O_enh              MutDetPretrainer._alignment
+    SAM mask -> largest contour -> cv2.minAreaRect -> le90 box                     mask_to_obb, min_area_rect
+    PCA to 256-d + L2 normalisation, k-means (K = 256) pseudo-classes             fit_pca, kmeans_cosine
+    DETReg's L1 embedding loss (the baseline row)                                  MutDetPretrainer(embed_loss="l1")
 
 Differences from the official code
-    - Not yet here: the SAM proposal cache (`--stage sam`) and the `mutdet` stage of train.py.
+    - Not yet here: SAM mask generation and the cache (`--stage sam`), and the `mutdet` stage of
+      train.py; the pieces after SAM (mask -> box, PCA, k-means) are.
+    - `mask_to_obb` takes the component with the longest boundary (cv2's "contour with the most
+      points" of CHAIN_APPROX_NONE) and its exact minimum-area rectangle over the boundary pixels.
     - The enhancement module runs per image, as the official loop, on the image's own objects.
 
 Shape letters: B images, S memory tokens, N objects of an image, Q queries, D model width.
 """
+from typing import Literal
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import detection
+import rotated_ops as ro
 
 TAU = 0.2  # temperature of the contrastive alignment loss (DetReg_dn_ars_detr_headv7.py)
 
@@ -114,11 +124,13 @@ class MutDetPretrainer(nn.Module):
         raw class-0 logit; losses prefixed `p_`;
       - siamese (auxiliary): plain ARS-DETR on the un-enhanced memory, as at fine-tuning.
     Every L_ca targets O_enh, so the alignment gradient reaches the enhancement module: the "mutual"
-    optimisation. Switches: `enhance` and `siamese` off and `align` off give DETReg's row.
+    optimisation. DETReg's row: `enhance=False, embed_loss="l1"` (its L1 embedding loss on the
+    plain decoder; with 1 pseudo-class, class-agnostic).
     """
 
     def __init__(self, detector: detection.RotatedDETR, embed_dim: int, enhance: bool = True, align: bool = True,
-                 siamese: bool = True, depth: int = 3, heads: int = 8, mlp: int = 2048):
+                 siamese: bool = True, depth: int = 3, heads: int = 8, mlp: int = 2048,
+                 embed_loss: Literal["infonce", "l1"] = "infonce"):
         super().__init__()
         if len(detector.heads) != 1:
             raise ValueError("MutDet pre-trains one head set")
@@ -127,7 +139,9 @@ class MutDetPretrainer(nn.Module):
         if embed_dim != dim:
             raise ValueError(f"object embeddings ({embed_dim}-d) enter the enhancement module raw: they must be "
                              f"{dim}-d like the model")
-        self.enhance, self.align, self.siamese = enhance, align, siamese
+        if embed_loss not in ("infonce", "l1"):
+            raise ValueError(f"embed_loss must be infonce or l1, got {embed_loss!r}")
+        self.enhance, self.align, self.siamese, self.embed_loss = enhance, align, siamese, embed_loss
         if not (enhance or siamese):
             raise ValueError("at least one of the enhanced and siamese branches must run")
         self.patch_enc_output, self.patch_enc_output_norm = nn.Linear(dim, dim), nn.LayerNorm(dim)
@@ -197,6 +211,8 @@ class MutDetPretrainer(nn.Module):
         if project:
             pred = self.feature_embed(pred)
         target = torch.cat([o[c.to(o.device)] for o, (_, c) in zip(objects, indices)])
+        if self.embed_loss == "l1":  # DETReg: L1 between predicted and target embeddings, mean
+            return F.l1_loss(pred, target) if len(pred) else pred.sum() * 0.0
         return contrastive_alignment_loss(pred, target)
 
 
@@ -208,3 +224,96 @@ def _first_positives(meta: dict) -> list:
         n = len(objects) // max(meta["groups"], 1)
         out.append((slots[:n], objects[:n]))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# After SAM: masks to le90 boxes, PCA and k-means pseudo-classes
+# ---------------------------------------------------------------------------------------------
+
+def convex_hull(points: np.ndarray) -> np.ndarray:
+    """Andrew's monotone chain: (N, 2) -> hull vertices (H, 2) counter-clockwise, collinear dropped."""
+    pts = np.unique(points.astype(np.float64), axis=0)
+    if len(pts) < 3:
+        return pts
+
+    def turn(o, a, b):  # z of (a - o) x (b - o): > 0 for a left turn
+        return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+
+    def half(ps):
+        out = []
+        for p in ps:
+            while len(out) >= 2 and turn(out[-2], out[-1], p) <= 0:
+                out.pop()
+            out.append(p)
+        return out
+    lower, upper = half(pts), half(pts[::-1])
+    return np.array(lower[:-1] + upper[:-1])
+
+
+def min_area_rect(points: np.ndarray) -> torch.Tensor:
+    """The minimum-area rectangle of a point set (as cv2.minAreaRect) as a le90 box (5,): one side of
+    the optimal rectangle lies on a hull edge, so every hull edge direction is tried."""
+    hull = convex_hull(points)
+    if len(hull) < 3:  # a point or a segment: a degenerate rectangle along it
+        hull = np.concatenate([hull, hull[:1] + 1e-12]) if len(hull) else np.zeros((3, 2))
+    edges = np.roll(hull, -1, axis=0) - hull
+    angles = np.arctan2(edges[:, 1], edges[:, 0])  # (H,)
+    c, s = np.cos(angles), np.sin(angles)
+    u = hull @ np.stack([c, s])  # (V, H) coordinates along each edge direction
+    v = hull @ np.stack([-s, c])
+    area = (u.max(0) - u.min(0)) * (v.max(0) - v.min(0))
+    k = int(np.argmin(area))
+    cu, cv = (u[:, k].max() + u[:, k].min()) / 2, (v[:, k].max() + v[:, k].min()) / 2
+    cx, cy = cu * c[k] - cv * s[k], cu * s[k] + cv * c[k]
+    box = torch.tensor([cx, cy, u[:, k].max() - u[:, k].min(), v[:, k].max() - v[:, k].min(), angles[k]],
+                       dtype=torch.float64)
+    return ro.regularize_obb(box)
+
+
+def mask_to_obb(mask: np.ndarray) -> torch.Tensor:
+    """A binary mask (H, W) -> le90 box (5,) of its main part, as the official script does with
+    OpenCV: the external contour with the most points (8-connected component with the longest
+    boundary) -> minimum-area rectangle of its boundary pixel centres. An empty mask gives zeros."""
+    from scipy import ndimage
+    mask = np.asarray(mask, bool)
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3)))
+    if n == 0:
+        return torch.zeros(5, dtype=torch.float64)
+    # boundary pixels: those with a 4-neighbour outside the mask (the points of an 8-connected contour)
+    boundary = mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(2, 1))
+    counts = np.bincount(labels[boundary], minlength=n + 1)
+    best = int(np.argmax(counts[1:])) + 1
+    ys, xs = np.nonzero(boundary & (labels == best))
+    return min_area_rect(np.stack([xs, ys], 1))
+
+
+def fit_pca(x: torch.Tensor, dim: int):
+    """PCA by SVD of the centred features: (N, C) -> (A (dim, C), b (dim,)) with z = x @ Aᵀ + b, the
+    official `pca_feats = feats @ A.T + b` form (b = -mean @ Aᵀ)."""
+    mean = x.mean(0)
+    _, _, vt = torch.linalg.svd(x - mean, full_matrices=False)
+    A = vt[:dim]
+    return A, -mean @ A.T
+
+
+def kmeans_cosine(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0) -> torch.Tensor:
+    """Spherical k-means (cosine similarity) of L2-normalised rows: (N, C) -> centres (k, C), unit
+    norm; assignment is argmax of x @ centresᵀ, as the official labelling step. k-means++ seeding."""
+    g = torch.Generator().manual_seed(seed)
+    x = F.normalize(x.double(), dim=-1)
+    centres = [x[torch.randint(len(x), (1,), generator=g)].squeeze(0)]
+    for _ in range(1, k):  # k-means++ on the cosine distance 1 - cos
+        d = (1 - x @ torch.stack(centres).T).amin(1).clamp(min=0)
+        p = d / d.sum() if d.sum() > 0 else torch.full_like(d, 1 / len(d))
+        centres.append(x[torch.multinomial(p, 1, generator=g)].squeeze(0))
+    centres = torch.stack(centres)
+    for _ in range(iters):
+        assign = (x @ centres.T).argmax(1)
+        new = torch.zeros_like(centres).index_add_(0, assign, x)
+        empty = new.norm(dim=1) == 0
+        new[empty] = centres[empty]  # an empty cluster keeps its centre
+        new = F.normalize(new, dim=-1)
+        if torch.allclose(new, centres):
+            break
+        centres = new
+    return centres.float()

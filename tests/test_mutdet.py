@@ -2,6 +2,8 @@
 alignment loss against a per-row InfoNCE loop, and the pre-training model's losses and gradients."""
 import math
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -121,3 +123,65 @@ def test_pretrainer_learns_a_batch():
         if first is None:
             first, align_first = total.item(), losses["p_loss_embed"].item()
     assert total.item() < 0.6 * first and losses["p_loss_embed"].item() < align_first
+
+
+def test_l1_embedding_loss_for_the_detreg_row():
+    images, masks, targets = _batch()
+    model = _pretrainer(enhance=False, embed_loss="l1")
+    losses = model(images, masks, targets)
+    assert "loss_embed" in losses and not any(k.startswith("p_") for k in losses)
+    pred, target = torch.randn(3, 32), torch.randn(3, 32)
+    model.feature_embed = torch.nn.Identity()
+    idx = [(torch.tensor([0, 2]), torch.tensor([1, 0])), (torch.tensor([1]), torch.tensor([0]))]
+    hidden = torch.stack([pred, pred])
+    got = model._alignment(hidden, idx, [target[:2], target[2:]])
+    want = (torch.stack([pred[0], pred[2], pred[1]]) - torch.stack([target[1], target[0], target[2]])).abs().mean()
+    assert torch.allclose(got, want)
+
+
+def test_min_area_rect_matches_shapely():
+    import shapely
+    import rotated_ops as ro
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        pts = rng.normal(size=(int(rng.integers(3, 40)), 2)) * rng.uniform(1, 50, size=2) @ \
+            np.array([[np.cos(trial), np.sin(trial)], [-np.sin(trial), np.cos(trial)]]) + rng.uniform(0, 500, 2)
+        box = mutdet.min_area_rect(pts)
+        ref = shapely.minimum_rotated_rectangle(shapely.MultiPoint(pts))
+        assert box[2] >= box[3] and -np.pi / 2 <= box[4] < np.pi / 2  # le90
+        assert math.isclose(float(box[2] * box[3]), ref.area, rel_tol=1e-9, abs_tol=1e-9)
+        poly = shapely.Polygon(ro.obb_corners(box[None])[0].numpy())
+        assert poly.buffer(1e-6).contains(shapely.MultiPoint(pts))
+
+
+def test_mask_to_obb_takes_the_main_part():
+    from PIL import Image, ImageDraw
+    import rotated_ops as ro
+    box = torch.tensor([[60.0, 50.0, 60.0, 16.0, 0.5]], dtype=torch.float64)
+    img = Image.new("L", (128, 100))
+    draw = ImageDraw.Draw(img)
+    draw.polygon([tuple(p) for p in ro.obb_corners(box)[0].tolist()], fill=1)
+    draw.rectangle([5, 5, 8, 8], fill=1)  # a small second component
+    got = mutdet.mask_to_obb(np.array(img) > 0)
+    assert float(ro.box_iou_rotated(got[None], box, aligned=True)) > 0.85
+    assert torch.equal(mutdet.mask_to_obb(np.zeros((5, 5), bool)), torch.zeros(5, dtype=torch.float64))
+
+
+def test_pca_and_spherical_kmeans():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=g, dtype=torch.float64) * torch.tensor([5.0, 3, 1, 0.5, 0.1, 0.05], dtype=torch.float64)
+    x = x @ torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))[0] + 7
+    A, b = mutdet.fit_pca(x, 3)
+    assert torch.allclose(A @ A.T, torch.eye(3, dtype=torch.float64), atol=1e-10)
+    evals, evecs = torch.linalg.eigh(torch.cov(x.T))
+    for i in range(3):  # the top eigenvectors of the covariance, up to sign
+        assert abs(float(A[i] @ evecs[:, -1 - i])) == pytest.approx(1.0, abs=1e-8)
+    assert torch.allclose((x @ A.T + b).mean(0), torch.zeros(3, dtype=torch.float64), atol=1e-9)
+    # three tight clusters on the sphere are found exactly
+    centres = F.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    pts = torch.cat([F.normalize(c + 0.05 * torch.randn(30, 8, generator=g), dim=-1) for c in centres])
+    found = mutdet.kmeans_cosine(pts, 3, seed=1)
+    assign = (F.normalize(pts, dim=-1) @ found.T).argmax(1)
+    for k in range(3):
+        assert len(set(assign[30 * k:30 * (k + 1)].tolist())) == 1
+    assert len(set(assign.tolist())) == 3 and torch.allclose(found.norm(dim=1), torch.ones(3))
