@@ -10,13 +10,15 @@ Paper / official code -> this file
     auxiliary siamese head: the same decoder on the un-enhanced memory              MutDetPretrainer.forward
     L_ca on the enhanced decoder, its DN queries and encoder proposals, and on the siamese decoder and
     its DN queries, all against the enhanced object embeddings O_enh              MutDetPretrainer._alignment
+    SAM automatic masks at the official generator defaults (32x32 points, ...)     generate_masks
     SAM mask -> largest contour -> cv2.minAreaRect -> le90 box                     mask_to_obb, min_area_rect
+    object embeddings: rotated RoIAlign (x1.5, 224 px) -> frozen ResNet-50 layer4, pooled   object_embeddings
     PCA to 256-d + L2 normalisation, k-means (K = 256) pseudo-classes             fit_pca, kmeans_cosine
     DETReg's L1 embedding loss (the baseline row)                                  MutDetPretrainer(embed_loss="l1")
 
 Differences from the official code
-    - Not yet here: SAM mask generation and the cache (`--stage sam`), and the `mutdet` stage of
-      train.py; the pieces after SAM (mask -> box, PCA, k-means) are.
+    - Not yet here: the proposal cache (`--stage sam`) and the `mutdet` stage of train.py; the
+      pieces they use (SAM masks, mask -> box, PCA, k-means) are.
     - `mask_to_obb` takes the component with the longest boundary (cv2's "contour with the most
       points" of CHAIN_APPROX_NONE) and its exact minimum-area rectangle over the boundary pixels.
     - The enhancement module runs per image, as the official loop, on the image's own objects.
@@ -317,3 +319,153 @@ def kmeans_cosine(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0) -> to
             break
         centres = new
     return centres.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# SAM automatic mask generation (segment-anything's generator, single crop, with transformers' SAM)
+# ---------------------------------------------------------------------------------------------
+
+SAM_MEAN, SAM_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+
+
+def build_point_grid(n: int) -> torch.Tensor:
+    """n x n points at the cell centres of the unit square, (n², 2) as (x, y) (SAM `build_point_grid`)."""
+    side = torch.linspace(1 / (2 * n), 1 - 1 / (2 * n), n, dtype=torch.float64)
+    ys, xs = torch.meshgrid(side, side, indexing="ij")
+    return torch.stack([xs.flatten(), ys.flatten()], 1)
+
+
+def stability_score(logits: torch.Tensor, offset: float, threshold: float = 0.0) -> torch.Tensor:
+    """IoU of the masks thresholded at threshold ± offset: (..., H, W) -> (...)."""
+    inter = (logits > threshold + offset).flatten(-2).sum(-1).float()
+    union = (logits > threshold - offset).flatten(-2).sum(-1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter))
+
+
+@torch.no_grad()
+def generate_masks(sam, image: torch.Tensor, points_per_side: int = 32, points_per_batch: int = 64,
+                   pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.95,
+                   stability_score_offset: float = 1.0, box_nms_thresh: float = 0.7) -> dict:
+    """Masks of everything in an image, as segment-anything's `SamAutomaticMaskGenerator` with its
+    defaults (MutDet runs it unchanged): crop_n_layers = 0, so one crop, the whole image.
+
+    Args:
+        sam: a `transformers.SamModel`; image: (3, H, W) uint8 RGB.
+        points_per_side: the prompt grid is points_per_side² single foreground points.
+        points_per_batch: points decoded together.
+        pred_iou_thresh: keep masks whose predicted IoU is above this (0..1).
+        stability_score_thresh, stability_score_offset: keep masks whose IoU between the
+            thresholds ±offset on the mask logits is at least this.
+        box_nms_thresh: IoU of the masks' horizontal boxes above which the lower-scored is dropped.
+    Returns:
+        dict(masks (K, H, W) bool, iou (K,), stability (K,), boxes (K, 4) xyxy).
+    """
+    from torchvision.ops import batched_nms
+    device = next(sam.parameters()).device
+    size = sam.config.vision_config.image_size
+    H, W = image.shape[-2:]
+    # 1. resize the longer side to the model's input size, normalise, pad bottom-right
+    scale = size / max(H, W)
+    h, w = int(round(H * scale)), int(round(W * scale))
+    x = F.interpolate(image[None].float(), size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    x = (x - torch.tensor(SAM_MEAN).view(1, 3, 1, 1)) / torch.tensor(SAM_STD).view(1, 3, 1, 1)
+    x = F.pad(x, (0, size - w, 0, size - h)).to(device)
+    embeddings = sam.get_image_embeddings(x)
+    # 2. a grid of single-point prompts, in the resized frame
+    points = (build_point_grid(points_per_side) * torch.tensor([W, H]) * scale).float().to(device)
+    masks, ious, stabs = [], [], []
+    for start in range(0, len(points), points_per_batch):
+        p = points[start:start + points_per_batch]
+        out = sam(image_embeddings=embeddings, input_points=p[None, :, None], multimask_output=True,
+                  input_labels=torch.ones(1, len(p), 1, dtype=torch.long, device=device))
+        logits = out.pred_masks[0].flatten(0, 1)  # (P·3, h_low, w_low), three masks a point
+        iou = out.iou_scores[0].flatten()  # (P·3,)
+        # 3. low-resolution logits -> padded input size -> crop the padding -> original size
+        logits = F.interpolate(logits[None], size=(size, size), mode="bilinear", align_corners=False)[..., :h, :w]
+        logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)[0]
+        # 4. keep confident masks: predicted IoU, then stability under a shifted threshold
+        keep = iou > pred_iou_thresh
+        logits, iou = logits[keep], iou[keep]
+        stab = stability_score(logits, stability_score_offset)
+        keep = stab >= stability_score_thresh
+        masks.append((logits[keep] > 0).cpu())
+        ious.append(iou[keep].cpu())
+        stabs.append(stab[keep].cpu())
+    masks, ious, stabs = torch.cat(masks), torch.cat(ious), torch.cat(stabs)
+    # 5. horizontal boxes of the masks, and box NMS with the predicted IoU as score
+    boxes = torch.zeros(len(masks), 4)
+    for i, m in enumerate(masks):
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        if len(xs):
+            boxes[i] = torch.tensor([xs.min(), ys.min(), xs.max(), ys.max()], dtype=torch.float32)
+    nonempty = masks.flatten(1).any(1)
+    masks, ious, stabs, boxes = masks[nonempty], ious[nonempty], stabs[nonempty], boxes[nonempty]
+    keep = batched_nms(boxes, ious, torch.zeros(len(boxes), dtype=torch.long), box_nms_thresh)
+    return dict(masks=masks[keep], iou=ious[keep], stability=stabs[keep], boxes=boxes[keep])
+
+
+def build_sam(path: str = "", image_size: int = 256):
+    """SAM from a local `transformers` folder (SAM ViT-H in the paper), or a tiny random one."""
+    from transformers import SamConfig, SamModel
+    if path:
+        return SamModel.from_pretrained(path, local_files_only=True).eval()
+    cfg = SamConfig(vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64,
+                                       output_channels=32, image_size=image_size, patch_size=16, window_size=4,
+                                       global_attn_indexes=[1], num_pos_feats=16),
+                    prompt_encoder_config=dict(hidden_size=32, image_size=image_size, patch_size=16),
+                    mask_decoder_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64,
+                                             iou_head_hidden_dim=32))
+    return SamModel(cfg).eval()
+
+
+def proposals_from_masks(masks: torch.Tensor, max_boxes: int = 1000, min_side: float = 2.0) -> tuple:
+    """SAM masks -> le90 boxes, largest masks first (official order), sides under `min_side` px
+    dropped, at most `max_boxes`. Returns (boxes (K, 5), kept mask indices (K,)) so that anything
+    computed per mask (embeddings) is filtered together with its box; the official code drops
+    boxes but not their embeddings, which then fall out of step (MutDet notes §2.4)."""
+    order = torch.argsort(masks.flatten(1).sum(1), descending=True, stable=True)
+    boxes, kept = [], []
+    for i in order.tolist():
+        b = mask_to_obb(masks[i].numpy())
+        if b[2] >= min_side - 1e-6 and b[3] >= min_side - 1e-6:  # tolerance: the rectangle's sides are in float
+            boxes.append(b)
+            kept.append(i)
+        if len(kept) == max_boxes:
+            break
+    if not boxes:
+        return torch.zeros(0, 5, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+    return torch.stack(boxes), torch.tensor(kept)
+
+
+@torch.no_grad()
+def object_embeddings(image: torch.Tensor, boxes: torch.Tensor, trunk: nn.Module, crop: int = 224,
+                      context: float = 1.5, chunk: int = 64) -> torch.Tensor:
+    """Embeddings of objects as MutDet extracts them: a rotated RoIAlign crop of each box, enlarged
+    `context` times in w and h, straight from the normalised image (crop x crop, sampling ratio 2,
+    aspect ratio not kept), through a frozen trunk, average-pooled.
+
+    Args:
+        image: (3, H, W) normalised; boxes: (K, 5) le90 pixels; trunk: image -> (N, C, h, w) maps
+            (ResNet-50 up to layer4 in the paper: 2048-d).
+    Returns:
+        (K, C).
+    """
+    if len(boxes) == 0:
+        return torch.zeros(0, 0)
+    rois = torch.cat([torch.zeros(len(boxes), 1, dtype=boxes.dtype), boxes], 1).clone()
+    rois[:, 3:5] *= context
+    out = []
+    for start in range(0, len(rois), chunk):
+        crops = ro.roi_align_rotated(image[None].to(boxes.dtype), rois[start:start + chunk], (crop, crop),
+                                     spatial_scale=1.0, sampling_ratio=2)  # (k, 3, crop, crop)
+        out.append(trunk(crops.float()).mean((2, 3)))  # (k, C)
+    return torch.cat(out)
+
+
+def resnet_trunk(depth: str = "resnet50", weights: str = "") -> nn.Module:
+    """torchvision ResNet up to layer4 (ImageNet weights from a local file in the paper), frozen."""
+    backbone = detection.ResNetBackbone(depth, weights, frozen_bn=True, frozen_stages=4)
+    trunk = nn.Sequential(backbone.stem, backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4).eval()
+    for p in trunk.parameters():
+        p.requires_grad_(False)
+    return trunk

@@ -185,3 +185,66 @@ def test_pca_and_spherical_kmeans():
     for k in range(3):
         assert len(set(assign[30 * k:30 * (k + 1)].tolist())) == 1
     assert len(set(assign.tolist())) == 3 and torch.allclose(found.norm(dim=1), torch.ones(3))
+
+
+def test_point_grid_and_stability_score():
+    grid = mutdet.build_point_grid(4)
+    assert grid.shape == (16, 2) and torch.allclose(grid[0], torch.tensor([0.125, 0.125], dtype=torch.float64))
+    assert torch.allclose(grid[1], torch.tensor([0.375, 0.125], dtype=torch.float64))  # x runs first
+    logits = torch.tensor([[[-2.0, -0.5], [0.5, 3.0]]])
+    # above +1: one pixel; above -1: three pixels
+    assert torch.allclose(mutdet.stability_score(logits, 1.0), torch.tensor([1 / 3]))
+
+
+def test_generate_masks_respects_every_filter():
+    from torchvision.ops import box_iou
+    torch.manual_seed(0)
+    sam = mutdet.build_sam(image_size=128)
+    image = (torch.rand(3, 96, 120) * 255).to(torch.uint8)
+    out = mutdet.generate_masks(sam, image, points_per_side=8, points_per_batch=16, pred_iou_thresh=-1.0,
+                                stability_score_thresh=0.0, box_nms_thresh=0.7)
+    assert out["masks"].shape[1:] == (96, 120) and len(out["masks"]) >= 1
+    iou = box_iou(out["boxes"], out["boxes"]) - torch.eye(len(out["boxes"]))
+    assert (iou <= 0.7 + 1e-6).all()  # NMS
+    for m, b in zip(out["masks"], out["boxes"]):  # boxes are the masks' extents
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        assert b.tolist() == [xs.min().item(), ys.min().item(), xs.max().item(), ys.max().item()]
+    strict = mutdet.generate_masks(sam, image, points_per_side=8, points_per_batch=16, pred_iou_thresh=0.5,
+                                   stability_score_thresh=0.9)
+    assert (strict["iou"] > 0.5).all() and (strict["stability"] >= 0.9).all()
+
+
+def test_proposals_keep_boxes_and_their_masks_together():
+    masks = torch.zeros(4, 40, 40, dtype=torch.bool)
+    masks[0, 5:10, 5:30] = True  # medium
+    masks[1, 20, 20] = True  # a single pixel: w = h = 0, dropped
+    masks[2, 2:38, 2:30] = True  # largest
+    masks[3, 30:33, 30:39] = True  # small
+    boxes, kept = mutdet.proposals_from_masks(masks)
+    assert kept.tolist() == [2, 0, 3]  # by area, the dropped mask's index gone with its box
+    assert torch.allclose(boxes[0], torch.tensor([15.5, 19.5, 35.0, 27.0, -np.pi / 2], dtype=torch.float64))
+    assert mutdet.proposals_from_masks(masks, max_boxes=2)[1].tolist() == [2, 0]
+
+
+class _Keep(torch.nn.Module):  # a "trunk" that keeps the whole crop as the embedding
+    def forward(self, x):
+        return x.flatten(1)[:, :, None, None]
+
+
+def test_object_embeddings_follow_the_box_frame():
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(3, 40, 50, generator=g, dtype=torch.float64)
+    boxes = torch.tensor([[20.0, 15.0, 12.0, 6.0, 0.3], [30.0, 25.0, 9.0, 9.0, -1.2]], dtype=torch.float64)
+    emb = mutdet.object_embeddings(image, boxes, _Keep(), crop=8, chunk=1)
+    assert emb.shape == (2, 3 * 8 * 8)
+    # turning image and boxes by 90° counter-clockwise on screen leaves every crop unchanged
+    W = image.shape[2]
+    turned = torch.rot90(image, 1, dims=(1, 2))  # pixel (r, c) -> (W - 1 - c, r)
+    tb = boxes.clone()
+    tb[:, 0], tb[:, 1], tb[:, 4] = boxes[:, 1], W - boxes[:, 0], boxes[:, 4] - np.pi / 2
+    assert torch.allclose(mutdet.object_embeddings(turned, tb, _Keep(), crop=8), emb, atol=1e-9)
+    # the crop covers 1.5 x the box: with context 1 it is a different (tighter) crop
+    assert not torch.allclose(mutdet.object_embeddings(image, boxes, _Keep(), crop=8, context=1.0), emb)
+    trunk = mutdet.resnet_trunk("resnet18")
+    assert mutdet.object_embeddings(image.float(), boxes.float(), trunk, crop=32).shape == (2, 512)
+    assert not any(p.requires_grad for p in trunk.parameters())
