@@ -33,6 +33,7 @@ import babelrs
 import datasets
 import detection
 import eval as evaluation
+import mutdet
 
 EXIT_BAD_DATA, EXIT_NONFINITE = 2, 3
 
@@ -172,7 +173,42 @@ CSIA_PRESETS = {
                         vit_dim=1024, vit_depth=24, vit_heads=16, patch=14, drop_path=0.1, grad_checkpoint=True,
                         layers=list(babelrs.OFFICIAL_LAYERS), tau=6000.0, lr=2e-5, steps=20000, amp="bf16"),
 }
-PRESETS = {"finetune": FINETUNE_PRESETS, "csia": CSIA_PRESETS}
+@dataclass
+class SAMConfig:
+    """MutDet's pseudo-labels: SAM masks -> le90 boxes -> object embeddings -> PCA -> k-means classes."""
+    data: list[str] = field(default_factory=list)  # MODALITY:PATH of images; none = SynthSOI-RGB train
+    synth_root: str = "data/synthsoi"
+    sam: str = ""  # local transformers SAM folder (SAM ViT-H in the paper); empty = a tiny random SAM
+    sam_image_size: int = 256  # input side of the tiny random SAM (a loaded SAM has its own)
+    points_per_side: int = 8  # paper: 32 (generator default)
+    points_per_batch: int = 64
+    pred_iou_thresh: float = -1.0  # paper: 0.88; the tiny random SAM keeps every mask
+    stability_score_thresh: float = 0.0  # paper: 0.95
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 1.0  # paper: 0.7; a random SAM's masks all overlap, so the tiny preset keeps them all
+    max_boxes: int = 1000  # max_gt_num of the pre-training detector
+    image_size: int = 256  # the image is resized to this longer side for the crops; paper: 1024
+    embed_backbone: Literal["resnet50", "resnet18"] = "resnet18"  # paper: ResNet-50 (ImageNet, frozen)
+    resnet: str = ""  # its local weights
+    crop: int = 64  # RoIAlign output side; paper: 224
+    context: float = 1.5  # box enlargement for the crop
+    pca_dim: int = 128  # paper: 256 (= the detector width, the embeddings enter it raw)
+    clusters: int = 16  # pseudo-classes; paper: 256
+    fit_samples: int = 100000  # features used to fit PCA and k-means
+    seed: int = 0
+    max_steps: int = 0  # stop after this many images (0 = all)
+    out: str = ""  # run folder holding the cache
+    resume: str = ""  # same as --out: a rerun skips the images already done
+    workers: int = 0
+
+
+SAM_PRESETS = {
+    "tiny": SAMConfig(),
+    "paper": SAMConfig(points_per_side=32, pred_iou_thresh=0.88, stability_score_thresh=0.95, box_nms_thresh=0.7,
+                       image_size=1024,
+                       embed_backbone="resnet50", crop=224, pca_dim=256, clusters=256),
+}
+PRESETS = {"finetune": FINETUNE_PRESETS, "csia": CSIA_PRESETS, "sam": SAM_PRESETS}
 
 
 def _parse_bool(s: str) -> bool:
@@ -693,12 +729,93 @@ def csia(cfg: CSIAConfig) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# The sam stage (MutDet pseudo-labels)
+# ---------------------------------------------------------------------------------------------
+
+def save_tensors_atomic(path: Path, tensors: dict) -> None:
+    from safetensors.torch import save_file
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def sam_stage(cfg: SAMConfig) -> int:
+    """Phase 1, per image (skipped when its file exists, so a rerun resumes): SAM masks ->
+    proposals -> object embeddings, into raw/<image>.safetensors. Phase 2: PCA + k-means fitted on
+    a sample of all features, then cache/<image>.safetensors (boxes, labels, embeds, filtered
+    together) and manifest.json."""
+    from safetensors.torch import load_file
+    from tqdm import tqdm
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    fin = FinetuneConfig(data=cfg.data, synth_root=cfg.synth_root)
+    sources = resolve_sources(fin, 0)
+    samples = [(s["modality"], smp) for s in sources for smp in datasets.load_detection_split(s["train"], s["modality"]).samples]
+    if cfg.max_steps:
+        samples = samples[:cfg.max_steps]
+    run = run_folder(dataclasses.replace(cfg, out=cfg.resume or cfg.out), "sam", 0)
+    (run / "raw").mkdir(exist_ok=True)
+    (run / "cache").mkdir(exist_ok=True)
+    datasets.atomic_write_text(run / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    try:
+        sam = mutdet.build_sam(cfg.sam, cfg.sam_image_size)
+        trunk = mutdet.resnet_trunk(cfg.embed_backbone, cfg.resnet)
+    except (ValueError, OSError) as e:
+        raise datasets.DatasetError(str(e)) from None
+    norm = datasets.Normalize()
+    log = open(run / "log.jsonl", "a")
+    bar = tqdm(samples, desc="sam", unit="img", dynamic_ncols=True)
+    for modality, smp in bar:
+        raw = run / "raw" / f"{smp.name}.safetensors"
+        if raw.exists():
+            continue
+        t0 = time.time()
+        image = torch.from_numpy(datasets.load_image(smp.image)).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
+        masks = mutdet.generate_masks(sam, image, cfg.points_per_side, cfg.points_per_batch, cfg.pred_iou_thresh,
+                                      cfg.stability_score_thresh, cfg.stability_score_offset, cfg.box_nms_thresh)
+        boxes, _ = mutdet.proposals_from_masks(masks["masks"], cfg.max_boxes)
+        # crops from the resized, normalised image (the detector's input), boxes scaled alike
+        item = datasets.Resize(cfg.image_size)(dict(image=image, boxes=boxes.float(), labels=torch.zeros(len(boxes)),
+                                                    difficult=torch.zeros(len(boxes), dtype=torch.bool)))
+        feats = mutdet.object_embeddings(norm(item)["image"], item["boxes"].double(), trunk, cfg.crop, cfg.context)
+        save_tensors_atomic(raw, dict(boxes=boxes.float(), feats=feats.float().reshape(len(boxes), -1)))
+        log.write(json.dumps(dict(image=smp.name, masks=len(masks["masks"]), boxes=len(boxes),
+                                  seconds=time.time() - t0)) + "\n")
+        log.flush()
+    bar.close()
+    log.close()
+    # phase 2: PCA to pca_dim and L2 normalisation, spherical k-means, one label per box
+    raws = {smp.name: load_file(str(run / "raw" / f"{smp.name}.safetensors")) for _, smp in samples}
+    feats = torch.cat([r["feats"] for r in raws.values()]).double()
+    if len(feats) < max(cfg.clusters, 2):
+        raise datasets.DatasetError(f"{run}: {len(feats)} proposals in all, fewer than --clusters {cfg.clusters}")
+    g = torch.Generator().manual_seed(cfg.seed)
+    sample = feats[torch.randperm(len(feats), generator=g)[:cfg.fit_samples]]
+    A, b = mutdet.fit_pca(sample, min(cfg.pca_dim, sample.shape[1], len(sample)))
+    if A.shape[0] < cfg.pca_dim:
+        raise datasets.DatasetError(f"{run}: PCA to {cfg.pca_dim}-d needs at least that many features and proposals")
+    centres = mutdet.kmeans_cosine(torch.nn.functional.normalize(sample @ A.T + b, dim=-1), cfg.clusters, seed=cfg.seed)
+    save_tensors_atomic(run / "pca.safetensors", dict(pca_A=A.float(), pca_b=b.float(), ctrs=centres))
+    images = []
+    for modality, smp in samples:
+        r = raws[smp.name]
+        z = torch.nn.functional.normalize(r["feats"].double() @ A.T + b, dim=-1).float()  # (K, pca_dim)
+        labels = (z @ centres.T).argmax(1) if len(z) else torch.zeros(0, dtype=torch.long)
+        save_tensors_atomic(run / "cache" / f"{smp.name}.safetensors", dict(boxes=r["boxes"], labels=labels, embeds=z))
+        images.append(dict(name=smp.name, image=str(Path(smp.image).resolve()), modality=modality, boxes=len(z)))
+    manifest = dict(classes=[f"cluster_{i + 1}" for i in range(cfg.clusters)], embed_dim=cfg.pca_dim, images=images)
+    datasets.atomic_write_text(run / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+    n = sum(i["boxes"] for i in images)
+    print(f"sam cache: {len(images)} images, {n} boxes, {cfg.clusters} pseudo-classes, {cfg.pca_dim}-d embeddings -> {run}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
-STAGES = {"finetune": (FinetuneConfig, finetune), "csia": (CSIAConfig, csia)}
-LATER = {"sam": "mutdet.py (MutDet SAM proposals)",
-         "mutdet": "mutdet.py (MutDet pre-training)"}
+STAGES = {"finetune": (FinetuneConfig, finetune), "csia": (CSIAConfig, csia), "sam": (SAMConfig, sam_stage)}
+LATER = {"mutdet": "pre-training on a sam cache is still to be written (its model is mutdet.MutDetPretrainer)"}
 
 
 def parse_config(argv=None):
@@ -709,7 +826,7 @@ def parse_config(argv=None):
     head.add_argument("--preset", default="tiny", help="tiny | paper (finetune also: babelrs-tiny | babelrs)")
     known, _ = head.parse_known_args(argv)
     if known.stage in LATER:
-        raise SystemExit(f"--stage {known.stage} is not available yet: it comes with {LATER[known.stage]}")
+        raise SystemExit(f"--stage {known.stage} is not available yet: {LATER[known.stage]}")
     cls, _ = STAGES[known.stage]
     if known.preset not in PRESETS[known.stage]:
         raise SystemExit(f"--preset {known.preset}: the {known.stage} stage has presets {', '.join(PRESETS[known.stage])}")

@@ -248,3 +248,28 @@ def test_object_embeddings_follow_the_box_frame():
     trunk = mutdet.resnet_trunk("resnet18")
     assert mutdet.object_embeddings(image.float(), boxes.float(), trunk, crop=32).shape == (2, 512)
     assert not any(p.requires_grad for p in trunk.parameters())
+
+
+def test_sam_stage_caches_and_resumes(tmp_path):
+    import json
+    from safetensors.torch import load_file
+    import datasets
+    import train
+    synth = datasets.make_synthetic(tmp_path / "synth", n_train=3, n_test=1, size=64, max_objects=2, modalities=("rgb",))
+    argv = ["--stage", "sam", "--data", f"rgb:{synth / 'rgb'}", "--points_per_side", "3", "--sam_image_size", "64",
+            "--image_size", "64", "--crop", "16", "--pca_dim", "8", "--clusters", "2", "--out", str(tmp_path / "cache")]
+    assert train.main(argv + ["--max-steps", "2"]) == 0
+    first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "raw").iterdir()}
+    assert train.main(argv) == 0  # resumes: the two finished images are not recomputed
+    raw = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "raw").iterdir()}
+    assert len(raw) == 3 and all(raw[k] == v for k, v in first.items())
+    log = [json.loads(l) for l in (tmp_path / "cache" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 3
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert len(manifest["images"]) == 3 and manifest["classes"] == ["cluster_1", "cluster_2"]
+    for im in manifest["images"]:
+        c = load_file(str(tmp_path / "cache" / "cache" / f"{im['name']}.safetensors"))
+        assert len(c["boxes"]) == len(c["labels"]) == len(c["embeds"]) == im["boxes"]  # filtered together
+        assert torch.allclose(c["embeds"].norm(dim=1), torch.ones(len(c["embeds"])), atol=1e-5)
+        assert (c["boxes"][:, 2] >= c["boxes"][:, 3]).all() and int(c["labels"].max()) < 2
+    assert not list((tmp_path / "cache").rglob("*.tmp"))
