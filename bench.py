@@ -4,6 +4,7 @@ same run, on this machine.
     python bench.py iou    # rotated IoU of 1000 x 1000 boxes vs shapely 2 (sparse and dense scenes)
     python bench.py eval   # rotated VOC mAP on a DOTA-val-sized workload vs the devkit's per-detection loop
     python bench.py detr   # rotated DETR training steps (tiny preset, paper size) vs torchvision's Faster R-CNN
+    python bench.py sam    # the sam stage's images/s (tiny preset) and SAM ViT-B mask generation vs its image encoder alone
     python bench.py vit    # CSIA steps (tiny preset), InternViT-300M forward+backward vs torch.nn.TransformerEncoder
 """
 import argparse
@@ -264,6 +265,41 @@ def bench_vit(args):
           f"(ratio ours / torch {t_ours / t_ref:.2f})")
 
 
+def bench_sam(args):
+    """Images/s of the sam stage's per-image work at the tiny preset, and SAM ViT-B (random
+    weights, 1024 px, 32 x 32 points) mask generation. Reference: SAM's image encoder alone on the
+    same image, in the same run (the share of the prompt decoding and filtering)."""
+    import datasets
+    import mutdet
+    import train
+    from transformers import SamConfig, SamModel
+    torch.manual_seed(0)
+    cfg = train.SAM_PRESETS["tiny"]
+    root = datasets.make_synthetic(cfg.synth_root)
+    split = datasets.load_detection_split(root / "rgb" / "train", "rgb")
+    sam, trunk = mutdet.build_sam("", cfg.sam_image_size), mutdet.resnet_trunk(cfg.embed_backbone)
+    images = [split[i]["image"] for i in range(args.images)]
+
+    def tiny():
+        for im in images:
+            masks = mutdet.generate_masks(sam, im, cfg.points_per_side, cfg.points_per_batch, cfg.pred_iou_thresh,
+                                          cfg.stability_score_thresh, cfg.stability_score_offset, cfg.box_nms_thresh)
+            boxes, _ = mutdet.proposals_from_masks(masks["masks"], cfg.max_boxes)
+            norm = datasets.Normalize()(dict(image=im))["image"]
+            mutdet.object_embeddings(norm, boxes, trunk, cfg.crop, cfg.context)
+    t = _best_of(tiny, 1)[0]
+    print(f"sam stage, tiny preset ({cfg.points_per_side}^2 points, random SAM, {cfg.embed_backbone} crops "
+          f"{cfg.crop} px): {args.images / t:.2f} images/s")
+    vitb = SamModel(SamConfig()).eval()  # transformers' default SAM is ViT-B (768 wide, 12 blocks), 1024 px
+    image = (torch.rand(3, 800, 800) * 255).to(torch.uint8)
+    t_gen = _best_of(lambda: mutdet.generate_masks(vitb, image), 1)[0]  # the official thresholds
+    x = torch.randn(1, 3, 1024, 1024)
+    with torch.no_grad():
+        t_enc = _best_of(lambda: vitb.get_image_embeddings(x), 1)[0]
+    print(f"SAM ViT-B (random weights, official thresholds), one 800 px image, 32 x 32 points in batches of 64: {t_gen:.1f} s "
+          f"({1 / t_gen:.3f} images/s); its image encoder alone {t_enc:.1f} s (ratio {t_gen / t_enc:.2f})")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -281,6 +317,9 @@ def main():
     q.add_argument("--size", type=int, default=800)
     q.add_argument("--repeat", type=int, default=2)
     q.set_defaults(fn=bench_detr)
+    q = sub.add_parser("sam", help="sam stage images/s and SAM ViT-B mask generation time")
+    q.add_argument("--images", type=int, default=3)
+    q.set_defaults(fn=bench_sam)
     q = sub.add_parser("vit", help="CSIA step time and InternViT-300M forward+backward")
     q.add_argument("--batch", type=int, default=1)
     q.add_argument("--repeat", type=int, default=2)

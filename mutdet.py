@@ -393,12 +393,10 @@ def generate_masks(sam, image: torch.Tensor, points_per_side: int = 32, points_p
         stabs.append(stab[keep].cpu())
     masks, ious, stabs = torch.cat(masks), torch.cat(ious), torch.cat(stabs)
     # 5. horizontal boxes of the masks, and box NMS with the predicted IoU as score
-    boxes = torch.zeros(len(masks), 4)
-    for i, m in enumerate(masks):
-        ys, xs = torch.nonzero(m, as_tuple=True)
-        if len(xs):
-            boxes[i] = torch.tensor([xs.min(), ys.min(), xs.max(), ys.max()], dtype=torch.float32)
-    nonempty = masks.flatten(1).any(1)
+    rows, cols = masks.any(2), masks.any(1)  # (K, H), (K, W): which rows / columns a mask touches
+    boxes = torch.stack([cols.float().argmax(1), rows.float().argmax(1),
+                         W - 1 - cols.flip(1).float().argmax(1), H - 1 - rows.flip(1).float().argmax(1)], 1).float()
+    nonempty = rows.any(1)
     masks, ious, stabs, boxes = masks[nonempty], ious[nonempty], stabs[nonempty], boxes[nonempty]
     keep = batched_nms(boxes, ious, torch.zeros(len(boxes), dtype=torch.long), box_nms_thresh)
     return dict(masks=masks[keep], iou=ious[keep], stability=stabs[keep], boxes=boxes[keep])
