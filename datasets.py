@@ -529,12 +529,17 @@ def _to_polys(item):
     return tv_tensors.BoundingBoxes(polys, format="XYXYXYXY", canvas_size=(h, w), clamping_mode=None)
 
 
+PER_OBJECT = ("labels", "difficult", "embeds")  # item keys with one row per box, filtered with the boxes
+
+
 def _from_polys(item, image, polys, keep=None):
     item = dict(item)
     boxes = ro.poly2obb(polys.as_subclass(torch.Tensor).double()).float()
     if keep is not None:
         boxes = boxes[keep]
-        item["labels"], item["difficult"] = item["labels"][keep], item["difficult"][keep]
+        for key in PER_OBJECT:
+            if key in item:
+                item[key] = item[key][keep]
     item["image"], item["boxes"] = image.as_subclass(torch.Tensor), boxes
     return item
 

@@ -25,6 +25,8 @@ Differences from the official code
 
 Shape letters: B images, S memory tokens, N objects of an image, Q queries, D model width.
 """
+import json
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import datasets
 import detection
 import rotated_ops as ro
 
@@ -132,7 +135,7 @@ class MutDetPretrainer(nn.Module):
 
     def __init__(self, detector: detection.RotatedDETR, embed_dim: int, enhance: bool = True, align: bool = True,
                  siamese: bool = True, depth: int = 3, heads: int = 8, mlp: int = 2048,
-                 embed_loss: Literal["infonce", "l1"] = "infonce"):
+                 embed_loss: Literal["infonce", "l1"] = "infonce", freeze_backbone: bool = False):
         super().__init__()
         if len(detector.heads) != 1:
             raise ValueError("MutDet pre-trains one head set")
@@ -144,6 +147,9 @@ class MutDetPretrainer(nn.Module):
         if embed_loss not in ("infonce", "l1"):
             raise ValueError(f"embed_loss must be infonce or l1, got {embed_loss!r}")
         self.enhance, self.align, self.siamese, self.embed_loss = enhance, align, siamese, embed_loss
+        self.freeze_backbone = freeze_backbone
+        if freeze_backbone:  # MutDet: frozen_stages=4 and `frozen_parameters=['backbone']`; the neck trains
+            detector.backbone.requires_grad_(False)
         if not (enhance or siamese):
             raise ValueError("at least one of the enhanced and siamese branches must run")
         self.patch_enc_output, self.patch_enc_output_norm = nn.Linear(dim, dim), nn.LayerNorm(dim)
@@ -155,6 +161,12 @@ class MutDetPretrainer(nn.Module):
     def head(self) -> detection.DETRHead:
         return next(iter(self.detector.heads.values()))
 
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_backbone:  # a frozen backbone also keeps its BatchNorm statistics (norm_eval)
+            self.detector.backbone.eval()
+        return self
+
     def forward(self, images, masks, targets: list) -> dict:
         """
         Args:
@@ -164,7 +176,9 @@ class MutDetPretrainer(nn.Module):
             dict of named losses (detection terms of both branches, `*loss_embed` alignment terms).
         """
         det = self.detector
-        feats = det.neck(det.backbone(images))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
+            feats = det.backbone(images)
+        feats = det.neck(feats)
         level_masks = [F.interpolate(masks[None].float(), size=f.shape[-2:])[0].bool() for f in feats]
         tgt = self.head.prepare_targets([t["boxes"] for t in targets], [t["labels"] for t in targets],
                                         [t["size"] for t in targets])
@@ -467,3 +481,78 @@ def resnet_trunk(depth: str = "resnet50", weights: str = "") -> nn.Module:
     for p in trunk.parameters():
         p.requires_grad_(False)
     return trunk
+
+
+# ---------------------------------------------------------------------------------------------
+# The pseudo-label cache as a training set, and the pre-trained detector for fine-tuning
+# ---------------------------------------------------------------------------------------------
+
+class PseudoLabels(torch.utils.data.Dataset):
+    """A `sam` run folder (manifest.json + cache/<image>.safetensors) as a detection split: each item
+    is the image with its SAM boxes (le90, pixels of the stored image), pseudo-classes and object
+    embeddings. The transforms keep the embeddings with their boxes (datasets.PER_OBJECT).
+
+    `class_agnostic`: every box is class 0 of 1 (DETReg's objectness row, `--pseudo-classes 1`)."""
+
+    def __init__(self, root, class_agnostic: bool = False):
+        self.root = Path(root)
+        manifest = self.root / "manifest.json"
+        if not manifest.exists():
+            raise datasets.DatasetError(f"{self.root}: not a sam cache (no manifest.json); make one with "
+                                        f"`python train.py --stage sam --out {self.root}`")
+        try:
+            meta = json.loads(manifest.read_text())
+        except json.JSONDecodeError as e:
+            raise datasets.DatasetError(f"{manifest}:{e.lineno}: not valid JSON ({e.msg})") from None
+        missing = {"classes", "embed_dim", "images"} - set(meta) if isinstance(meta, dict) else {"classes"}
+        if missing:
+            raise datasets.DatasetError(f"{manifest}: not a sam manifest (no {', '.join(sorted(missing))})")
+        self.clusters, self.embed_dim, self.records = meta["classes"], meta["embed_dim"], meta["images"]
+        self.classes = ["object"] if class_agnostic else self.clusters
+        self.class_agnostic = class_agnostic
+        if not self.records:
+            raise datasets.DatasetError(f"{manifest}: the cache holds no images")
+        for r in self.records:
+            if not (self.root / "cache" / f"{r['name']}.safetensors").exists():
+                raise datasets.DatasetError(f"{self.root / 'cache' / (r['name'] + '.safetensors')}: missing "
+                                            f"(listed in {manifest}); rerun the sam stage with --out {self.root}")
+        self.modality = self.records[0]["modality"]
+        self.box_type, self.source, self.transform = "obb", 0, None
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        from safetensors.torch import load_file
+        r = self.records[i]
+        c = load_file(str(self.root / "cache" / f"{r['name']}.safetensors"))
+        image = torch.from_numpy(datasets.load_image(r["image"])).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
+        labels = torch.zeros_like(c["labels"]) if self.class_agnostic else c["labels"].long()
+        item = dict(image=image, boxes=c["boxes"].float(), labels=labels, embeds=c["embeds"].float(),
+                    difficult=torch.zeros(len(labels), dtype=torch.bool), name=r["name"], modality=r["modality"],
+                    source=0, index=i, orig_size=tuple(image.shape[-2:]))
+        return self.transform(item) if self.transform is not None else item
+
+
+CLASS_DEPENDENT = (".cls_branches.", ".label_embedding.")  # sized by the pseudo-classes
+
+
+def pretrained_detector(state: dict, modalities: list) -> tuple:
+    """The weights of a MutDet (or DETReg-row) pre-training checkpoint as fine-tuning loads them:
+    the `detector.` prefix stripped; the enhancement module, `patch_enc_*` and `feature_embed`
+    dropped (pre-training only); the class branches and the denoising label embedding dropped, so
+    they start afresh as the official fine-tuning's re-initialised 256-way head (README: "parameter
+    mismatch" warnings), also when the class counts happen to agree; the one pre-trained head set
+    copied to every head set (modality) of the fine-tuning model. Returns (state, dropped keys)."""
+    out, dropped = {}, []
+    for key, value in state.items():
+        if not key.startswith("detector.") or any(c in key for c in CLASS_DEPENDENT):
+            dropped.append(key)
+            continue
+        key = key[len("detector."):]
+        if key.startswith("heads."):
+            rest = key.split(".", 2)[2]
+            out.update({f"heads.{m}.{rest}": value for m in modalities})
+        else:
+            out[key] = value
+    return out, dropped

@@ -208,7 +208,75 @@ SAM_PRESETS = {
                        image_size=1024,
                        embed_backbone="resnet50", crop=224, pca_dim=256, clusters=256),
 }
-PRESETS = {"finetune": FINETUNE_PRESETS, "csia": CSIA_PRESETS, "sam": SAM_PRESETS}
+
+
+@dataclass
+class MutDetConfig:
+    """MutDet detection pre-training (MutDet_DOTA_Pretrain.py): ARS-DETR on the SAM boxes and
+    k-means pseudo-classes of a sam cache, with mutual enhancement, contrastive alignment and the
+    auxiliary siamese head. Each ablation row is a run: --no-enhance, --no-siamese, --embed-loss l1,
+    --pseudo-classes 1; DETReg is `--no-enhance --embed-loss l1 --pseudo-classes 1`."""
+    # data
+    data: str = ""  # a sam run folder; none = SynthSOI-RGB train, cached first by the sam stage (tiny preset)
+    synth_root: str = "data/synthsoi"  # SynthSOI, and its sam cache at <synth_root>-sam-<dim>d
+    image_size: int = 256  # paper: 1024 (DOTA 800-px crops with gap 200, RResize to 1024)
+    pseudo_classes: int = 0  # 0 = the cache's k-means clusters (paper: 256); 1 = class-agnostic (DETReg)
+    seed: int = 0
+    batch_size: int = 4  # paper: samples_per_gpu=2
+    augment: bool = True  # RRandomFlip h/v/diagonal p=0.25 each; no colour augmentation
+    rotate_p: float = 0.0  # MutDet: none
+    workers: int = 0
+    # detector (detection.build_detector)
+    backbone: Literal["resnet50", "resnet18"] = "resnet18"  # paper: ResNet-50, ImageNet weights
+    resnet: str = ""  # local torchvision ResNet weights; empty = random init
+    freeze_backbone: bool = True  # frozen_stages=4 + frozen_parameters=['backbone']; the neck trains
+    frozen_bn: bool = False  # paper: True
+    dim: int = 128  # paper: 256 (= the embedding width: the embeddings enter the enhancement raw)
+    heads: int = 4  # paper: 8
+    levels: int = 4
+    points: int = 4
+    enc_layers: int = 2  # the released R-50 config: 2 (base_ars_detr_E2D2.py); fine-tuning has 6
+    dec_layers: int = 2  # 2, as enc_layers
+    ffn: int = 256  # paper: 1024
+    dropout: float = 0.0  # paper: 0.1
+    num_queries: int = 100  # paper: 300
+    num_dn_queries: int = 30  # paper: 100
+    gn_groups: int = 32
+    # MutDet's parts (mutdet.MutDetPretrainer)
+    enhance: bool = True  # mutual enhancement + the enhanced decoding branch
+    siamese: bool = True  # the auxiliary siamese head (the plain branch)
+    align: bool = True  # the embedding (alignment) losses
+    embed_loss: Literal["infonce", "l1"] = "infonce"  # L_ca, or DETReg's L1
+    enhance_depth: int = 3
+    enhance_heads: int = 4  # paper: 8
+    enhance_mlp: int = 512  # paper: 2048
+    init: str = ""  # weights to start from (a run of this project or .safetensors file)
+    # optimisation (base_settings.py)
+    lr: float = 2e-4  # paper: 1e-4
+    weight_decay: float = 1e-5
+    lr_mult: float = 1.0  # paper: 0.1 for the parameters named in lr_mult_keys
+    lr_mult_keys: list[str] = field(default_factory=lambda: ["backbone", "sampling_offsets", "reference_points"])
+    clip: float = 35.0
+    warmup: int = 50  # paper: 500
+    warmup_ratio: float = 1 / 3
+    epochs: int = 20  # paper: 36
+    lr_steps: list[int] = field(default_factory=lambda: [18])  # paper: [32]
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    max_steps: int = 0
+    # run
+    out: str = ""  # run folder; default runs/mutdet-<time>
+    resume: str = ""
+    ckpt_every: int = 500
+
+
+MUTDET_PRESETS = {
+    "tiny": MutDetConfig(),
+    "paper": MutDetConfig(image_size=1024, batch_size=2, backbone="resnet50", frozen_bn=True, dim=256, heads=8,
+                          ffn=1024, dropout=0.1, num_queries=300, num_dn_queries=100, enhance_heads=8,
+                          enhance_mlp=2048, lr=1e-4, lr_mult=0.1, warmup=500, epochs=36, lr_steps=[32], workers=4,
+                          ckpt_every=2000),
+}
+PRESETS = {"finetune": FINETUNE_PRESETS, "csia": CSIA_PRESETS, "sam": SAM_PRESETS, "mutdet": MUTDET_PRESETS}
 
 
 def _parse_bool(s: str) -> bool:
@@ -228,8 +296,10 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, presets: dict) -> Non
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=values)
         if get_origin(f.type) is Literal:
             kw.update(choices=list(get_args(f.type)))
-        elif f.type is bool:
-            kw.update(type=_parse_bool, metavar="true|false")
+        elif f.type is bool:  # --enhance, --enhance false, --no-enhance
+            kw.update(type=_parse_bool, metavar="true|false", nargs="?", const=True)
+            parser.add_argument(*[f"--no-{n[2:]}" for n in names], dest=f.name, action="store_false",
+                                default=argparse.SUPPRESS, help=f"same as --{f.name} false")
         elif get_origin(f.type) is list:
             kw.update(nargs="*", type=get_args(f.type)[0])
         else:
@@ -579,7 +649,16 @@ def finetune(cfg: FinetuneConfig) -> int:
         model = babelrs.build_detector(**margs).to(device)
         if cfg.init and not cfg.resume:
             state = read_weights(cfg.init)
-            if cfg.backbone == "vit" and not any(k.startswith(("heads.", "backbone.")) for k in state):
+            if any(k.startswith("detector.") for k in state):  # a mutdet run: its detector, class heads afresh
+                state, dropped = mutdet.pretrained_detector(state, list(model.heads))
+                groups = {}
+                for k in dropped:
+                    group = k.split(".")[0] if not k.startswith("detector.") else "class head (pseudo-classes)"
+                    groups[group] = groups.get(group, 0) + 1
+                print(f"--init {cfg.init}: a MutDet pre-training run; dropped " +
+                      ", ".join(f"{g} ({n} tensors)" for g, n in groups.items()))
+                load_init(model, cfg.init, state)
+            elif cfg.backbone == "vit" and not any(k.startswith(("heads.", "backbone.")) for k in state):
                 # the ViT of a csia run, the BabelRS release, InternVL, or a transformers CLIP / DINOv2
                 babelrs.load_vit_weights(model.backbone.vit, cfg.init, family=cfg.vit_family)
                 print(f"--init {cfg.init}: loaded the ViT (patch and positions resized to {cfg.vit_patch} px, "
@@ -811,22 +890,87 @@ def sam_stage(cfg: SAMConfig) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# The mutdet stage (MutDet detection pre-training)
+# ---------------------------------------------------------------------------------------------
+
+def synth_sam_cache(cfg: MutDetConfig, rank: int) -> str:
+    """SynthSOI-RGB train through the sam stage's tiny preset, once (reused by later runs)."""
+    cache = Path(f"{cfg.synth_root}-sam-{cfg.dim}d")
+    if rank == 0 and not (cache / "manifest.json").exists():
+        print(f"mutdet: no --data; caching SynthSOI-RGB's SAM proposals first in {cache}")
+        status = sam_stage(dataclasses.replace(SAM_PRESETS["tiny"], synth_root=cfg.synth_root, out=str(cache),
+                                               pca_dim=cfg.dim, seed=cfg.seed))
+        if status:
+            raise SystemExit(status)
+    barrier()
+    return str(cache)
+
+
+def mutdet_stage(cfg: MutDetConfig) -> int:
+    rank, world, device = setup_distributed()
+    torch.manual_seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+    cache = cfg.data or synth_sam_cache(cfg, rank)
+    if cfg.pseudo_classes < 0:
+        raise SystemExit(f"error: --pseudo_classes must be 0 (the cache's clusters), 1 or the cache's count")
+    data = mutdet.PseudoLabels(cache, class_agnostic=cfg.pseudo_classes == 1)
+    if cfg.pseudo_classes > 1 and cfg.pseudo_classes != len(data.clusters):
+        raise datasets.DatasetError(f"{cache}: holds {len(data.clusters)} k-means clusters, not --pseudo_classes "
+                                    f"{cfg.pseudo_classes}; rerun the sam stage with --clusters {cfg.pseudo_classes}")
+    sources = [dict(modality=data.modality, classes=data.classes, box_type="obb")]
+    try:
+        detector = detection.build_detector(sources, cfg.backbone, cfg.resnet, cfg.frozen_bn, cfg.dim, cfg.heads,
+                                            cfg.levels, cfg.points, cfg.enc_layers, cfg.dec_layers, cfg.ffn,
+                                            cfg.dropout, cfg.num_queries, cfg.num_dn_queries, cfg.gn_groups)
+        model = mutdet.MutDetPretrainer(detector, data.embed_dim, cfg.enhance, cfg.align, cfg.siamese,
+                                        cfg.enhance_depth, cfg.enhance_heads, cfg.enhance_mlp, cfg.embed_loss,
+                                        cfg.freeze_backbone).to(device)
+        if cfg.init and not cfg.resume:
+            load_init(model, cfg.init)
+    except (ValueError, FileNotFoundError) as e:  # embeddings of another width, a bad weight file
+        raise datasets.DatasetError(f"{cache}: {e}" if "embeddings" in str(e) else str(e)) from None
+    run = run_folder(cfg, "mutdet", rank)
+    per_step = cfg.batch_size * world
+    steps_per_epoch = max(1, len(data) // per_step)
+    total = cfg.epochs * steps_per_epoch
+    end = min(total, cfg.max_steps) if cfg.max_steps else total
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    start = resume(run, model, optimizer, scaler, rank) if cfg.resume else 0
+    if rank == 0:
+        datasets.atomic_write_text(run / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"mutdet: {len(data)} images of {cache}, {len(data.classes)} classes, {trained / 1e6:.1f}M trained "
+              f"parameters, {end} steps ({steps_per_epoch} an epoch)")
+
+    def forward(net, batch, step):
+        targets = [dict(boxes=b, labels=l, size=s, embeds=e)
+                   for b, l, s, e in zip(batch["boxes"], batch["labels"], batch["size"], batch["embeds"])]
+        return net(batch["images"].to(device), batch["masks"].to(device), targets), {}
+
+    sampler = datasets.MultiSourceSampler([len(data)], [cfg.batch_size], cfg.seed, rank, world)
+    status = train_steps(cfg, run, model, optimizer, scaler, StepBatches([data], sampler, cfg, rank), start, end,
+                         lambda step: lr_at(step, cfg, steps_per_epoch), forward, per_step, "mutdet",
+                         find_unused=True)  # an ablation row leaves modules unused (no enhancement, no alignment)
+    shutdown_distributed()
+    return status
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
-STAGES = {"finetune": (FinetuneConfig, finetune), "csia": (CSIAConfig, csia), "sam": (SAMConfig, sam_stage)}
-LATER = {"mutdet": "pre-training on a sam cache is still to be written (its model is mutdet.MutDetPretrainer)"}
+STAGES = {"finetune": (FinetuneConfig, finetune), "csia": (CSIAConfig, csia), "sam": (SAMConfig, sam_stage),
+          "mutdet": (MutDetConfig, mutdet_stage)}
 
 
 def parse_config(argv=None):
     """(stage, config) from the command line: the preset, then the flags given, or the stored
     config of --resume DIR with the flags given on top."""
     head = argparse.ArgumentParser(add_help=False)
-    head.add_argument("--stage", choices=list(STAGES) + list(LATER), default="finetune")
+    head.add_argument("--stage", choices=list(STAGES), default="finetune")
     head.add_argument("--preset", default="tiny", help="tiny | paper (finetune also: babelrs-tiny | babelrs)")
     known, _ = head.parse_known_args(argv)
-    if known.stage in LATER:
-        raise SystemExit(f"--stage {known.stage} is not available yet: {LATER[known.stage]}")
     cls, _ = STAGES[known.stage]
     if known.preset not in PRESETS[known.stage]:
         raise SystemExit(f"--preset {known.preset}: the {known.stage} stage has presets {', '.join(PRESETS[known.stage])}")

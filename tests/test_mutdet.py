@@ -96,6 +96,18 @@ def test_pretrainer_losses_and_gradients():
     assert "head.query_embed.weight" not in model.state_dict()  # the head set is stored once
 
 
+def test_frozen_backbone_keeps_weights_and_statistics():
+    model = _pretrainer(freeze_backbone=True).train()
+    before = {k: v.clone() for k, v in model.detector.backbone.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    sum(model(*_batch()).values()).backward()
+    opt.step()
+    assert not model.detector.backbone.training and model.detector.neck.training
+    assert all(p.grad is None for p in model.detector.backbone.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.detector.backbone.state_dict().items())
+    assert model.detector.neck.convs[0][0].weight.grad is not None  # the neck trains (only the backbone is frozen)
+
+
 def test_detreg_row_and_switches():
     images, masks, targets = _batch()
     losses = _pretrainer(enhance=False, align=False)(images, masks, targets)
@@ -273,3 +285,90 @@ def test_sam_stage_caches_and_resumes(tmp_path):
         assert torch.allclose(c["embeds"].norm(dim=1), torch.ones(len(c["embeds"])), atol=1e-5)
         assert (c["boxes"][:, 2] >= c["boxes"][:, 3]).all() and int(c["labels"].max()) < 2
     assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py --stage mutdet and fine-tuning from it
+# ---------------------------------------------------------------------------------------------
+
+MODEL = ["--dim", "16", "--heads", "2", "--enc_layers", "1", "--dec_layers", "1", "--ffn", "16",
+         "--num_queries", "8", "--num_dn_queries", "4", "--gn_groups", "4"]
+
+
+@pytest.fixture(scope="module")
+def sam_cache(tmp_path_factory):
+    import datasets
+    import train
+    root = tmp_path_factory.mktemp("mutdet")
+    synth = datasets.make_synthetic(root / "synth", n_train=4, n_test=2, size=64, max_objects=2, modalities=("rgb",))
+    assert train.main(["--stage", "sam", "--data", f"rgb:{synth / 'rgb'}", "--points_per_side", "3",
+                       "--sam_image_size", "64", "--image_size", "64", "--crop", "16", "--pca_dim", "16",
+                       "--clusters", "3", "--out", str(root / "cache")]) == 0
+    return root
+
+
+def test_cache_items_keep_embeddings_with_their_boxes(sam_cache):
+    import random
+    import datasets
+    data = mutdet.PseudoLabels(sam_cache / "cache")
+    item = data[0]
+    assert len(item["boxes"]) == len(item["labels"]) == len(item["embeds"]) > 0 and len(data.classes) == 3
+    assert mutdet.PseudoLabels(sam_cache / "cache", class_agnostic=True)[0]["labels"].max() == 0
+    # a rotation that pushes objects out drops their embeddings with them, row for row
+    item["embeds"] = torch.arange(len(item["boxes"]), dtype=torch.float)[:, None].repeat(1, 2)
+    item["labels"] = torch.arange(len(item["boxes"]))
+    out = datasets.RandomRotate(1.0, generator=random.Random(3))(item)
+    assert torch.equal(out["embeds"][:, 0].long(), out["labels"]) and len(out["embeds"]) == len(out["boxes"])
+
+
+def test_cache_errors_name_the_file(sam_cache, tmp_path):
+    import datasets
+    with pytest.raises(datasets.DatasetError, match="no manifest.json"):
+        mutdet.PseudoLabels(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"classes": [],\n "images": [,]}')
+    with pytest.raises(datasets.DatasetError, match=r"manifest.json:2: not valid JSON"):
+        mutdet.PseudoLabels(tmp_path)
+
+
+def test_mutdet_stage_trains_resumes_and_feeds_finetuning(sam_cache, capsys):
+    import json
+    from safetensors.torch import load_file
+    import train
+    data = ["--data", str(sam_cache / "cache"), "--image_size", "64", "--batch_size", "2", "--enhance_heads", "2",
+            "--enhance_mlp", "16"]
+    straight, split = sam_cache / "straight", sam_cache / "split"
+    assert train.main(["--stage", "mutdet"] + MODEL + data + ["--max-steps", "3", "--out", str(straight)]) == 0
+    assert train.main(["--stage", "mutdet"] + MODEL + data + ["--max-steps", "2", "--out", str(split)]) == 0
+    assert train.main(["--stage", "mutdet", "--resume", str(split), "--max-steps", "3"]) == 0
+    logs = [[json.loads(l) for l in (r / "log.jsonl").read_text().splitlines()] for r in (straight, split)]
+    assert [r["step"] for r in logs[1]] == [1, 2, 3]
+    for a, b in zip(*logs):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert {"p_loss_embed", "p_enc_loss_embed", "loss_embed", "dn_loss_embed", "p_loss_cls"} <= set(logs[0][-1])
+    weights = load_file(str(straight / "model.safetensors"))
+
+    # the DETReg row: no enhancement, L1, class-agnostic
+    assert train.main(["--stage", "mutdet"] + MODEL + data + ["--no-enhance", "--embed-loss", "l1",
+                                                              "--pseudo-classes", "1", "--max-steps", "1",
+                                                              "--out", str(sam_cache / "detreg")]) == 0
+    row = json.loads((sam_cache / "detreg" / "log.jsonl").read_text().splitlines()[-1])
+    assert "loss_embed" in row and not any(k.startswith("p_") for k in row)
+    assert load_file(str(sam_cache / "detreg" / "model.safetensors"))["detector.heads.rgb.cls_branches.0.bias"].shape == (1,)
+
+    # fine-tuning from the MutDet run: prefix stripped, pre-training modules dropped, class head afresh
+    capsys.readouterr()
+    synth = sam_cache / "synth" / "rgb"
+    assert train.main(MODEL + ["--data", f"rgb:{synth}", "--image_size", "64", "--batch_size", "2", "--eval", "false",
+                               "--init", str(straight), "--max-steps", "1", "--lr", "0",
+                               "--out", str(sam_cache / "ft")]) == 0
+    printed = capsys.readouterr().out
+    assert "a MutDet pre-training run; dropped" in printed and "enhancement (" in printed
+    assert "feature_embed (" in printed and "class head (pseudo-classes)" in printed
+    assert "missing: heads.rgb.cls_branches.0.weight" in printed and "unexpected:" not in printed
+    tuned = load_file(str(sam_cache / "ft" / "model.safetensors"))
+    neck = [k for k in tuned if k.startswith("neck.")][0]
+    assert torch.equal(tuned[neck], weights["detector." + neck])  # lr 0: loaded as pre-trained
+    assert torch.equal(tuned["heads.rgb.query_embed.weight"], weights["detector.heads.rgb.query_embed.weight"])
+    import datasets  # the fine-tuning split's classes, not the 3 clusters
+    classes = datasets.load_detection_split(datasets.find_split(synth, "train"), "rgb").classes
+    assert tuned["heads.rgb.cls_branches.0.weight"].shape[0] == len(classes) != 3
