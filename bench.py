@@ -5,6 +5,7 @@ same run, on this machine.
     python bench.py eval   # rotated VOC mAP on a DOTA-val-sized workload vs the devkit's per-detection loop
     python bench.py detr   # rotated DETR training steps (tiny preset, paper size) vs torchvision's Faster R-CNN
     python bench.py sam    # the sam stage's images/s (tiny preset) and SAM ViT-B mask generation vs its image encoder alone
+    python bench.py mutdet # MutDet pre-training steps (tiny preset, paper size) vs the DETReg row (one plain pass)
     python bench.py vit    # CSIA steps (tiny preset), InternViT-300M forward+backward vs torch.nn.TransformerEncoder
 """
 import argparse
@@ -14,6 +15,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import eval as ev
 import rotated_ops as ro
@@ -300,6 +302,55 @@ def bench_sam(args):
           f"({1 / t_gen:.3f} images/s); its image encoder alone {t_enc:.1f} s (ratio {t_gen / t_enc:.2f})")
 
 
+def bench_mutdet(args):
+    """One MutDet pre-training step (enhanced branch + siamese branch + alignment). Reference: the
+    DETReg row (`--no-enhance --embed-loss l1`: one plain decoding pass) on the same batch, in the
+    same run: the ratio is the cost of mutual enhancement and the second decoding pass."""
+    import datasets
+    import detection
+    import mutdet
+    import train
+    torch.manual_seed(0)
+    print(f"MutDet pre-training steps, torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    def build(cfg, classes, enhance):
+        sources = [dict(modality="rgb", classes=classes, box_type="obb")]
+        det = detection.build_detector(sources, cfg.backbone, "", cfg.frozen_bn, cfg.dim, cfg.heads, cfg.levels,
+                                       cfg.points, cfg.enc_layers, cfg.dec_layers, cfg.ffn, cfg.dropout,
+                                       cfg.num_queries, cfg.num_dn_queries, cfg.gn_groups)
+        return mutdet.MutDetPretrainer(det, cfg.dim, enhance, True, True, cfg.enhance_depth, cfg.enhance_heads,
+                                       cfg.enhance_mlp, "infonce" if enhance else "l1", cfg.freeze_backbone).train()
+
+    def report(name, cfg, batch, classes):
+        targets = [dict(boxes=b, labels=l, size=s, embeds=e)
+                   for b, l, s, e in zip(batch["boxes"], batch["labels"], batch["size"], batch["embeds"])]
+        times = []
+        for enhance in (True, False):
+            model = build(cfg, classes, enhance)
+            times.append(_train_step_time(model, lambda: sum(model(batch["images"], batch["masks"], targets).values()),
+                                          args.repeat))
+        n, k = len(batch["boxes"]), sum(len(b) for b in batch["boxes"]) / len(batch["boxes"])
+        print(f"  {name} ({cfg.backbone}, {cfg.enc_layers}/{cfg.dec_layers} layers, {cfg.num_queries} queries, "
+              f"{batch['images'].shape[-1]} px, batch {n}, {k:.0f} boxes an image): MutDet {times[0]:.2f} s a step "
+              f"({n / times[0]:.2f} samples/s); DETReg row {times[1]:.2f} s; ratio {times[0] / times[1]:.2f}")
+
+    # tiny preset on the SynthSOI sam cache, batches exactly as train.py builds them
+    cfg = train.MUTDET_PRESETS["tiny"]
+    data = mutdet.PseudoLabels(train.synth_sam_cache(cfg, 0))
+    batch = train.StepBatches([data], datasets.MultiSourceSampler([len(data)], [cfg.batch_size]), cfg, 0)[0]
+    report("tiny preset", cfg, batch, data.classes)
+    # paper size: 1024 px, batch 2, 256 pseudo-classes, `--boxes` SAM boxes an image
+    cfg = train.MUTDET_PRESETS["paper"]
+    g = torch.Generator().manual_seed(0)
+    B, size, K = 2, cfg.image_size, args.boxes
+    boxes = [_boxes(K, size, seed).float() for seed in range(B)]
+    batch = dict(images=torch.randn(B, 3, size, size, generator=g), masks=torch.zeros(B, size, size, dtype=torch.bool),
+                 boxes=boxes, labels=[torch.randint(0, 256, (K,), generator=g) for _ in range(B)],
+                 size=[(size, size)] * B, embeds=[F.normalize(torch.randn(K, cfg.dim, generator=g), dim=-1)
+                                                  for _ in range(B)])
+    report("paper size", cfg, batch, [f"cluster_{i + 1}" for i in range(256)])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -320,6 +371,10 @@ def main():
     q = sub.add_parser("sam", help="sam stage images/s and SAM ViT-B mask generation time")
     q.add_argument("--images", type=int, default=3)
     q.set_defaults(fn=bench_sam)
+    q = sub.add_parser("mutdet", help="MutDet pre-training step time vs the DETReg row")
+    q.add_argument("--boxes", type=int, default=200, help="SAM boxes an image at paper size")
+    q.add_argument("--repeat", type=int, default=2)
+    q.set_defaults(fn=bench_mutdet)
     q = sub.add_parser("vit", help="CSIA step time and InternViT-300M forward+backward")
     q.add_argument("--batch", type=int, default=1)
     q.add_argument("--repeat", type=int, default=2)

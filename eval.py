@@ -10,7 +10,13 @@
 
 - `evaluate_run`: scores a train.py run folder on the test split of each of its sources.
 
+- `format_table_runs`: the papers' tables (BabelRS Tab. 2-5, Fig. 6; MutDet Tab. 2, 10 % data) over
+  run folders, beside the published numbers (`PAPER`); `plot_runs`: the figures (BabelRS Fig. 2, 4,
+  7; MutDet's loss terms; detections drawn on an image).
+
 Command line: `python eval.py --run DIR` scores a run and writes `DIR/metrics.json`;
+`python eval.py --table NAME RUN... [--out FILE]` prints a table as Markdown (and writes FILE.md,
+FILE.csv); `python eval.py --plot RUN... [--out DIR] [--image PATH]` draws the figures;
 `python eval.py --dets DIR --ann DIR [--metric 11point|area] [--iou 0.5 0.75]` scores DOTA Task1
 files against a DOTA (or DIOR-R) annotation folder.
 """
@@ -463,6 +469,364 @@ def format_run_metrics(metrics: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# The papers' tables (eval.py --table NAME RUN...): our runs beside the published numbers
+# ---------------------------------------------------------------------------------------------
+
+# Published numbers, in percent, in each table's column order. Sources: BabelRS (arXiv 2603.01758)
+# Tab. 2-5 and Fig. 6 (read off the vector figure); MutDet (arXiv 2407.09920) Tab. 2, from the
+# official repository's .github/images/Results_on_DIOR_DOTA.png. NaN: the run diverged under AMP.
+NAN = float("nan")
+PAPER = {
+    "babelrs-table2": dict(cite="BabelRS Tab. 2, SOI-Det test (ConvNeXt-T baselines from SM3Det; BabelRS ViT-L)", rows={
+        "Simple Joint Training": (77.56, 47.05, 84.11, 53.46, 76.37, 45.18, 73.28, 44.99, 47.57),
+        "DA": (79.76, 48.37, 84.93, 53.86, 78.47, 46.23, 77.43, 48.21, 49.23),
+        "UniDet": (79.55, 48.47, 84.70, 53.81, 78.28, 46.49, 77.17, 47.99, 49.24),
+        "Uncertainty loss": (79.99, 48.79, 84.81, 53.43, 78.73, 46.94, 77.96, 48.78, 49.57),
+        "SM3Det": (80.68, 50.20, 89.94, 60.64, 77.88, 46.47, 77.99, 48.87, 51.31),
+        "BabelRS": (81.32, 51.57, 91.70, 63.30, 77.73, 46.96, 79.63, 51.32, 53.02)}),
+    "babelrs-table3": dict(cite="BabelRS Tab. 3, SOI-Det test, ViT-L pre-trainings, same fine-tuning", rows={
+        "CLIP": (65.21, 36.12, 72.70, 42.00, 62.67, 33.56, 63.83, 36.74, 37.12),
+        "MAE": (72.36, 42.84, 70.64, 39.48, 73.35, 43.43, 71.46, 45.11, 42.54),
+        "BEiT": (76.50, 44.59, 81.90, 50.10, 76.39, 43.14, 70.34, 42.35, 44.94),
+        "BEiTv2": (77.63, 44.67, 78.50, 46.70, 78.01, 43.36, 75.48, 46.14, 45.35),
+        "DINOv2": (74.79, 45.02, 72.74, 41.38, 76.53, 46.23, 72.04, 45.74, 44.34),
+        "RemoteCLIP": (66.37, 37.17, 73.90, 43.30, 63.57, 34.36, 65.74, 38.27, 38.30),
+        "SatMAE": (74.49, 42.51, 79.70, 47.90, 73.86, 40.84, 70.12, 41.07, 43.03),
+        "ScaleMAE": (74.09, 42.52, 78.80, 46.50, 73.22, 41.01, 71.07, 42.30, 43.15),
+        "BabelRS": (81.32, 51.57, 91.70, 63.30, 77.73, 46.96, 79.63, 51.32, 53.02)}),
+    # iterations: Fig. 2 (where each run exploded; the schedule has 33,468)
+    "babelrs-table4": dict(cite="BabelRS Tab. 4 (AMP fine-tuning) and Fig. 2 (iterations survived)", rows={
+        "MAE": (NAN, NAN, NAN, NAN), "BEiTv2": (NAN, NAN, NAN, 10400), "DINOv2": (NAN, NAN, NAN, 17100),
+        "ScaleMAE": (NAN, NAN, NAN, 4300), "CLIP": (64.58, 35.62, 36.68, NAN), "RemoteCLIP": (65.97, 36.82, 37.72, NAN),
+        "SatMAE": (70.49, 39.45, 40.00, NAN), "BEiT": (75.74, 43.82, 44.35, NAN),
+        "BabelRS": (79.13, 50.17, 51.52, 33468)}),
+    "babelrs-table5": dict(cite="BabelRS Tab. 5, merge strategies (Fig. 5), SOI-Det", rows={
+        "Baseline (last layer only)": (49.33, 50.67), "(a) concat": (50.25, 51.60), "(b) element-wise sum": (50.31, 51.55),
+        "(c) per-layer projectors + LVSA": (49.88, 50.92), "(d) LVSA + shared projector": (51.57, 53.02)}),
+    "babelrs-fig6": dict(cite="BabelRS Fig. 6 (read off the figure): left pre-training steps (τ 6k), right τ (20k steps, AMP)",
+                         rows={**{f"steps {k}k": (k * 1000, 6000, m, h) for k, m, h in (
+                             (2, 50.98, 52.39), (4, 51.18, 52.63), (6, 50.40, 51.63), (8, 50.70, 51.81), (10, 51.01, 52.11),
+                             (12, 51.23, 52.66), (14, 51.20, 52.70), (16, 51.22, 52.74), (18, 51.35, 52.83),
+                             (20, 51.57, 53.02), (22, 51.58, 52.88), (24, 51.25, 52.79))},
+                               **{f"τ {t}k (AMP)": (20000, t * 1000, m, h) for t, m, h in (
+                                   (0, 48.69, 50.03), (2, 49.23, 50.67), (4, 49.47, 50.81), (6, 49.61, 50.95),
+                                   (8, 49.55, 50.89), (10, 49.69, 50.83))}}),
+    "mutdet-table2": dict(cite="MutDet Tab. 2, DIOR-R test, ARS-DETR R-50 (VOC07 11-point AP)", classes=(
+        "APL", "APO", "BF", "BC", "BR", "CH", "DAM", "ESA", "ETS", "GF", "GTF", "HA", "OP", "SH", "STA", "STO", "TC",
+        "TS", "VE", "WM"), rows={
+        "-": (67.3, 52.0, 75.7, 81.7, 41.6, 77.1, 36.2, 80.8, 71.7, 73.8, 78.2, 35.5, 56.7, 84.5, 66.0, 72.9, 81.3, 59.0,
+              50.2, 71.8, 65.7, 45.7),
+        "UP-DETR": (68.1, 54.7, 77.6, 81.9, 42.5, 78.5, 33.9, 82.9, 73.8, 78.5, 78.3, 43.4, 55.4, 85.6, 69.1, 73.3, 81.0,
+                    61.0, 50.5, 71.7, 67.1, 48.4),
+        "AlignDet": (67.6, 53.4, 73.4, 81.2, 40.4, 77.1, 38.4, 81.1, 71.6, 73.4, 78.1, 35.8, 54.7, 84.6, 69.7, 73.2, 80.7,
+                     59.7, 49.6, 71.5, 65.8, 45.8),
+        "DETReg": (69.0, 55.5, 75.7, 82.4, 45.4, 78.6, 35.6, 81.7, 72.4, 78.8, 78.2, 46.1, 57.7, 87.6, 71.5, 76.0, 81.3,
+                   60.6, 52.9, 72.1, 67.9, 49.1),
+        "MutDet": (75.1, 60.5, 78.8, 84.7, 45.4, 81.2, 39.6, 85.7, 77.0, 78.0, 81.9, 52.1, 57.8, 88.2, 78.8, 77.4, 84.7,
+                   60.2, 54.2, 72.4, 70.7, 51.2)}),
+    "mutdet-10pct": dict(cite="MutDet abstract: with 10% of DIOR-R, MutDet is +6.1 AP50 above DETReg (absolute "
+                              "values not published)", rows={}),
+}
+TABLES = tuple(PAPER)
+MERGE_NAMES = {"last": "Baseline (last layer only)", "concat": "(a) concat", "sum": "(b) element-wise sum",
+               "per-layer": "(c) per-layer projectors + LVSA", "lvsa": "(d) LVSA + shared projector"}
+
+
+def read_log(run) -> list:
+    """log.jsonl of a run as a list of dicts (a non-finite loss is stored as NaN)."""
+    import json
+    path = Path(run) / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def run_facts(run) -> dict:
+    """What a table needs to know about a fine-tuning run: its metrics (None when it did not
+    finish), the steps it trained, whether it diverged, and what it started from, read from its
+    config.json and that of its --init run (a csia or mutdet run, or other ViT weights)."""
+    import json
+    run = Path(run)
+    if not (run / "config.json").exists():
+        raise datasets.DatasetError(f"{run}: not a run folder (no config.json)")
+    cfg = json.loads((run / "config.json").read_text())
+    steps = [r for r in read_log(run) if "loss" in r]
+    facts = dict(run=run.name, amp=cfg.get("amp", "off"), data_fraction=cfg.get("data_fraction", 1.0),
+                 steps=steps[-1]["step"] if steps else 0,
+                 diverged=bool(steps) and not np.isfinite(steps[-1]["loss"]),
+                 metrics=json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else None,
+                 init="random", label="random init")
+    init = cfg.get("init", "")
+    init_cfg = Path(init) / "config.json"
+    if init and init_cfg.exists():
+        icfg = json.loads(init_cfg.read_text())
+        if "merge" in icfg:  # a csia run
+            facts.update(init="csia", merge=icfg["merge"], csia_steps=icfg["max_steps"] or icfg["steps"],
+                         tau=icfg["tau"], label="BabelRS (CSIA + LVSA)" if icfg["merge"] == "lvsa" else
+                         f"CSIA, {MERGE_NAMES[icfg['merge']]}")
+        elif "enhance" in icfg:  # a mutdet run: DETReg's row or MutDet (with its switches)
+            detreg = not icfg["enhance"] and icfg["embed_loss"] == "l1" and icfg["pseudo_classes"] == 1
+            off = [n for n in ("enhance", "siamese", "align") if not icfg[n]]
+            label = "DETReg" if detreg else "MutDet" + (f" (no {', no '.join(off)})" if off else "") + \
+                (", L1" if icfg["embed_loss"] == "l1" and not detreg else "")
+            facts.update(init="mutdet", label=label)
+    elif init:
+        facts.update(init=cfg.get("vit_family", "weights"), label={"clip": "CLIP", "dinov2": "DINOv2"}.get(
+            cfg.get("vit_family"), Path(init).name))
+    return facts
+
+
+def _cells(name: str, f: dict, classes=()) -> list:
+    """Our numbers (percent) of one run in the column order of table `name`."""
+    m = f["metrics"]
+    if name in ("babelrs-table2", "babelrs-table3"):
+        if m is None:
+            return [NAN] * 9
+        src = m["sources"]
+        per = [src[mod][k] if mod in src else NAN for mod in ("sar", "rgb", "ir") for k in ("ap50", "map")]
+        return [100 * v for v in [m.get("overall_ap50", NAN), m.get("overall_map", NAN)] + per + [m.get("h_map", NAN)]]
+    if name == "babelrs-table4":
+        vals = [NAN] * 3 if m is None else [100 * m.get(k, NAN) for k in ("overall_ap50", "overall_map", "h_map")]
+        return vals + [f["steps"]]
+    if name == "babelrs-table5":
+        return [NAN] * 2 if m is None else [100 * m.get(k, NAN) for k in ("overall_map", "h_map")]
+    if name == "babelrs-fig6":
+        scores = [NAN] * 2 if m is None else [100 * m.get(k, NAN) for k in ("overall_map", "h_map")]
+        tau = f.get("tau", NAN)
+        return [f.get("csia_steps", NAN), int(tau) if float(tau).is_integer() else tau] + scores
+    # MutDet: VOC07 11-point AP50 per class, then AP50 and AP75 (one source)
+    r = next(iter(m["sources"].values())) if m else None
+    if name == "mutdet-10pct":
+        return [100 * f["data_fraction"]] + ([NAN] * 2 if r is None else [100 * r["voc07_ap50"], 100 * r["voc07_ap75"]])
+    ap = {} if r is None else r["per_class"]["voc07_ap50"]
+    per = [100 * ap[c] if ap.get(c) is not None else NAN for c in classes]
+    return per + ([NAN] * 2 if r is None else [100 * r["voc07_ap50"], 100 * r["voc07_ap75"]])
+
+
+def _columns(name: str, classes=()) -> list:
+    """Column headers of table `name`; in Tab. 2/3 pairs of columns are shown as "AP50 / mAP" cells."""
+    if name in ("babelrs-table2", "babelrs-table3"):
+        return [f"{d} {k}" for d in ("Overall", "SAR", "RGB", "IR") for k in ("AP50", "mAP")] + ["H-mAP"]
+    if name == "babelrs-table4":
+        return ["AP50", "mAP", "H-mAP", "iterations"]
+    if name == "babelrs-table5":
+        return ["mAP", "H-mAP"]
+    if name == "babelrs-fig6":
+        return ["CSIA steps", "τ", "mAP", "H-mAP"]
+    if name == "mutdet-10pct":
+        return ["data %", "AP50", "AP75"]
+    return list(classes) + ["AP50", "AP75"]
+
+
+def _markdown(columns, rows, paired: bool) -> str:
+    def fmt(v):
+        if isinstance(v, str):
+            return v
+        if isinstance(v, int):  # iterations, steps, τ
+            return str(v)
+        if not np.isfinite(v):
+            return "NaN"
+        return f"{v:.0f}" if float(v).is_integer() and abs(v) >= 100 else f"{v:.2f}"
+    if paired:  # "AP50 / mAP" cells as in BabelRS Tab. 2/3
+        heads = [columns[i].rsplit(" ", 1)[0] for i in range(0, len(columns) - 1, 2)] + [columns[-1]]
+        rows = [(label, [f"{fmt(v[i])} / {fmt(v[i + 1])}" for i in range(0, len(v) - 1, 2)] + [fmt(v[-1])])
+                for label, v in rows]
+        columns = [h + (" AP50 / mAP" if h != "H-mAP" else "") for h in heads]
+    lines = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += ["| " + label + " | " + " | ".join(fmt(v) for v in vals) + " |" for label, vals in rows]
+    return "\n".join(lines)
+
+
+def format_table_runs(name: str, runs: list) -> dict:
+    """Table `name` over run folders, ours first, then the paper's rows: dict(markdown, csv)."""
+    if name not in PAPER:
+        raise datasets.DatasetError(f"--table {name}: choose one of {', '.join(TABLES)}")
+    facts = [run_facts(r) for r in runs]
+    paired = name in ("babelrs-table2", "babelrs-table3")
+    classes = ()
+    if name == "mutdet-table2":
+        done = [f["metrics"] for f in facts if f["metrics"]]
+        classes = next(iter(done[0]["sources"].values()))["classes"] if done else ()
+    ours = []
+    for f in facts:
+        label = {"babelrs-table2": f["run"], "babelrs-table5": MERGE_NAMES.get(f.get("merge"), f["label"]),
+                 "babelrs-fig6": f"{f['label']}" + (" (AMP)" if f["amp"] != "off" else "")}.get(name, f["label"])
+        if f["metrics"] is None:
+            label += " (diverged)" if f["diverged"] else " (unfinished)"
+        ours.append((label, _cells(name, f, classes)))
+    paper = PAPER[name]
+    text = [f"**{name}**, ours ({len(runs)} runs)", "", _markdown(_columns(name, classes), ours, paired), "",
+            f"Paper: {paper['cite']}"]
+    if paper["rows"]:
+        text += ["", _markdown(_columns(name, paper.get("classes", ())), list(paper["rows"].items()), paired)]
+    csv = ["source,row," + ",".join(_columns(name, classes))]
+    csv += [f"ours,{label},{','.join(f'{v:.4g}' for v in vals)}" for label, vals in ours]
+    if "classes" not in paper:  # the same columns: the paper's rows go into the same file
+        csv += [f"paper,{label},{','.join(f'{v:.4g}' for v in vals)}" for label, vals in paper["rows"].items()]
+    return dict(markdown="\n".join(text) + "\n", csv="\n".join(csv) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures (eval.py --plot RUN...)
+# ---------------------------------------------------------------------------------------------
+
+def _smooth(y: np.ndarray, window: int) -> np.ndarray:
+    """Moving average that keeps a trailing NaN (a run that diverged ends in NaN)."""
+    if len(y) < window or window <= 1:
+        return y
+    kernel = np.ones(window) / window
+    return np.concatenate([y[:window - 1], np.convolve(y, kernel, mode="valid")])
+
+
+def plot_curves(runs: list, path, keys=("loss",), window: int = 10, title: str = "") -> None:
+    """One panel per log key (training loss: BabelRS Fig. 4; loss and grad_norm under AMP: Fig. 7),
+    one line per run; a run that diverged ends with a cross at its last finite step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 3.8), squeeze=False)
+    for run in runs:
+        log = [r for r in read_log(run) if "loss" in r]
+        steps = np.array([r["step"] for r in log])
+        for ax, key in zip(axes[0], keys):
+            y = np.array([r.get(key, np.nan) for r in log], dtype=float)
+            finite = np.isfinite(y)
+            line, = ax.plot(steps[finite], _smooth(y[finite], window), lw=1.2, label=Path(run).name)
+            if len(y) and not finite[-1] and finite.any():
+                ax.plot(steps[finite][-1], _smooth(y[finite], window)[-1], "x", color=line.get_color(), ms=9, mew=2)
+    for ax, key in zip(axes[0], keys):
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(key.replace("_", " "))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_survival(runs: list, path) -> None:
+    """BabelRS Fig. 2: the iterations each run trained before its loss went non-finite (a cross)
+    or the schedule ended."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    facts = [run_facts(r) for r in runs]
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(facts) + 1.2))
+    for i, f in enumerate(facts):
+        ax.barh(i, f["steps"], color="tab:red" if f["diverged"] else "tab:blue", alpha=0.8)
+        if f["diverged"]:
+            ax.plot(f["steps"], i, "x", color="black", ms=10, mew=2)
+    ax.set_yticks(range(len(facts)), [f"{f['label']} ({f['run']})" for f in facts], fontsize=8)
+    ax.set_xlabel("fine-tuning iterations")
+    ax.set_title("iterations survived under AMP (x: non-finite loss)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+MUTDET_TERMS = {"classification": "loss_cls", "L1 box": "loss_bbox", "GIoU": "loss_giou", "angle": "loss_angle",
+                "alignment (decoder)": "loss_embed", "alignment (DN)": "dn_loss_embed"}
+
+
+def plot_mutdet_terms(run, path, window: int = 10) -> None:
+    """MutDet's pre-training loss terms (its Fig. 4): one panel per term, the enhanced branch (`p_`)
+    beside the auxiliary siamese branch, last decoder layer; the enhanced encoder's alignment too."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    log = [r for r in read_log(run) if "loss" in r]
+    steps = np.array([r["step"] for r in log])
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for ax, (title, key) in zip(axes.flat, MUTDET_TERMS.items()):
+        for prefix, name in (("p_", "enhanced"), ("", "siamese")):
+            y = np.array([r.get(prefix + key, np.nan) for r in log], dtype=float)
+            if np.isfinite(y).any():
+                ax.plot(steps, _smooth(y, window), lw=1.2, label=name)
+        if key == "loss_embed" and any("p_enc_loss_embed" in r for r in log):
+            ax.plot(steps, _smooth(np.array([r["p_enc_loss_embed"] for r in log]), window), lw=1.2, label="enhanced encoder")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"MutDet pre-training loss terms: {Path(run).name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_detections(run, path, image: str = "", modality: str = "", score_thr: float = 0.3, device="cpu") -> None:
+    """A run's oriented detections (score >= score_thr) drawn on an image with class names: `image`
+    a file, or by default the first test image of the run's first (or `modality`) source."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    model, sources = build_run_model(run, device)
+    src = next((s for s in sources if s["modality"] == modality), sources[0]) if modality else sources[0]
+    if image:
+        item = dict(image=torch.from_numpy(datasets.load_image(image)).permute(2, 0, 1).contiguous(),
+                    boxes=torch.zeros(0, 5), labels=torch.zeros(0, dtype=torch.long),
+                    difficult=torch.zeros(0, dtype=torch.bool))
+        name = Path(image).name
+    else:
+        split = datasets.load_detection_split(src["test"], src["modality"], src["classes"])
+        item, name = split[0], split.samples[0].name
+    shown = item["image"].permute(1, 2, 0).numpy()
+    x = datasets.Compose([datasets.Resize(src["image_size"]), datasets.Normalize()])(item)
+    batch = datasets.collate([x])
+    with torch.no_grad():
+        r = model.predict(batch["images"].to(device), batch["masks"].to(device), [src["modality"]],
+                          [tuple(x["image"].shape[-2:])], [x["scale"]])[0]
+    keep = r["scores"] >= score_thr
+    fig, ax = plt.subplots(figsize=(7, 7))
+    ax.imshow(shown)
+    colours = plt.get_cmap("tab10")
+    for box, score, label in zip(r["boxes"][keep].cpu().double(), r["scores"][keep].tolist(), r["labels"][keep].tolist()):
+        poly = ro.obb2poly(box[None])[0].view(4, 2).numpy()
+        ax.add_patch(plt.Polygon(poly, fill=False, ec=colours(label % 10), lw=1.5))
+        ax.text(poly[0, 0], poly[0, 1], f"{src['classes'][label]} {score:.2f}", color="white", fontsize=7,
+                bbox=dict(fc=colours(label % 10), ec="none", pad=1, alpha=0.8))
+    ax.set_title(f"{Path(run).name}: {name}, {int(keep.sum())} detections with score >= {score_thr}", fontsize=9)
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_runs(runs: list, out, image: str = "", device="cpu") -> list:
+    """Every figure that applies to the runs given, into folder `out`: training-loss curves (BabelRS
+    Fig. 4), loss and gradient norm (Fig. 7) and iterations survived (Fig. 2) for fine-tuning runs,
+    MutDet's loss terms for each mutdet run, and detections for each scored run."""
+    import json
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    kinds = {}
+    for r in runs:
+        if not (Path(r) / "config.json").exists():
+            raise datasets.DatasetError(f"{r}: not a run folder (no config.json)")
+        cfg = json.loads((Path(r) / "config.json").read_text())
+        kinds[r] = "mutdet" if "enhance" in cfg else "csia" if "merge" in cfg else "sam" if "clusters" in cfg else "finetune"
+    trained = [r for r in runs if kinds[r] in ("finetune", "csia")]
+    if trained:
+        plot_curves(trained, out / "loss.png", ("loss",), title="training loss")
+        plot_curves(trained, out / "loss_grad_norm.png", ("loss", "grad_norm"), title="loss and gradient norm")
+        written += [out / "loss.png", out / "loss_grad_norm.png"]
+    tuned = [r for r in runs if kinds[r] == "finetune"]
+    if tuned:
+        plot_survival(tuned, out / "iterations.png")
+        written.append(out / "iterations.png")
+    for r in runs:
+        if kinds[r] == "mutdet":
+            written.append(out / f"mutdet_terms_{Path(r).name}.png")
+            plot_mutdet_terms(r, written[-1])
+        if kinds[r] == "finetune" and (Path(r) / "model.safetensors").exists():
+            written.append(out / f"detections_{Path(r).name}.png")
+            plot_detections(r, written[-1], image, device=device)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
@@ -485,7 +849,29 @@ def main(argv=None) -> int:
                    help="VOC area AP or VOC07 11-point AP (DOTA Task1, MutDet); default 11point")
     p.add_argument("--iou", type=float, nargs="+", default=[0.5], help="IoU thresholds (default 0.5)")
     p.add_argument("--strict", action="store_true", help="match when IoU > thr, as the DOTA devkit (default >=)")
+    p.add_argument("--table", choices=TABLES, help="collect the metrics.json of RUN folders into a paper's table")
+    p.add_argument("--plot", action="store_true", help="draw the figures of the RUN folders into --out")
+    p.add_argument("runs", nargs="*", metavar="RUN", help="run folders for --table / --plot")
+    p.add_argument("--out", default="", help="--table: also write OUT.md and OUT.csv; --plot: folder (default figures)")
+    p.add_argument("--image", default="", help="--plot: draw detections on this image (default the first test image)")
     args = p.parse_args(argv)
+    if args.table or args.plot:
+        if not args.runs:
+            p.error("give the run folders after --table NAME / --plot")
+        try:
+            if args.table:
+                table = format_table_runs(args.table, args.runs)
+                print(table["markdown"])
+                if args.out:
+                    datasets.atomic_write_text(f"{args.out}.md", table["markdown"])
+                    datasets.atomic_write_text(f"{args.out}.csv", table["csv"])
+            else:
+                for path in plot_runs(args.runs, args.out or "figures", args.image, args.device):
+                    print(f"wrote {path}")
+        except datasets.DatasetError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.run:
         try:
             evaluate_run(args.run, args.device)

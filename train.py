@@ -178,6 +178,8 @@ class SAMConfig:
     """MutDet's pseudo-labels: SAM masks -> le90 boxes -> object embeddings -> PCA -> k-means classes."""
     data: list[str] = field(default_factory=list)  # MODALITY:PATH of images; none = SynthSOI-RGB train
     synth_root: str = "data/synthsoi"
+    masks: Literal["sam", "components"] = "sam"  # components: mutdet.colour_components, a SAM stand-in
+    #   that finds SynthSOI's objects without trained weights (a random SAM's masks are noise)
     sam: str = ""  # local transformers SAM folder (SAM ViT-H in the paper); empty = a tiny random SAM
     sam_image_size: int = 256  # input side of the tiny random SAM (a loaded SAM has its own)
     points_per_side: int = 8  # paper: 32 (generator default)
@@ -850,15 +852,19 @@ def sam_stage(cfg: SAMConfig) -> int:
             continue
         t0 = time.time()
         image = torch.from_numpy(datasets.load_image(smp.image)).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
-        masks = mutdet.generate_masks(sam, image, cfg.points_per_side, cfg.points_per_batch, cfg.pred_iou_thresh,
-                                      cfg.stability_score_thresh, cfg.stability_score_offset, cfg.box_nms_thresh)
-        boxes, _ = mutdet.proposals_from_masks(masks["masks"], cfg.max_boxes)
+        if cfg.masks == "sam":
+            masks = mutdet.generate_masks(sam, image, cfg.points_per_side, cfg.points_per_batch, cfg.pred_iou_thresh,
+                                          cfg.stability_score_thresh, cfg.stability_score_offset,
+                                          cfg.box_nms_thresh)["masks"]
+        else:
+            masks = mutdet.colour_components(image)
+        boxes, _ = mutdet.proposals_from_masks(masks, cfg.max_boxes)
         # crops from the resized, normalised image (the detector's input), boxes scaled alike
         item = datasets.Resize(cfg.image_size)(dict(image=image, boxes=boxes.float(), labels=torch.zeros(len(boxes)),
                                                     difficult=torch.zeros(len(boxes), dtype=torch.bool)))
         feats = mutdet.object_embeddings(norm(item)["image"], item["boxes"].double(), trunk, cfg.crop, cfg.context)
         save_tensors_atomic(raw, dict(boxes=boxes.float(), feats=feats.float().reshape(len(boxes), -1)))
-        log.write(json.dumps(dict(image=smp.name, masks=len(masks["masks"]), boxes=len(boxes),
+        log.write(json.dumps(dict(image=smp.name, masks=len(masks), boxes=len(boxes),
                                   seconds=time.time() - t0)) + "\n")
         log.flush()
     bar.close()
@@ -957,6 +963,131 @@ def mutdet_stage(cfg: MutDetConfig) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# Sweeps: the runs behind one table or figure (python train.py --sweep NAME)
+# ---------------------------------------------------------------------------------------------
+
+TINY_FINETUNE_STEPS = 144  # fine-tuning steps of a tiny sweep row (4 of babelrs-tiny's 12 epochs; ~5 min)
+MERGES = ("last", "concat", "sum", "per-layer", "lvsa")  # BabelRS Tab. 5 rows: baseline, (a), (b), (c), (d)
+SWEEPS = ("babelrs-table3", "babelrs-table4", "babelrs-table5", "babelrs-fig6", "mutdet-table2", "mutdet-10pct")
+
+
+def sweep_runs(name: str, scale: str, extra: dict) -> list:
+    """The runs of one table, in order: (folder name, train.py arguments). Folder names spell out
+    what a run is, so tables share runs (the CSIA of Tab. 3 is Tab. 5's row (d)). `extra[stage]`
+    holds the user's arguments for that stage (paper scale: --data, --llm, --vit, --sam, --resnet)."""
+    tiny = scale == "tiny"
+    csia_steps = CSIA_PRESETS["tiny" if tiny else "paper"].steps
+    csia_tau = CSIA_PRESETS["tiny" if tiny else "paper"].tau
+    ft_preset = ["--preset", "babelrs-tiny" if tiny else "babelrs"]
+    ft_steps = ["--max-steps", str(TINY_FINETUNE_STEPS)] if tiny else []
+    runs = []
+
+    def add(folder, argv):
+        if folder not in [r[0] for r in runs]:
+            runs.append((folder, argv))
+        return folder
+
+    def csia_run(merge="lvsa", steps=csia_steps, tau=csia_tau):
+        return add(f"csia-{merge}-s{steps}-tau{tau:g}", ["--stage", "csia", "--preset", "tiny" if tiny else "paper",
+                                                           "--merge", merge, "--steps", str(steps), "--tau", f"{tau:g}"]
+                   + extra["csia"])
+
+    def babelrs_finetune(init, amp="off"):  # init: a csia folder or "random"
+        return add(f"ft-{init}-{amp}", ["--stage", "finetune"] + ft_preset + ft_steps + ["--amp", amp]
+                   + ([] if init == "random" else ["--init", f"{{runs}}/{init}"]) + extra["finetune"])
+
+    if name in ("babelrs-table3", "babelrs-table4"):  # pre-training comparison, without / with AMP
+        amp = "fp16" if name == "babelrs-table4" else "off"
+        babelrs_finetune("random", amp)
+        babelrs_finetune(csia_run(), amp)
+        for family, path in extra["weights"]:  # --weights clip:PATH dinov2:PATH ... (transformers or InternViT)
+            add(f"ft-{family}-{amp}", ["--stage", "finetune"] + ft_preset + ft_steps + ["--amp", amp, "--init", path,
+                                                                                         "--vit_family", family]
+                + extra["finetune"])
+    elif name == "babelrs-table5":
+        for merge in MERGES:
+            babelrs_finetune(csia_run(merge))
+    elif name == "babelrs-fig6":  # left: pre-training steps; right: τ, fine-tuned with AMP (Sec. 4.9)
+        for steps in ((100, 200, 400, 600) if tiny else range(2000, 24001, 2000)):  # τ fixed (6k in the paper)
+            babelrs_finetune(csia_run(steps=steps))
+        for tau in ((0, 40, 120, 200) if tiny else range(0, 10001, 2000)):
+            babelrs_finetune(csia_run(tau=tau), "fp16")
+    elif name in ("mutdet-table2", "mutdet-10pct"):
+        preset = ["--preset", "tiny" if tiny else "paper"]
+        # tiny: SAM stand-in (a random SAM's masks are noise; see mutdet.colour_components)
+        sam = add("sam", ["--stage", "sam"] + preset + (["--masks", "components"] if tiny else []) + extra["sam"])
+        pre = {"-": None,
+               "DETReg": add("pre-detreg", ["--stage", "mutdet"] + preset + ["--data", f"{{runs}}/{sam}", "--no-enhance",
+                                                                           "--embed-loss", "l1", "--pseudo-classes", "1"]
+                             + extra["mutdet"]),
+               "MutDet": add("pre-mutdet", ["--stage", "mutdet"] + preset + ["--data", f"{{runs}}/{sam}"] + extra["mutdet"])}
+        fraction = "0.1" if name == "mutdet-10pct" else "1.0"
+        for row, init in pre.items():
+            add(f"ft-{(init or 'none').removeprefix('pre-')}-data{fraction}",
+                ["--stage", "finetune"] + preset + (["--max-steps", "240"] if tiny else [])
+                + ["--data_fraction", fraction] + (["--init", f"{{runs}}/{init}"] if init else []) + extra["finetune"])
+    else:
+        raise SystemExit(f"--sweep {name}: choose one of {', '.join(SWEEPS)}")
+    return runs
+
+
+def run_sweep(argv) -> int:
+    """Run (or resume) the runs of one table one after the other, skipping finished ones (a
+    `finished.json` in the folder), then write its table with eval.py's `--table`."""
+    import shlex
+    import subprocess
+    p = argparse.ArgumentParser(prog="train.py --sweep", description="the runs of one table, then the table")
+    p.add_argument("--sweep", required=True, choices=SWEEPS)
+    p.add_argument("--scale", choices=["tiny", "paper"], default="tiny")
+    p.add_argument("--runs", default="", help="folder of the sweep's runs (default runs/<scale>)")
+    p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun --nproc_per_node)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    p.add_argument("--weights", nargs="*", default=[], metavar="FAMILY:PATH",
+                   help="extra Tab. 3/4 rows: ViT weights of another pre-training (clip, dinov2 or internvit)")
+    for stage in ("csia", "finetune", "sam", "mutdet"):
+        p.add_argument(f"--{stage}-args", default="", help=f"extra arguments of every {stage} run (quoted)")
+    args = p.parse_args(argv)
+    root = Path(args.runs or f"runs/{args.scale}")
+    weights = []
+    for w in args.weights:
+        family, sep, path = w.partition(":")
+        if not sep or family not in babelrs.VIT_FAMILIES:
+            raise SystemExit(f"error: --weights {w!r}: expected FAMILY:PATH, FAMILY one of {', '.join(babelrs.VIT_FAMILIES)}")
+        weights.append((family, path))
+    extra = {stage: shlex.split(getattr(args, f"{stage}_args")) for stage in ("csia", "finetune", "sam", "mutdet")}
+    extra["weights"] = weights
+    runs = sweep_runs(args.sweep, args.scale, extra)
+    launch = [sys.executable] if args.nproc == 1 else ["torchrun", f"--nproc_per_node={args.nproc}"]
+    for folder, run_argv in runs:
+        run = root / folder
+        if (run / "finished.json").exists():
+            print(f"[sweep] {run}: finished, skipped")
+            continue
+        run_argv = [a.replace("{runs}", str(root)) for a in run_argv]
+        if (run / "config.json").exists():  # interrupted: go on where it stopped
+            cmd = launch + ["train.py", "--stage", run_argv[1], "--resume", str(run)]
+        else:
+            cmd = launch + ["train.py"] + run_argv + ["--out", str(run)]
+        print(f"[sweep] {shlex.join(cmd)}", flush=True)
+        if args.dry_run:
+            continue
+        t0 = time.time()
+        status = subprocess.call(cmd)
+        if status not in (0, EXIT_NONFINITE):  # a non-finite loss is a result (Tab. 4's NaN rows)
+            print(f"[sweep] {run}: exit status {status}; stopping the sweep (rerun the same command to go on)")
+            return status
+        datasets.atomic_write_text(run / "finished.json", json.dumps(dict(status=status, minutes=(time.time() - t0) / 60)) + "\n")
+    if args.dry_run:
+        return 0
+    table = evaluation.format_table_runs(args.sweep, [root / f for f, _ in runs if f.startswith("ft-")])
+    for suffix, text in (("md", table["markdown"]), ("csv", table["csv"])):
+        datasets.atomic_write_text(root / f"{args.sweep}.{suffix}", text)
+    print(table["markdown"])
+    print(f"[sweep] table written to {root / args.sweep}.md and .csv")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
@@ -990,6 +1121,9 @@ def parse_config(argv=None):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--sweep" in argv:
+        return run_sweep(argv)
     try:
         stage, cfg = parse_config(argv)
         if int(os.environ.get("RANK", "0")) == 0:

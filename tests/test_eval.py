@@ -157,3 +157,75 @@ def test_task1_roundtrip_and_cli(tmp_path, capsys):
     (tmp_path / "dets" / "Task1_ship.txt").write_text("A 0.5 1 2 3\n")
     assert ev.main(["--dets", str(tmp_path / "dets"), "--ann", str(split)]) == 2
     assert "Task1_ship.txt:1" in capsys.readouterr().err
+
+
+def _fake_run(root, name, config, metrics=None, losses=(3.0, 2.0, 1.0)):
+    """A run folder as train.py leaves it: config.json, log.jsonl (NaN for a diverged step), metrics.json."""
+    import json
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "log.jsonl").write_text("".join(json.dumps(dict(step=i + 1, loss=l, grad_norm=1.0)) + "\n"
+                                           for i, l in enumerate(losses)))
+    if metrics is not None:
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    return run
+
+
+def _babelrs_metrics(scale):
+    sources = {m: dict(ap50=scale * a, map=scale * b) for m, a, b in (("sar", 0.8, 0.5), ("rgb", 0.6, 0.3), ("ir", 0.7, 0.4))}
+    return dict(sources=sources, overall_ap50=scale * 0.65, overall_map=scale * 0.35,
+                h_map=ev.h_map({m: r["map"] for m, r in sources.items()}))
+
+
+def test_tables_label_rows_from_their_pre_training(tmp_path):
+    csia = _fake_run(tmp_path, "csia-sum", dict(merge="sum", steps=400, max_steps=0, tau=120.0))
+    tuned = _fake_run(tmp_path, "ft-a", dict(init=str(csia), amp="off"), _babelrs_metrics(1.0))
+    scratch = _fake_run(tmp_path, "ft-b", dict(init="", amp="fp16"), None, losses=(3.0, float("nan")))
+    t5 = ev.format_table_runs("babelrs-table5", [tuned])
+    assert "| (b) element-wise sum | 35.00 | " in t5["markdown"]
+    assert f"| {100 * 3 / (1 / 0.5 + 1 / 0.3 + 1 / 0.4):.2f} |" in t5["markdown"]  # H-mAP by hand
+    assert "| (d) LVSA + shared projector | 51.57 | 53.02 |" in t5["markdown"]  # the paper's row below ours
+    t4 = ev.format_table_runs("babelrs-table4", [tuned, scratch])
+    assert "| random init (diverged) | NaN | NaN | NaN | 2 |" in t4["markdown"]  # exploded at step 2
+    t3 = ev.format_table_runs("babelrs-table3", [tuned])["markdown"]
+    assert "| CSIA, (b) element-wise sum | 65.00 / 35.00 | 80.00 / 50.00 | 60.00 / 30.00 | 70.00 / 40.00 |" in t3
+    f6 = ev.format_table_runs("babelrs-fig6", [tuned])["csv"].splitlines()
+    assert f6[1].startswith("ours,CSIA, (b) element-wise sum,400,120,35,")
+    with pytest.raises(ev.datasets.DatasetError, match="no config.json"):
+        ev.format_table_runs("babelrs-table5", [tmp_path / "nowhere"])
+
+
+def test_mutdet_table_rows(tmp_path):
+    pre = {"DETReg": dict(enhance=False, siamese=True, align=True, embed_loss="l1", pseudo_classes=1),
+           "MutDet": dict(enhance=True, siamese=True, align=True, embed_loss="infonce", pseudo_classes=0),
+           "MutDet (no siamese)": dict(enhance=True, siamese=False, align=True, embed_loss="infonce", pseudo_classes=0)}
+    runs = [_fake_run(tmp_path, "ft-none", dict(init=""), dict(sources=dict(rgb=dict(
+        classes=["ship", "plane"], voc07_ap50=0.5, voc07_ap75=0.2, per_class=dict(voc07_ap50=dict(ship=0.4, plane=0.6))))))]
+    for i, (label, cfg) in enumerate(pre.items()):
+        run = _fake_run(tmp_path, f"pre{i}", cfg)
+        runs.append(_fake_run(tmp_path, f"ft{i}", dict(init=str(run)), dict(sources=dict(rgb=dict(
+            classes=["ship", "plane"], voc07_ap50=0.6 + i / 10, voc07_ap75=0.3, per_class=dict(voc07_ap50=dict(ship=0.5, plane=None)))))))
+    md = ev.format_table_runs("mutdet-table2", runs)["markdown"]
+    assert "| | ship | plane | AP50 | AP75 |" in md and "| random init | 40.00 | 60.00 | 50.00 | 20.00 |" in md
+    assert "| DETReg | 50.00 | NaN | 60.00 | 30.00 |" in md and "| MutDet | 50.00 | NaN | 70.00 | 30.00 |" in md
+    assert "| MutDet (no siamese) |" in md and "| MutDet | 75.1 | 60.5 |" not in md and "70.70 | 51.20 |" in md
+
+
+def test_plots_mark_diverged_runs(tmp_path):
+    runs = [_fake_run(tmp_path, "ok", dict(init="", amp="fp16")),
+            _fake_run(tmp_path, "boom", dict(init="", amp="fp16"), losses=(3.0, 2.5, float("nan")))]
+    ev.plot_curves(runs, tmp_path / "c.png", ("loss", "grad_norm"), window=2)
+    ev.plot_survival(runs, tmp_path / "s.png")
+    facts = [ev.run_facts(r) for r in runs]
+    assert [f["diverged"] for f in facts] == [False, True] and [f["steps"] for f in facts] == [3, 3]
+    mut = _fake_run(tmp_path, "pre", dict(enhance=True))
+    (mut / "log.jsonl").write_text("".join(_jsonl(dict(step=i, loss=1.0, p_loss_cls=1.0 / i, loss_cls=2.0 / i,
+                                                        p_loss_embed=0.5, p_enc_loss_embed=0.4)) for i in range(1, 6)))
+    assert [p.name for p in ev.plot_runs([mut], tmp_path / "figs")] == ["mutdet_terms_pre.png"]
+    assert all((tmp_path / n).stat().st_size > 1000 for n in ("c.png", "s.png", "figs/mutdet_terms_pre.png"))
+
+
+def _jsonl(record):
+    import json
+    return json.dumps(record) + "\n"

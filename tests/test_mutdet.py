@@ -226,6 +226,20 @@ def test_generate_masks_respects_every_filter():
     assert (strict["iou"] > 0.5).all() and (strict["stability"] >= 0.9).all()
 
 
+def test_colour_components_find_flat_objects_on_a_noisy_ground():
+    g = torch.Generator().manual_seed(0)
+    image = (torch.tensor([90.0, 100, 70])[:, None, None] + 10 * torch.randn(3, 64, 64, generator=g)).clamp(0, 255)
+    image[:, 10:20, 5:35] = torch.tensor([40.0, 80, 210])[:, None, None]  # 10 x 30
+    image[:, 40:52, 40:52] = torch.tensor([240.0, 200, 40])[:, None, None]  # 12 x 12
+    masks = mutdet.colour_components(image.to(torch.uint8))
+    assert masks.shape == (2, 64, 64)
+    assert masks[0].sum() == 300 and masks[0][10:20, 5:35].all()  # largest first
+    assert masks[1].sum() == 144 and masks[1][40:52, 40:52].all()
+    boxes, _ = mutdet.proposals_from_masks(masks)
+    # cv2.minAreaRect on a contour spans pixel centres: a 30 x 10 px block gives 29 x 9
+    assert torch.allclose(boxes[0], torch.tensor([19.5, 14.5, 29.0, 9.0, 0.0], dtype=boxes.dtype), atol=1e-6)
+
+
 def test_proposals_keep_boxes_and_their_masks_together():
     masks = torch.zeros(4, 40, 40, dtype=torch.bool)
     masks[0, 5:10, 5:30] = True  # medium

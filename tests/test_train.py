@@ -114,6 +114,35 @@ def test_two_sources_init_and_eval_run(synth, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "H-mAP" in printed and "voc07_ap50" in printed and "Overall" in printed
     assert evaluation.main(["--run", str(tmp_path)]) == 2  # not a run folder: one line, status 2
+    # the figures of these runs and Tab. 2 over the scored one
+    assert evaluation.main(["--plot", str(both), str(rgb), "--out", str(tmp_path / "figs")]) == 0
+    names = {p.name for p in (tmp_path / "figs").iterdir()}
+    assert {"loss.png", "loss_grad_norm.png", "iterations.png", "detections_both.png", "detections_rgb.png"} <= names
+    assert evaluation.main(["--table", "babelrs-table2", str(both), "--out", str(tmp_path / "t2")]) == 0
+    row = (tmp_path / "t2.csv").read_text().splitlines()[1].split(",")
+    assert row[:2] == ["ours", "both"] and float(row[-1]) == pytest.approx(100 * metrics["h_map"], abs=1e-2)
+
+
+def test_sweep_commands_share_runs_and_skip_finished(tmp_path, capsys):
+    root = tmp_path / "runs"
+    assert train.main(["--sweep", "babelrs-table5", "--runs", str(root), "--dry-run"]) == 0
+    cmds = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[sweep]")]
+    assert len(cmds) == 10 and sum("--stage csia" in c for c in cmds) == 5
+    assert all(f"--merge {m}" in " ".join(cmds) for m in train.MERGES)
+    assert f"--init {root}/csia-lvsa-s400-tau120 " in cmds[-1] + " " and "--max-steps 144" in cmds[-1]
+    # Tab. 3 reuses Tab. 5's row (d): finished runs are skipped, started ones resumed
+    (root / "csia-lvsa-s400-tau120").mkdir(parents=True)
+    (root / "csia-lvsa-s400-tau120" / "finished.json").write_text("{}")
+    (root / "ft-random-off").mkdir()
+    (root / "ft-random-off" / "config.json").write_text("{}")
+    assert train.main(["--sweep", "babelrs-table3", "--runs", str(root), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "csia-lvsa-s400-tau120: finished, skipped" in out
+    assert f"--stage finetune --resume {root}/ft-random-off" in out
+    assert train.main(["--sweep", "mutdet-table2", "--runs", str(root), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "--masks components" in out and "--no-enhance --embed-loss l1 --pseudo-classes 1" in out
+    assert out.count("--stage finetune") == 3 and f"--init {root}/pre-mutdet" in out
 
 
 def test_ddp_two_cpu_processes(synth, tmp_path):
