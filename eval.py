@@ -807,11 +807,12 @@ def plot_runs(runs: list, out, image: str = "", device="cpu") -> list:
             raise datasets.DatasetError(f"{r}: not a run folder (no config.json)")
         cfg = json.loads((Path(r) / "config.json").read_text())
         kinds[r] = "mutdet" if "enhance" in cfg else "csia" if "merge" in cfg else "sam" if "clusters" in cfg else "finetune"
-    trained = [r for r in runs if kinds[r] in ("finetune", "csia")]
-    if trained:
-        plot_curves(trained, out / "loss.png", ("loss",), title="training loss")
-        plot_curves(trained, out / "loss_grad_norm.png", ("loss", "grad_norm"), title="loss and gradient norm")
-        written += [out / "loss.png", out / "loss_grad_norm.png"]
+    for kind, prefix in (("finetune", ""), ("csia", "csia_")):  # loss scales differ: one figure per stage
+        group = [r for r in runs if kinds[r] == kind]
+        if group:
+            written += [out / f"{prefix}loss.png", out / f"{prefix}loss_grad_norm.png"]
+            plot_curves(group, written[-2], ("loss",), title=f"{kind} training loss")
+            plot_curves(group, written[-1], ("loss", "grad_norm"), title=f"{kind} loss and gradient norm")
     tuned = [r for r in runs if kinds[r] == "finetune"]
     if tuned:
         plot_survival(tuned, out / "iterations.png")

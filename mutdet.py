@@ -15,10 +15,13 @@ Paper / official code -> this file
     object embeddings: rotated RoIAlign (x1.5, 224 px) -> frozen ResNet-50 layer4, pooled   object_embeddings
     PCA to 256-d + L2 normalisation, k-means (K = 256) pseudo-classes             fit_pca, kmeans_cosine
     DETReg's L1 embedding loss (the baseline row)                                  MutDetPretrainer(embed_loss="l1")
+    the sam cache read back for pre-training (boxes, pseudo-classes, embeddings)   PseudoLabels
+    fine-tuning from the pre-trained detector (load_from, strict=False)            pretrained_detector
 
 Differences from the official code
-    - Not yet here: the proposal cache (`--stage sam`) and the `mutdet` stage of train.py; the
-      pieces they use (SAM masks, mask -> box, PCA, k-means) are.
+    - Boxes and embeddings are filtered together everywhere (the official code drops small boxes
+      but not their embeddings, so the two fall out of step).
+    - `colour_components` (`--masks components`) is a SAM stand-in for the tiny sweeps, not in the paper.
     - `mask_to_obb` takes the component with the longest boundary (cv2's "contour with the most
       points" of CHAIN_APPROX_NONE) and its exact minimum-area rectangle over the boundary pixels.
     - The enhancement module runs per image, as the official loop, on the image's own objects.
@@ -486,12 +489,10 @@ def object_embeddings(image: torch.Tensor, boxes: torch.Tensor, trunk: nn.Module
     Returns:
         (K, C).
     """
-    if len(boxes) == 0:
-        return torch.zeros(0, 0)
     rois = torch.cat([torch.zeros(len(boxes), 1, dtype=boxes.dtype), boxes], 1).clone()
     rois[:, 3:5] *= context
     out = []
-    for start in range(0, len(rois), chunk):
+    for start in range(0, max(len(rois), 1), chunk):  # no box: one empty batch gives (0, C)
         crops = ro.roi_align_rotated(image[None].to(boxes.dtype), rois[start:start + chunk], (crop, crop),
                                      spatial_scale=1.0, sampling_ratio=2)  # (k, 3, crop, crop)
         out.append(trunk(crops.float()).mean((2, 3)))  # (k, C)
@@ -531,11 +532,12 @@ class PseudoLabels(torch.utils.data.Dataset):
         missing = {"classes", "embed_dim", "images"} - set(meta) if isinstance(meta, dict) else {"classes"}
         if missing:
             raise datasets.DatasetError(f"{manifest}: not a sam manifest (no {', '.join(sorted(missing))})")
-        self.clusters, self.embed_dim, self.records = meta["classes"], meta["embed_dim"], meta["images"]
+        self.clusters, self.embed_dim = meta["classes"], meta["embed_dim"]
+        self.records = [r for r in meta["images"] if r["boxes"] > 0]  # DETReg, too, skips images without proposals
         self.classes = ["object"] if class_agnostic else self.clusters
         self.class_agnostic = class_agnostic
         if not self.records:
-            raise datasets.DatasetError(f"{manifest}: the cache holds no images")
+            raise datasets.DatasetError(f"{manifest}: the cache holds no image with a proposal")
         for r in self.records:
             if not (self.root / "cache" / f"{r['name']}.safetensors").exists():
                 raise datasets.DatasetError(f"{self.root / 'cache' / (r['name'] + '.safetensors')}: missing "

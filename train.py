@@ -11,6 +11,8 @@ printed and stored in the run folder `runs/<stage>-<time>/` (or `--out DIR`) wit
 
 `--resume DIR` continues a run exactly where it stopped, in the same folder. Under
 `torchrun --nproc_per_node N` the same command trains with DDP (gloo on CPU, nccl on GPU).
+`python train.py --sweep TABLE [--scale tiny|paper]` runs (or resumes) the runs behind one of the
+papers' tables, skipping finished ones, then writes the table (eval.py's `--table`).
 Bad data stops with the data set's one-line message and exit status 2; a non-finite loss or
 gradient norm is logged with its step and stops the run with exit status 3.
 """
@@ -839,7 +841,7 @@ def sam_stage(cfg: SAMConfig) -> int:
     (run / "cache").mkdir(exist_ok=True)
     datasets.atomic_write_text(run / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     try:
-        sam = mutdet.build_sam(cfg.sam, cfg.sam_image_size)
+        sam = mutdet.build_sam(cfg.sam, cfg.sam_image_size) if cfg.masks == "sam" else None
         trunk = mutdet.resnet_trunk(cfg.embed_backbone, cfg.resnet)
     except (ValueError, OSError) as e:
         raise datasets.DatasetError(str(e)) from None
@@ -863,7 +865,7 @@ def sam_stage(cfg: SAMConfig) -> int:
         item = datasets.Resize(cfg.image_size)(dict(image=image, boxes=boxes.float(), labels=torch.zeros(len(boxes)),
                                                     difficult=torch.zeros(len(boxes), dtype=torch.bool)))
         feats = mutdet.object_embeddings(norm(item)["image"], item["boxes"].double(), trunk, cfg.crop, cfg.context)
-        save_tensors_atomic(raw, dict(boxes=boxes.float(), feats=feats.float().reshape(len(boxes), -1)))
+        save_tensors_atomic(raw, dict(boxes=boxes.float(), feats=feats.float()))  # (K, 5), (K, C)
         log.write(json.dumps(dict(image=smp.name, masks=len(masks), boxes=len(boxes),
                                   seconds=time.time() - t0)) + "\n")
         log.flush()
@@ -918,7 +920,7 @@ def mutdet_stage(cfg: MutDetConfig) -> int:
     random.seed(cfg.seed + rank)
     cache = cfg.data or synth_sam_cache(cfg, rank)
     if cfg.pseudo_classes < 0:
-        raise SystemExit(f"error: --pseudo_classes must be 0 (the cache's clusters), 1 or the cache's count")
+        raise SystemExit("error: --pseudo_classes must be 0 (the cache's clusters), 1 or the cache's count")
     data = mutdet.PseudoLabels(cache, class_agnostic=cfg.pseudo_classes == 1)
     if cfg.pseudo_classes > 1 and cfg.pseudo_classes != len(data.clusters):
         raise datasets.DatasetError(f"{cache}: holds {len(data.clusters)} k-means clusters, not --pseudo_classes "
@@ -1022,10 +1024,13 @@ def sweep_runs(name: str, scale: str, extra: dict) -> list:
                              + extra["mutdet"]),
                "MutDet": add("pre-mutdet", ["--stage", "mutdet"] + preset + ["--data", f"{{runs}}/{sam}"] + extra["mutdet"])}
         fraction = "0.1" if name == "mutdet-10pct" else "1.0"
+        schedule = ["--max-steps", "240"] if tiny else []
+        if tiny and name == "mutdet-10pct":  # 5 images = 1 step an epoch: as many steps as with all the data
+            schedule += ["--epochs", "480", "--lr_steps", "432"]
         for row, init in pre.items():
             add(f"ft-{(init or 'none').removeprefix('pre-')}-data{fraction}",
-                ["--stage", "finetune"] + preset + (["--max-steps", "240"] if tiny else [])
-                + ["--data_fraction", fraction] + (["--init", f"{{runs}}/{init}"] if init else []) + extra["finetune"])
+                ["--stage", "finetune"] + preset + schedule + ["--data_fraction", fraction]
+                + (["--init", f"{{runs}}/{init}"] if init else []) + extra["finetune"])
     else:
         raise SystemExit(f"--sweep {name}: choose one of {', '.join(SWEEPS)}")
     return runs
@@ -1064,10 +1069,12 @@ def run_sweep(argv) -> int:
             print(f"[sweep] {run}: finished, skipped")
             continue
         run_argv = [a.replace("{runs}", str(root)) for a in run_argv]
+        stage = run_argv[1]
+        start = [sys.executable] if stage == "sam" else launch  # the sam stage runs in one process
         if (run / "config.json").exists():  # interrupted: go on where it stopped
-            cmd = launch + ["train.py", "--stage", run_argv[1], "--resume", str(run)]
+            cmd = start + ["train.py", "--stage", stage, "--resume", str(run)]
         else:
-            cmd = launch + ["train.py"] + run_argv + ["--out", str(run)]
+            cmd = start + ["train.py"] + run_argv + ["--out", str(run)]
         print(f"[sweep] {shlex.join(cmd)}", flush=True)
         if args.dry_run:
             continue

@@ -1,5 +1,7 @@
 """MutDet's model parts: the enhancement layer's attention and invariances, the contrastive
-alignment loss against a per-row InfoNCE loop, and the pre-training model's losses and gradients."""
+alignment loss against a per-row InfoNCE loop, and the pre-training model's losses and gradients;
+the pseudo-label pieces, the sam cache, the mutdet stage and fine-tuning from it."""
+import json
 import math
 
 import numpy as np
@@ -273,6 +275,7 @@ def test_object_embeddings_follow_the_box_frame():
     assert not torch.allclose(mutdet.object_embeddings(image, boxes, _Keep(), crop=8, context=1.0), emb)
     trunk = mutdet.resnet_trunk("resnet18")
     assert mutdet.object_embeddings(image.float(), boxes.float(), trunk, crop=32).shape == (2, 512)
+    assert mutdet.object_embeddings(image.float(), boxes[:0].float(), trunk, crop=32).shape == (0, 512)  # no box
     assert not any(p.requires_grad for p in trunk.parameters())
 
 
@@ -325,6 +328,8 @@ def test_cache_items_keep_embeddings_with_their_boxes(sam_cache):
     import random
     import datasets
     data = mutdet.PseudoLabels(sam_cache / "cache")
+    manifest = json.loads((sam_cache / "cache" / "manifest.json").read_text())
+    assert len(data) == sum(im["boxes"] > 0 for im in manifest["images"])  # images without proposals skipped
     item = data[0]
     assert len(item["boxes"]) == len(item["labels"]) == len(item["embeds"]) > 0 and len(data.classes) == 3
     assert mutdet.PseudoLabels(sam_cache / "cache", class_agnostic=True)[0]["labels"].max() == 0
