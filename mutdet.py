@@ -401,6 +401,8 @@ def generate_masks(sam, image: torch.Tensor, points_per_side: int = 32, points_p
         #    as segment-anything (which upsamples all) at a fraction of the cost
         keep = iou > pred_iou_thresh
         logits, iou = logits[keep], iou[keep]
+        if not len(iou):
+            continue
         # 4. low-resolution logits -> padded input size -> crop the padding -> original size
         logits = F.interpolate(logits[None], size=(size, size), mode="bilinear", align_corners=False)[..., :h, :w]
         logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)[0]
@@ -410,6 +412,9 @@ def generate_masks(sam, image: torch.Tensor, points_per_side: int = 32, points_p
         masks.append((logits[keep] > 0).cpu())
         ious.append(iou[keep].cpu())
         stabs.append(stab[keep].cpu())
+    if not masks:  # no mask passed the predicted-IoU threshold
+        return dict(masks=torch.zeros(0, H, W, dtype=torch.bool), iou=torch.zeros(0), stability=torch.zeros(0),
+                    boxes=torch.zeros(0, 4))
     masks, ious, stabs = torch.cat(masks), torch.cat(ious), torch.cat(stabs)
     # 5. horizontal boxes of the masks, and box NMS with the predicted IoU as score
     rows, cols = masks.any(2), masks.any(1)  # (K, H), (K, W): which rows / columns a mask touches
