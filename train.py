@@ -973,15 +973,17 @@ MERGES = ("last", "concat", "sum", "per-layer", "lvsa")  # BabelRS Tab. 5 rows: 
 SWEEPS = ("babelrs-table3", "babelrs-table4", "babelrs-table5", "babelrs-fig6", "mutdet-table2", "mutdet-10pct")
 
 
-def sweep_runs(name: str, scale: str, extra: dict) -> list:
+def sweep_runs(name: str, scale: str, extra: dict, amp: str = "fp16") -> list:
     """The runs of one table, in order: (folder name, train.py arguments). Folder names spell out
     what a run is, so tables share runs (the CSIA of Tab. 3 is Tab. 5's row (d)). `extra[stage]`
-    holds the user's arguments for that stage (paper scale: --data, --llm, --vit, --sam, --resnet)."""
+    holds the user's arguments for that stage (paper scale: --data, --llm, --vit, --sam, --resnet).
+    `amp` is the mode of the rows the paper fine-tunes with AMP (Tab. 4, Fig. 6 right)."""
     tiny = scale == "tiny"
     csia_steps = CSIA_PRESETS["tiny" if tiny else "paper"].steps
     csia_tau = CSIA_PRESETS["tiny" if tiny else "paper"].tau
     ft_preset = ["--preset", "babelrs-tiny" if tiny else "babelrs"]
-    ft_steps = ["--max-steps", str(TINY_FINETUNE_STEPS)] if tiny else []
+    # tiny rows checkpoint often: an interrupted 144-step row then resumes instead of starting over
+    ft_steps = ["--max-steps", str(TINY_FINETUNE_STEPS), "--ckpt_every", "24"] if tiny else []
     runs = []
 
     def add(folder, argv):
@@ -999,7 +1001,7 @@ def sweep_runs(name: str, scale: str, extra: dict) -> list:
                    + ([] if init == "random" else ["--init", f"{{runs}}/{init}"]) + extra["finetune"])
 
     if name in ("babelrs-table3", "babelrs-table4"):  # pre-training comparison, without / with AMP
-        amp = "fp16" if name == "babelrs-table4" else "off"
+        amp = amp if name == "babelrs-table4" else "off"
         babelrs_finetune("random", amp)
         babelrs_finetune(csia_run(), amp)
         for family, path in extra["weights"]:  # --weights clip:PATH dinov2:PATH ... (transformers or InternViT)
@@ -1013,7 +1015,7 @@ def sweep_runs(name: str, scale: str, extra: dict) -> list:
         for steps in ((100, 200, 400, 600) if tiny else range(2000, 24001, 2000)):  # τ fixed (6k in the paper)
             babelrs_finetune(csia_run(steps=steps))
         for tau in ((0, 40, 120, 200) if tiny else range(0, 10001, 2000)):
-            babelrs_finetune(csia_run(tau=tau), "fp16")
+            babelrs_finetune(csia_run(tau=tau), amp)
     elif name in ("mutdet-table2", "mutdet-10pct"):
         preset = ["--preset", "tiny" if tiny else "paper"]
         # tiny: SAM stand-in (a random SAM's masks are noise; see mutdet.colour_components)
@@ -1047,6 +1049,9 @@ def run_sweep(argv) -> int:
     p.add_argument("--runs", default="", help="folder of the sweep's runs (default runs/<scale>)")
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun --nproc_per_node)")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    p.add_argument("--amp", choices=["fp16", "bf16", "off"], default="fp16",
+                   help="mode of the rows the paper fine-tunes with AMP (Tab. 4, Fig. 6 right); a CPU without "
+                        "fp16/bf16 units runs them ~7x slower, so 'off' keeps a tiny Fig. 6 sweep short")
     p.add_argument("--weights", nargs="*", default=[], metavar="FAMILY:PATH",
                    help="extra Tab. 3/4 rows: ViT weights of another pre-training (clip, dinov2 or internvit)")
     for stage in ("csia", "finetune", "sam", "mutdet"):
@@ -1061,7 +1066,7 @@ def run_sweep(argv) -> int:
         weights.append((family, path))
     extra = {stage: shlex.split(getattr(args, f"{stage}_args")) for stage in ("csia", "finetune", "sam", "mutdet")}
     extra["weights"] = weights
-    runs = sweep_runs(args.sweep, args.scale, extra)
+    runs = sweep_runs(args.sweep, args.scale, extra, args.amp)
     launch = [sys.executable] if args.nproc == 1 else ["torchrun", f"--nproc_per_node={args.nproc}"]
     for folder, run_argv in runs:
         run = root / folder

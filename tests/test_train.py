@@ -143,6 +143,13 @@ def test_sweep_commands_share_runs_and_skip_finished(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "--masks components" in out and "--no-enhance --embed-loss l1 --pseudo-classes 1" in out
     assert out.count("--stage finetune") == 3 and f"--init {root}/pre-mutdet" in out
+    # Fig. 6: the τ rows fine-tune with the sweep's --amp (fp16 as in the paper unless told)
+    for amp in ("fp16", "off"):
+        assert train.main(["--sweep", "babelrs-fig6", "--runs", str(root), "--dry-run", "--amp", amp]) == 0
+        out = capsys.readouterr().out
+        assert all(f"--amp {amp} --init {root}/csia-lvsa-s400-tau{t} --out {root}/ft-csia-lvsa-s400-tau{t}-{amp}" in out
+                   for t in (0, 40, 200))
+        assert "--steps 100 --tau 120" in out and "--ckpt_every 24" in out
 
 
 def test_ddp_two_cpu_processes(synth, tmp_path):
