@@ -712,14 +712,14 @@ def plot_survival(runs: list, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     facts = [run_facts(r) for r in runs]
-    fig, ax = plt.subplots(figsize=(7, 0.5 * len(facts) + 1.2))
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(facts) + 1.6))
     for i, f in enumerate(facts):
         ax.barh(i, f["steps"], color="tab:red" if f["diverged"] else "tab:blue", alpha=0.8)
         if f["diverged"]:
             ax.plot(f["steps"], i, "x", color="black", ms=10, mew=2)
     ax.set_yticks(range(len(facts)), [f"{f['label']} ({f['run']})" for f in facts], fontsize=8)
     ax.set_xlabel("fine-tuning iterations")
-    ax.set_title("iterations survived under AMP (x: non-finite loss)")
+    fig.suptitle("iterations survived under AMP (x: non-finite loss)", fontsize=11)  # over the labels too
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
