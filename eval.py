@@ -794,9 +794,60 @@ def plot_detections(run, path, image: str = "", modality: str = "", score_thr: f
     plt.close(fig)
 
 
+def fig6_series(facts: list) -> dict:
+    """BabelRS Fig. 6's two sweeps among scored runs fine-tuned from LVSA csia runs: "steps" holds
+    (CSIA steps, mAP, H-mAP) at the τ shared by most step counts, "tau" holds (τ, mAP, H-mAP) at the
+    step count shared by most τ values; each sorted, in percent; a sweep of fewer than 2 points is left out."""
+    pts = {(f["csia_steps"], f["tau"]): (100 * f["metrics"]["overall_map"], 100 * f["metrics"]["h_map"])
+           for f in facts if f.get("merge") == "lvsa" and f["metrics"]}
+    series = {}
+    for name, fixed, varied in (("steps", 1, 0), ("tau", 0, 1)):
+        groups = {}
+        for key, (m, h) in pts.items():
+            groups.setdefault(key[fixed], []).append((key[varied], m, h))
+        if groups:
+            at, rows = max(groups.items(), key=lambda g: len(g[1]))
+            if len(rows) >= 2:
+                series[name] = (at, sorted(rows))
+    return series
+
+
+def plot_fig6(runs: list, path) -> None:
+    """BabelRS Fig. 6: mAP and H-mAP against the CSIA steps (left) and against τ (right); ours on
+    top, the paper's (eval.PAPER, read off the figure) below, as the scales differ by 40 points."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    facts = [run_facts(r) for r in runs]
+    ours = fig6_series(facts)
+    paper = {"steps": (6000, [(v[0], v[2], v[3]) for k, v in PAPER["babelrs-fig6"]["rows"].items() if k.startswith("steps")]),
+             "tau": (20000, [(v[1], v[2], v[3]) for k, v in PAPER["babelrs-fig6"]["rows"].items() if k.startswith("τ")])}
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
+    for row, (who, series) in enumerate((("ours", ours), ("paper", paper))):
+        for col, (name, xlabel, fixed) in enumerate((("steps", "CSIA steps", "τ"), ("tau", "τ (annealing steps)", "steps"))):
+            ax = axes[row][col]
+            if name not in series:
+                ax.text(0.5, 0.5, "no sweep among the runs", ha="center", va="center", transform=ax.transAxes)
+                ax.set_axis_off()
+                continue
+            at, pts = series[name]
+            x, m, h = zip(*pts)
+            ax.plot(x, m, "o-", label="mAP")
+            ax.plot(x, h, "s-", label="H-mAP")
+            ax.set_title(f"{who}: {fixed} = {at:g}" + (", AMP" if who == "paper" and name == "tau" else ""), fontsize=10)
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.suptitle("BabelRS Fig. 6: pre-training steps and annealing duration τ")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 def plot_runs(runs: list, out, image: str = "", device="cpu") -> list:
     """Every figure that applies to the runs given, into folder `out`: training-loss curves (BabelRS
     Fig. 4), loss and gradient norm (Fig. 7) and iterations survived (Fig. 2) for fine-tuning runs,
+    Fig. 6 when they sweep the CSIA steps or τ,
     MutDet's loss terms for each mutdet run, and detections for each scored run."""
     import json
     out = Path(out)
@@ -818,6 +869,9 @@ def plot_runs(runs: list, out, image: str = "", device="cpu") -> list:
     if tuned:
         plot_survival(tuned, out / "iterations.png")
         written.append(out / "iterations.png")
+    if fig6_series([run_facts(r) for r in tuned]):  # a steps or τ sweep of CSIA among the runs
+        plot_fig6(tuned, out / "fig6.png")
+        written.append(out / "fig6.png")
     for r in runs:
         if kinds[r] == "mutdet":
             written.append(out / f"mutdet_terms_{Path(r).name}.png")

@@ -229,3 +229,26 @@ def test_plots_mark_diverged_runs(tmp_path):
 def _jsonl(record):
     import json
     return json.dumps(record) + "\n"
+
+
+def test_fig6_picks_the_two_sweeps(tmp_path):
+    # steps sweep at τ 120 (100, 200, 400) and τ sweep at 400 steps (0, 120); a Tab. 5 row and an
+    # unscored run stay out
+    grid = [(100, 120.0, 0.2), (200, 120.0, 0.4), (400, 120.0, 0.6), (400, 0.0, 0.5)]
+    runs = []
+    for steps, tau, scale in grid:
+        csia = _fake_run(tmp_path, f"csia-{steps}-{tau:g}", dict(merge="lvsa", steps=steps, max_steps=0, tau=tau))
+        runs.append(_fake_run(tmp_path, f"ft-{steps}-{tau:g}", dict(init=str(csia)), _babelrs_metrics(scale)))
+    sum_ = _fake_run(tmp_path, "csia-sum", dict(merge="sum", steps=800, max_steps=0, tau=120.0))
+    runs.append(_fake_run(tmp_path, "ft-sum", dict(init=str(sum_)), _babelrs_metrics(1.0)))
+    unscored = _fake_run(tmp_path, "csia-900", dict(merge="lvsa", steps=900, max_steps=0, tau=120.0))
+    runs.append(_fake_run(tmp_path, "ft-900", dict(init=str(unscored))))
+    series = ev.fig6_series([ev.run_facts(r) for r in runs])
+    h = {s: 100 * _babelrs_metrics(s)["h_map"] for _, _, s in grid}
+    assert series["steps"][0] == 120.0 and [p[0] for p in series["steps"][1]] == [100, 200, 400]
+    assert series["steps"][1][0][1:] == pytest.approx((100 * 0.2 * 0.35, h[0.2]))
+    assert series["tau"][0] == 400 and [p[0] for p in series["tau"][1]] == [0.0, 120.0]
+    assert series["tau"][1][0][2] == pytest.approx(h[0.5])
+    assert ev.fig6_series([ev.run_facts(runs[0])]) == {}  # one point is no sweep
+    written = ev.plot_runs(runs[:4], tmp_path / "figs")
+    assert tmp_path / "figs" / "fig6.png" in written and (tmp_path / "figs" / "fig6.png").stat().st_size > 1000
