@@ -705,13 +705,13 @@ def plot_curves(runs: list, path, keys=("loss",), window: int = 10, title: str =
     plt.close(fig)
 
 
-def plot_survival(runs: list, path) -> None:
+def plot_survival(runs: list, path, facts=None) -> None:
     """BabelRS Fig. 2: the iterations each run trained before its loss went non-finite (a cross)
-    or the schedule ended."""
+    or the schedule ended. `facts`: the runs' `run_facts`, when the caller has them already."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    facts = [run_facts(r) for r in runs]
+    facts = facts or [run_facts(r) for r in runs]
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(facts) + 1.6))
     for i, f in enumerate(facts):
         ax.barh(i, f["steps"], color="tab:red" if f["diverged"] else "tab:blue", alpha=0.8)
@@ -812,14 +812,13 @@ def fig6_series(facts: list) -> dict:
     return series
 
 
-def plot_fig6(runs: list, path) -> None:
-    """BabelRS Fig. 6: mAP and H-mAP against the CSIA steps (left) and against τ (right); ours on
-    top, the paper's (eval.PAPER, read off the figure) below, as the scales differ by 40 points."""
+def plot_fig6(ours: dict, path) -> None:
+    """BabelRS Fig. 6: mAP and H-mAP against the CSIA steps (left) and against τ (right); ours
+    (`fig6_series` of our runs) on top, the paper's (eval.PAPER, read off the figure) below, as the
+    scales differ by 40 points."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    facts = [run_facts(r) for r in runs]
-    ours = fig6_series(facts)
     paper = {"steps": (6000, [(v[0], v[2], v[3]) for k, v in PAPER["babelrs-fig6"]["rows"].items() if k.startswith("steps")]),
              "tau": (20000, [(v[1], v[2], v[3]) for k, v in PAPER["babelrs-fig6"]["rows"].items() if k.startswith("τ")])}
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
@@ -866,11 +865,13 @@ def plot_runs(runs: list, out, image: str = "", device="cpu") -> list:
             plot_curves(group, written[-2], ("loss",), title=f"{kind} training loss")
             plot_curves(group, written[-1], ("loss", "grad_norm"), title=f"{kind} loss and gradient norm")
     tuned = [r for r in runs if kinds[r] == "finetune"]
+    facts = [run_facts(r) for r in tuned]
     if tuned:
-        plot_survival(tuned, out / "iterations.png")
+        plot_survival(tuned, out / "iterations.png", facts)
         written.append(out / "iterations.png")
-    if fig6_series([run_facts(r) for r in tuned]):  # a steps or τ sweep of CSIA among the runs
-        plot_fig6(tuned, out / "fig6.png")
+    fig6 = fig6_series(facts)
+    if fig6:  # a steps or τ sweep of CSIA among the runs
+        plot_fig6(fig6, out / "fig6.png")
         written.append(out / "fig6.png")
     for r in runs:
         if kinds[r] == "mutdet":

@@ -983,7 +983,7 @@ def sweep_runs(name: str, scale: str, extra: dict, amp: str = "fp16") -> list:
     csia_tau = CSIA_PRESETS["tiny" if tiny else "paper"].tau
     ft_preset = ["--preset", "babelrs-tiny" if tiny else "babelrs"]
     # tiny rows checkpoint often: an interrupted 144-step row then resumes instead of starting over
-    ft_steps = ["--max-steps", str(TINY_FINETUNE_STEPS), "--ckpt_every", "24"] if tiny else []
+    ft_schedule = ["--max-steps", str(TINY_FINETUNE_STEPS), "--ckpt_every", "24"] if tiny else []
     runs = []
 
     def add(folder, argv):
@@ -997,17 +997,16 @@ def sweep_runs(name: str, scale: str, extra: dict, amp: str = "fp16") -> list:
                    + extra["csia"])
 
     def babelrs_finetune(init, amp="off"):  # init: a csia folder or "random"
-        return add(f"ft-{init}-{amp}", ["--stage", "finetune"] + ft_preset + ft_steps + ["--amp", amp]
+        return add(f"ft-{init}-{amp}", ["--stage", "finetune"] + ft_preset + ft_schedule + ["--amp", amp]
                    + ([] if init == "random" else ["--init", f"{{runs}}/{init}"]) + extra["finetune"])
 
     if name in ("babelrs-table3", "babelrs-table4"):  # pre-training comparison, without / with AMP
-        amp = amp if name == "babelrs-table4" else "off"
-        babelrs_finetune("random", amp)
-        babelrs_finetune(csia_run(), amp)
+        mode = amp if name == "babelrs-table4" else "off"
+        babelrs_finetune("random", mode)
+        babelrs_finetune(csia_run(), mode)
         for family, path in extra["weights"]:  # --weights clip:PATH dinov2:PATH ... (transformers or InternViT)
-            add(f"ft-{family}-{amp}", ["--stage", "finetune"] + ft_preset + ft_steps + ["--amp", amp, "--init", path,
-                                                                                         "--vit_family", family]
-                + extra["finetune"])
+            add(f"ft-{family}-{mode}", ["--stage", "finetune"] + ft_preset + ft_schedule
+                + ["--amp", mode, "--init", path, "--vit_family", family] + extra["finetune"])
     elif name == "babelrs-table5":
         for merge in MERGES:
             babelrs_finetune(csia_run(merge))
