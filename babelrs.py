@@ -44,7 +44,9 @@ IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 # InternVL 2.5's added tokens, plus the ChatML markers of Qwen2
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMG_START, IMG_END, IMG_CONTEXT,
                   "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
-SYSTEM_MESSAGE = "You are a remote sensing assistant that answers questions about optical, SAR and infrared images."
+# the `internvl2_5` conversation template's own system message (conversation.py), used by the official
+# loader for every sample without a leading system turn
+SYSTEM_MESSAGE = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 OFFICIAL_LAYERS = (2, 8, 17, 23)  # --vision_select_layer '[2,8,17,23]' of BabelRS_internvl_1b_20ksteps.sh
 PAPER_LAYERS = (3, 9, 18, 24)  # Sec. 4.3: "the 3rd, 9th, 18th and last layer" of the 24 blocks
 
@@ -65,10 +67,15 @@ def resize_pos_embed(pos: torch.Tensor, grid: tuple) -> torch.Tensor:
 
 
 class VisionEmbeddings(nn.Module):
-    def __init__(self, dim: int, patch: int, image_size: int):
+    """Patch embedding + learned positions, with a CLS token in front (`cls_token`), or without one
+    as the official detection backbone (`InternViTAdapter` deletes `class_embedding` and adds
+    `position_embedding[:, 1:]` only). The position table keeps its CLS row either way, so the
+    InternViT checkpoints load into both."""
+
+    def __init__(self, dim: int, patch: int, image_size: int, cls_token: bool = True):
         super().__init__()
         self.patch = patch
-        self.class_embedding = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.class_embedding = nn.Parameter(torch.randn(1, 1, dim) * 0.02) if cls_token else None
         self.patch_embedding = nn.Conv2d(3, dim, patch, stride=patch)
         self.position_embedding = nn.Parameter(torch.randn(1, 1 + (image_size // patch) ** 2, dim) * 0.02)
 
@@ -77,6 +84,8 @@ class VisionEmbeddings(nn.Module):
         grid = tuple(x.shape[-2:])
         x = x.flatten(2).transpose(1, 2)  # (B, h·w, C)
         pos = self.position_embedding
+        if self.class_embedding is None:
+            return x + resize_pos_embed(pos[:, 1:], grid).to(x.dtype)
         x = torch.cat([self.class_embedding.expand(len(x), -1, -1).to(x.dtype), x], 1)  # (B, 1 + h·w, C)
         return x + torch.cat([pos[:, :1], resize_pos_embed(pos[:, 1:], grid)], 1).to(x.dtype)
 
@@ -147,15 +156,19 @@ class ViT(nn.Module):
     resized bicubically to the patch grid.
 
     `forward` returns all hidden states, index 0 = embedding output, index k = output of block k,
-    as InternViT's `output_hidden_states=True`. `act`, `pre_norm` (a LayerNorm on the embeddings)
-    and `eps` let the same class hold CLIP and DINOv2 ViTs (Tab. 3 baselines, `convert_hf_vit`).
+    as InternViT's `output_hidden_states=True`; each (B, P + N, C) with P = `num_prefix` (1 with the
+    CLS token, 0 without: `cls_token=False` is the detection backbone). `act`, `pre_norm` (a
+    LayerNorm on the embeddings) and `eps` let the same class hold CLIP and DINOv2 ViTs (Tab. 3
+    baselines, `convert_hf_vit`).
     """
 
     def __init__(self, dim=1024, depth=24, heads=16, patch=14, image_size=448, mlp_ratio=4.0, qkv_bias=True,
-                 drop_path=0.0, ls_init=0.1, grad_checkpoint=False, act="gelu", pre_norm=False, eps=1e-6):
+                 drop_path=0.0, ls_init=0.1, grad_checkpoint=False, act="gelu", pre_norm=False, eps=1e-6,
+                 cls_token=True):
         super().__init__()
         self.dim, self.depth, self.patch = dim, depth, patch
-        self.embeddings = VisionEmbeddings(dim, patch, image_size)
+        self.num_prefix = int(cls_token)
+        self.embeddings = VisionEmbeddings(dim, patch, image_size, cls_token)
         self.embeddings_norm = nn.LayerNorm(dim, eps=eps) if pre_norm else None  # CLIP's pre_layrnorm
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # linear over depth
         self.encoder = Encoder([Block(dim, heads, mlp_ratio, qkv_bias, r, ls_init, act, eps) for r in rates])
@@ -167,7 +180,7 @@ class ViT(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward(self, pixels: torch.Tensor) -> list:
-        """(B, 3, H, W) -> list of depth + 1 tensors (B, 1 + N, C)."""
+        """(B, 3, H, W) -> list of depth + 1 tensors (B, P + N, C)."""
         x = self.embeddings(pixels)
         if self.embeddings_norm is not None:
             x = self.embeddings_norm(x)
@@ -257,6 +270,8 @@ def load_vit_weights(vit: ViT, path: str, patch_resize: bool = True, family: str
         if any(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             break
+    if vit.embeddings.class_embedding is None:  # the detection ViT has no CLS token (official adapter)
+        state.pop("embeddings.class_embedding", None)
     kernel = state.get("embeddings.patch_embedding.weight")
     if kernel is not None and patch_resize and kernel.shape[-1] != vit.patch:
         state["embeddings.patch_embedding.weight"] = F.interpolate(
@@ -306,24 +321,42 @@ def make_projector(in_dim: int, llm_dim: int) -> nn.Sequential:
 
 def build_conversation(tokenizer, conversations: list, num_image_tokens: int, system: str = SYSTEM_MESSAGE,
                        max_length: int = 0):
-    """ChatML (InternVL 2.5) tokens and labels of a conversation.
+    """ChatML (InternVL 2.5) tokens and labels of a conversation, as the official loader builds them
+    (`multi_modal_get_item` + `preprocess_internvl2_5`):
 
-        <|im_start|>system\\n{system}<|im_end|>\\n
-        <|im_start|>user\\n<img><IMG_CONTEXT>×n</img>\\n{question}<|im_end|>\\n
-        <|im_start|>assistant\\n{answer}<|im_end|>\\n        (and further rounds)
+        <|im_start|>system\n{system}<|im_end|>\n
+        <|im_start|>user\n<img><IMG_CONTEXT>×n</img>\n{question}<|im_end|>\n
+        <|im_start|>assistant\n{answer}<|im_end|>\n        (and further rounds)
 
+    - when the first turn holds no `<image>`, `<image>\n` is put in front of it, even when that
+      turn is a system turn (the official loader looks at turn 0 only; the placeholder then stays
+      plain text in the system message, and the user turn must hold its own `<image>`);
+    - a leading `system` turn replaces the template's system message;
+    - one `<image>` is replaced by the image's tokens (one image a sample): the first one in a
+      user turn; any further `<image>` stays plain text, as in the official loader.
     Labels are IGNORE_INDEX everywhere except the answer tokens and their `<|im_end|>` (Sec. 3.1:
     "the language modeling loss is applied only to the response tokens").
     Returns (input_ids (T,), labels (T,)) as long tensors.
     """
     image = IMG_START + IMG_CONTEXT * num_image_tokens + IMG_END
+    turns = [dict(t) for t in conversations]
+    if turns and "<image>" not in turns[0]["value"]:  # internvl_chat_finetune.py `multi_modal_get_item`
+        turns[0]["value"] = "<image>\n" + turns[0]["value"]
+    if turns and turns[0]["from"] == "system":
+        system, turns = turns[0]["value"], turns[1:]
+    if len(turns) % 2 or any(t["from"] != ("human", "gpt")[i % 2] for i, t in enumerate(turns)):
+        raise ValueError("a conversation alternates human and gpt turns, starting with human "
+                         "(after an optional system turn)")
+    if not any("<image>" in t["value"] for t in turns[::2]):
+        raise ValueError("no <image> in any user turn (with a leading system turn, the first user turn needs one)")
+    placed = False
     pieces = [(f"<|im_start|>system\n{system}<|im_end|>\n", False)]
-    if len(conversations) % 2 or any(t["from"] != ("human", "gpt")[i % 2] for i, t in enumerate(conversations)):
-        raise ValueError("a conversation alternates human and gpt turns, starting with human")
-    for i in range(0, len(conversations), 2):
-        question = conversations[i]["value"].replace("<image>", image)
+    for i in range(0, len(turns), 2):
+        question = turns[i]["value"]
+        if not placed and "<image>" in question:
+            question, placed = question.replace("<image>", image, 1), True
         pieces.append((f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n", False))
-        pieces.append((conversations[i + 1]["value"] + "<|im_end|>", True))
+        pieces.append((turns[i + 1]["value"] + "<|im_end|>", True))
         pieces.append(("\n", False))
     ids, labels = [], []
     for text, supervised in pieces:
@@ -357,11 +390,18 @@ def build_tokenizer(texts: list, vocab_size: int = 1024):
                                    additional_special_tokens=SPECIAL_TOKENS[3:])
 
 
+def resize_like_pil(image: torch.Tensor, size: tuple) -> torch.Tensor:
+    """(3, H, W) float in 0-255 -> (3, h, w): bicubic with antialiasing, rounded and clipped to
+    uint8 values, which is what the official loader's PIL `Image.resize` (bicubic) returns."""
+    out = F.interpolate(image[None].float(), size=size, mode="bicubic", align_corners=False, antialias=True)[0]
+    return out.round().clamp(0, 255)
+
+
 def dynamic_tiles(image: torch.Tensor, size: int, max_tiles: int = 6, thumbnail: bool = True) -> torch.Tensor:
     """InternVL's dynamic tiling: resize to the (i·size, j·size) grid with i·j <= max_tiles whose
     aspect ratio is closest to the image's (ties: the larger grid when the image is large enough),
     cut it into size x size tiles, and add a size x size thumbnail when there are several tiles.
-    (3, H, W) float -> (n, 3, size, size)."""
+    Resizing is antialiased as PIL's (`resize_like_pil`). (3, H, W) 0-255 -> (n, 3, size, size)."""
     h, w = image.shape[-2:]
     ratio = w / h
     grids = sorted({(i, j) for n in range(1, max_tiles + 1) for i in range(1, n + 1) for j in range(1, n + 1)
@@ -372,18 +412,20 @@ def dynamic_tiles(image: torch.Tensor, size: int, max_tiles: int = 6, thumbnail:
         if diff < best_diff or (diff == best_diff and w * h > 0.5 * size * size * i * j):
             best, best_diff = (i, j), diff
     cols, rows = best
-    resized = F.interpolate(image[None], size=(rows * size, cols * size), mode="bicubic", align_corners=False)[0]
+    resized = resize_like_pil(image, (rows * size, cols * size))
     tiles = [resized[:, r * size:(r + 1) * size, c * size:(c + 1) * size] for r in range(rows) for c in range(cols)]
     if thumbnail and len(tiles) > 1:
-        tiles.append(F.interpolate(image[None], size=(size, size), mode="bicubic", align_corners=False)[0])
+        tiles.append(resize_like_pil(image, (size, size)))
     return torch.stack(tiles)
 
 
 def read_instruction_meta(path) -> list:
     """The sources of an instruction mix (the official `BabelRS_ft_data_instruct.json` layout):
-    {name: {root, annotation, modality, repeat_time}}; a relative root is taken from the meta
-    file's folder when it exists there, else from the working folder. repeat_time < 1 keeps the first fraction of
-    a file, an integer > 1 repeats it (as the official loader). Returns a list of
+    {name: {root, annotation, modality, repeat_time}}. As the official loader: `annotation` is
+    opened as given (relative to the working folder), `root` is the folder of the images only. For
+    meta files that live beside their data (SynthSOI's), a relative path that does not exist from
+    the working folder is taken from the meta file's folder. repeat_time < 1 keeps the first
+    fraction of a file, an integer > 1 repeats it (as the official loader). Returns a list of
     dict(image path, conversations, modality, source)."""
     path = Path(path)
     try:
@@ -395,11 +437,11 @@ def read_instruction_meta(path) -> list:
         for key in ("root", "annotation"):
             if key not in src:
                 raise datasets.DatasetError(f"{path}: source {name!r} has no {key!r}")
-        root = Path(src["root"])
-        if not root.is_absolute():  # relative to the meta file, else (the official files) to the working folder
-            root = path.parent / root if (path.parent / root).is_dir() else root
-        ann = Path(src["annotation"])
-        ann = ann if ann.is_absolute() else root / ann
+        root, ann = Path(src["root"]), Path(src["annotation"])
+        if not root.is_absolute() and not root.is_dir() and (path.parent / root).is_dir():
+            root = path.parent / root
+        if not ann.is_absolute() and not ann.is_file() and (path.parent / ann).is_file():
+            ann = path.parent / ann
         rows = datasets.read_instruction_jsonl(ann)
         rep = float(src.get("repeat_time", 1))
         if rep < 1:
@@ -428,15 +470,14 @@ class InstructionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         r = self.records[i]
-        image = torch.from_numpy(datasets.load_image(r["image"])).permute(2, 0, 1).float()  # (3, H, W)
-        mean = torch.tensor(datasets.IMAGENET_MEAN).view(3, 1, 1)
-        std = torch.tensor(datasets.IMAGENET_STD).view(3, 1, 1)
-        image = (image - mean) / std
+        image = torch.from_numpy(datasets.load_image(r["image"])).permute(2, 0, 1).float()  # (3, H, W) 0-255
         if self.max_tiles > 1:
             tiles = dynamic_tiles(image, self.image_size, self.max_tiles)
         else:
-            tiles = F.interpolate(image[None], size=(self.image_size, self.image_size), mode="bicubic",
-                                  align_corners=False)
+            tiles = resize_like_pil(image, (self.image_size, self.image_size))[None]
+        mean = torch.tensor(datasets.IMAGENET_MEAN).view(3, 1, 1)
+        std = torch.tensor(datasets.IMAGENET_STD).view(3, 1, 1)
+        tiles = (tiles - mean) / std  # (n, 3, S, S)
         ids, labels = build_conversation(self.tokenizer, r["conversations"], self.tokens_per_tile * len(tiles),
                                          max_length=self.max_length)
         return dict(pixels=tiles, input_ids=ids, labels=labels, modality=r["modality"])
@@ -495,7 +536,7 @@ class CSIA(nn.Module):
 
     def _shuffle(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1 + h·w, C) -> (B, h·w/4, 4C): CLS dropped, 2x2 pixel shuffle."""
-        x = x[:, 1:]
+        x = x[:, self.vit.num_prefix:]
         g = int(round(math.sqrt(x.shape[1])))
         return pixel_shuffle(x.reshape(len(x), g, g, -1)).flatten(1, 2)
 
@@ -560,15 +601,37 @@ def build_llm(path: str = "", vocab_size: int = 0, dim: int = 64, layers: int = 
 # Detection fine-tuning with the ViT (Sec. 3.3)
 # ---------------------------------------------------------------------------------------------
 
-class ViTPyramid(nn.Module):
-    """The ViT as a multi-scale backbone: CLS dropped, the last block's tokens as a map of stride
-    `patch`, turned into strides 8, 16 and 32 by transposed convolutions or max-pooling (ViTDet's
-    simple feature pyramid; BabelRS uses ViT-Adapter here, see the module docstring). Returns the
-    list of maps and has `out_channels`, as the detection module's neck expects."""
+ADAPTER_GROUP_ENDS = (3, 9, 18, 24)  # last block (from 1) of each official ViT-Adapter interaction group of 24
+#   (`interaction_indexes=[[0, 2], [3, 8], [9, 17], [18, 23]]`, BabelRS_20kstep.py)
 
-    def __init__(self, vit: ViT, strides=(8, 16, 32)):
+
+def group_end_blocks(depth: int) -> tuple:
+    """The blocks that end ViT-Adapter's four interaction groups, scaled to a ViT of `depth`
+    blocks, ⌈depth·e/24⌉: (3, 9, 18, 24) for 24, (2, 5, 9, 12) for 12, (1, 2, 3, 4) for 4 (a ViT of
+    fewer than 4 blocks reads some block twice)."""
+    return tuple(math.ceil(depth * e / ADAPTER_GROUP_ENDS[-1]) for e in ADAPTER_GROUP_ENDS)
+
+
+class ViTPyramid(nn.Module):
+    """The ViT as a multi-scale backbone (Sec. 3.3): no CLS token; pyramid level l reads the output
+    of block `taps[l]`, by default the blocks that end the official ViT-Adapter's interaction
+    groups (3, 9, 18, 24 of 24, `group_end_blocks`), from the finest level to the coarsest. Each
+    token map (stride `patch`) is brought to its level's stride by transposed convolutions (finer)
+    or max-pooling (coarser), as ViTDet's simple feature pyramid. So the blocks that CSIA aligns
+    are the blocks the detector reads, as in the paper; `taps=(depth,) * 4` is the plain
+    "last block only" pyramid. Departure from the official adapter (module docstring): no
+    spatial-prior CNN and no deformable interaction, and each level reads one group's output where
+    the adapter mixes every group's output into every level.
+    Returns the list of maps and has `out_channels` and `strides`, as the detection neck expects."""
+
+    def __init__(self, vit: ViT, strides=(8, 16, 32, 64), taps: tuple = ()):
         super().__init__()
+        if vit.num_prefix:
+            raise ValueError("the detection ViT has no CLS token: build it with cls_token=False")
         self.vit = vit
+        self.taps = tuple(taps) or group_end_blocks(vit.depth)[-len(strides):]
+        if len(self.taps) != len(strides) or not all(1 <= t <= vit.depth for t in self.taps):
+            raise ValueError(f"taps {self.taps}: one block in 1..{vit.depth} per stride {tuple(strides)}")
         self.scales = nn.ModuleList()
         for s in strides:
             f = vit.patch / s
@@ -579,7 +642,7 @@ class ViTPyramid(nn.Module):
                 self.scales.append(nn.ConvTranspose2d(vit.dim, vit.dim, 2, 2))
             elif f == 1:
                 self.scales.append(nn.Identity())
-            elif f in (0.5, 0.25):
+            elif f < 1 and (1 / f).is_integer() and math.log2(1 / f).is_integer():
                 self.scales.append(nn.MaxPool2d(int(1 / f)))
             else:
                 raise ValueError(f"patch {vit.patch} cannot make stride {s}")
@@ -588,9 +651,10 @@ class ViTPyramid(nn.Module):
 
     def forward(self, images: torch.Tensor) -> list:
         B, _, H, W = images.shape
-        x = self.vit(images)[-1][:, 1:]  # (B, h·w, C) without CLS
-        x = x.transpose(1, 2).reshape(B, -1, H // self.vit.patch, W // self.vit.patch)  # (B, C, h, w)
-        return [scale(x) for scale in self.scales]
+        hidden = self.vit(images)  # depth + 1 tensors (B, h·w, C)
+        grid = (H // self.vit.patch, W // self.vit.patch)
+        return [scale(hidden[t].transpose(1, 2).reshape(B, -1, *grid))  # (B, C, h, w) -> (B, C, H/s, W/s)
+                for t, scale in zip(self.taps, self.scales)]
 
 
 def layer_decay_groups(model: nn.Module, vit_prefix: str, depth: int, decay: float, weight_decay: float) -> list:
@@ -615,9 +679,14 @@ def layer_decay_groups(model: nn.Module, vit_prefix: str, depth: int, decay: flo
     return [groups[k] for k in sorted(groups)]
 
 
-def build_detector(vit_args: dict = None, **kwargs) -> detection.RotatedDETR:
+def build_detector(vit_args: dict = None, vit_taps: list = (), **kwargs) -> detection.RotatedDETR:
     """The BabelRS detector (Sec. 3.3): the ViT pyramid (`vit_args`: dim, depth, heads, patch,
-    image_size) under `detection.build_detector`'s neck and per-modality head sets; without
-    `vit_args` the plain ResNet detector. Takes the arguments a run stores in model.json."""
-    backbone = ViTPyramid(ViT(**vit_args)) if vit_args else None
-    return detection.build_detector(**kwargs, backbone_module=backbone)
+    image_size; `vit_taps` the blocks read, default the adapter's group ends) under
+    `detection.build_detector`'s neck and per-modality head sets; without `vit_args` the plain
+    ResNet detector. Takes the arguments a run stores in model.json."""
+    if not vit_args:
+        return detection.build_detector(**kwargs)
+    levels = kwargs.get("levels", 4)
+    pyramid = ViTPyramid(ViT(**vit_args, cls_token=False), strides=tuple(8 * 2 ** l for l in range(levels)),
+                         taps=tuple(vit_taps))
+    return detection.build_detector(**kwargs, backbone_module=pyramid)

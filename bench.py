@@ -172,8 +172,8 @@ def bench_detr(args):
     standard two-stage detector) on the same images and boxes, trained in the same run."""
     import torchvision
 
+    import babelrs
     import datasets
-    import detection
     import train
     torch.manual_seed(0)
     print(f"rotated DETR training steps, torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -183,7 +183,7 @@ def bench_detr(args):
     root = datasets.make_synthetic(cfg.synth_root)
     split = datasets.load_detection_split(root / "rgb" / "train", "rgb")
     sources = [dict(modality="rgb", root=str(root / "rgb"), classes=split.classes, box_type="obb")]
-    model = detection.build_detector(**train.model_args(cfg, sources)).train()
+    model = babelrs.build_detector(**train.model_args(cfg, sources)).train()
     batches = train.StepBatches([split], datasets.MultiSourceSampler([len(split)], [cfg.batch_size]), cfg, 0)
     batch = batches[0]
     targets = [dict(boxes=b, labels=l, size=s) for b, l, s in zip(batch["boxes"], batch["labels"], batch["size"])]
@@ -205,7 +205,7 @@ def bench_detr(args):
                                           (torch.rand(20, 1, generator=g) - 0.5) * math.pi], 1)) for _ in range(B)]
     labels = [torch.randint(0, 15, (20,), generator=g) for _ in range(B)]
     paper = train.FINETUNE_PRESETS["paper"]
-    model = detection.build_detector(**train.model_args(paper, [dict(sources[0], classes=[str(c) for c in range(15)])])).train()
+    model = babelrs.build_detector(**train.model_args(paper, [dict(sources[0], classes=[str(c) for c in range(15)])])).train()
     tg = [dict(boxes=b, labels=l, size=(size, size)) for b, l in zip(boxes, labels)]
     t_detr = _train_step_time(model, lambda: sum(model(images, masks, ["rgb"] * B, tg)["losses"].values()), args.repeat)
     frcnn = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None,
@@ -230,7 +230,7 @@ def bench_vit(args):
     cfg = train.CSIA_PRESETS["tiny"]
     root = datasets.make_synthetic(cfg.synth_root)
     records = babelrs.read_instruction_meta(root / "instructions" / "meta.json")
-    texts = [babelrs.SYSTEM_MESSAGE] + [t["value"] for r in records for t in r["conversations"]]
+    texts = [babelrs.SYSTEM_MESSAGE] * len(records) + [t["value"] for r in records for t in r["conversations"]]
     tok = babelrs.build_tokenizer(texts, cfg.vocab_size)
     vit = babelrs.ViT(cfg.vit_dim, cfg.vit_depth, cfg.vit_heads, cfg.patch, cfg.image_size)
     llm = babelrs.build_llm("", len(tok), cfg.llm_dim, cfg.llm_layers, cfg.llm_heads, cfg.llm_kv_heads, cfg.llm_ffn)

@@ -561,22 +561,30 @@ class Resize:
         return item
 
 
+FLIPS = ("horizontal", "vertical", "diagonal")
+
+
 @dataclass
 class RandomFlip:
-    """Horizontal, vertical and diagonal (both) flips, each with probability p (mmrotate RRandomFlip)."""
+    """One of `directions` (horizontal, vertical, diagonal = both), each with probability p
+    (mmrotate RRandomFlip with flip_ratio [p, p, p]; mmdet RandomFlip(0.5) is
+    `directions=("horizontal",)`, p = 0.5)."""
     p: float = 0.25
     generator: random.Random = field(default_factory=random.Random)
+    directions: tuple = FLIPS
 
     def __call__(self, item):
         from torchvision.transforms.v2 import functional as TF
+        if not set(self.directions) <= set(FLIPS) or len(self.directions) * self.p > 1:
+            raise ValueError(f"RandomFlip: directions {self.directions} with p {self.p}")
         r = self.generator.random()
-        if r >= 3 * self.p:
+        if r >= len(self.directions) * self.p:
             return item
-        kind = int(r // self.p)  # 0 horizontal, 1 vertical, 2 diagonal
+        kind = self.directions[int(r // self.p)]
         image, polys = item["image"], _to_polys(item)
-        if kind in (0, 2):
+        if kind in ("horizontal", "diagonal"):
             image, polys = TF.horizontal_flip(image), TF.horizontal_flip(polys)
-        if kind in (1, 2):
+        if kind in ("vertical", "diagonal"):
             image, polys = TF.vertical_flip(image), TF.vertical_flip(polys)
         return _from_polys(item, image, polys)
 
@@ -832,13 +840,14 @@ def make_synthetic(root, n_train=48, n_test=16, size=256, max_objects=8, seed=0,
     `ir/{train,test}/{images,labelTxt}` (DOTA txt, oriented, as DroneVehicle), and
     `instructions/{rgb,sar,ir}.jsonl` + `instructions/meta.json` (InternVL-style). The concepts
     (ship, plane, vehicle, tank, bridge, harbor) are shared across modalities, each with its own
-    shape, so a detector learns them quickly. Deterministic from `seed`; a finished data set
+    shape, so a detector learns them quickly. meta.json holds absolute paths (the official loader
+    opens annotations from the working folder). Deterministic from `seed`; a finished data set
     (marked by `root/.complete`) is not written again.
     """
     root = Path(root)
     marker = root / ".complete"
     wanted = json.dumps(dict(n_train=n_train, n_test=n_test, size=size, max_objects=max_objects, seed=seed,
-                             modalities=list(modalities)))
+                             modalities=list(modalities), root=str(root.resolve())))  # meta.json holds absolute paths
     if marker.exists() and marker.read_text() == wanted:
         return root
     meta = {}
@@ -870,7 +879,9 @@ def make_synthetic(root, n_train=48, n_test=16, size=256, max_objects=8, seed=0,
             if modality == "sar":
                 atomic_write_text(out / "annotations.json", json.dumps(coco))
         atomic_write_text(root / "instructions" / f"{modality}.jsonl", "".join(json.dumps(s) + "\n" for s in jsonl))
-        meta[f"synthsoi_{modality}"] = dict(root="..", annotation=f"instructions/{modality}.jsonl",  # relative to meta.json
+        # absolute paths: the official loader opens `annotation` from the working folder, whatever that is
+        meta[f"synthsoi_{modality}"] = dict(root=str(root.resolve()),
+                                            annotation=str((root / "instructions" / f"{modality}.jsonl").resolve()),
                                             modality=modality, repeat_time=1, length=len(jsonl))
     atomic_write_text(root / "instructions" / "meta.json", json.dumps(meta, indent=2))
     atomic_write_text(marker, wanted)

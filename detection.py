@@ -24,7 +24,7 @@ Paper / official code -> this file
 Differences from the official code
     - The L1 matching cost compares predicted and ground-truth (cx, cy, w, h); the official
       `BBoxL1Cost(box_format='xywh')` compares predicted (x1, y1, x2, y2) with ground-truth
-      (cx, cy, w, h), a format mix-up (MutDet notes §1).
+      (cx, cy, w, h), a format mix-up (MutDet notes §1). `match_l1="official"` reproduces it.
     - Boxes are scaled back to pixels by the image's width *and* height; the official head scales
       by the width only, which assumes square inputs.
     - Deformable attention is pure PyTorch (`grid_sample`), always in float32, as mmcv's CPU path.
@@ -38,6 +38,7 @@ M ground-truth objects, C classes or channels, D model width, P sampling points,
 Boxes inside the model are (cx, cy, w, h) normalised by the image's own width and height (padding
 excluded) plus a le90 angle θ in radians; `postprocess` returns le90 boxes in pixels.
 """
+import copy
 import math
 from typing import Literal
 
@@ -71,6 +72,11 @@ class MLP(nn.Sequential):
         for a, b in zip(dims[:-1], dims[1:]):
             layers += [nn.Linear(a, b), nn.ReLU()]
         super().__init__(*layers, nn.Linear(dims[-1], out_dim))
+
+
+def _clones(module: nn.Module, n: int) -> nn.ModuleList:
+    """n deep copies of one freshly initialised module: equal weights, separate parameters."""
+    return nn.ModuleList(copy.deepcopy(module) for _ in range(n))
 
 
 def sine_position_encoding(mask: torch.Tensor, num_feats: int, temperature: float = 10000.0,
@@ -180,14 +186,16 @@ class ChannelMapper(nn.Module):
 
     def __init__(self, in_channels: list, dim: int, num_outs: int = 4, groups: int = 32):
         super().__init__()
-        self.convs = nn.ModuleList(nn.Sequential(nn.Conv2d(c, dim, 1), nn.GroupNorm(groups, dim)) for c in in_channels)
+        # no conv bias: GroupNorm follows and would remove it (mmcv ConvModule(bias="auto"))
+        self.convs = nn.ModuleList(nn.Sequential(nn.Conv2d(c, dim, 1, bias=False), nn.GroupNorm(groups, dim))
+                                   for c in in_channels)
         extra_in = [in_channels[-1]] + [dim] * (num_outs - len(in_channels) - 1)
-        self.extra = nn.ModuleList(nn.Sequential(nn.Conv2d(c, dim, 3, stride=2, padding=1), nn.GroupNorm(groups, dim))
+        self.extra = nn.ModuleList(nn.Sequential(nn.Conv2d(c, dim, 3, stride=2, padding=1, bias=False),
+                                                 nn.GroupNorm(groups, dim))
                                    for c in extra_in[:num_outs - len(in_channels)])
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
 
     def forward(self, feats: list) -> list:
         outs = [conv(f) for conv, f in zip(self.convs, feats)]  # each (B, D, H_l, W_l)
@@ -435,6 +443,17 @@ def make_denoising_queries(targets: list, label_embedding: nn.Embedding, num_cla
     return content, reference, angle if with_angle else None, blocked, meta
 
 
+def denoising_attention_mask(blocked: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """The decoder's self-attention mask over [denoising queries, matching queries], True = blocked:
+    the DN groups as `blocked` (n_dn, n_dn) says, and the matching queries never see a DN query
+    (they would read the ground truth). -> (n_dn + K, n_dn + K)."""
+    n_dn = len(blocked)
+    mask = torch.zeros(n_dn + num_queries, n_dn + num_queries, dtype=torch.bool, device=blocked.device)
+    mask[:n_dn, :n_dn] = blocked
+    mask[n_dn:, :n_dn] = True
+    return mask
+
+
 # ---------------------------------------------------------------------------------------------
 # Matching and losses
 # ---------------------------------------------------------------------------------------------
@@ -472,13 +491,23 @@ class HungarianMatcher(nn.Module):
     """One-to-one matching of queries to objects by the ARS-DETR cost
         C = 2·C_focal + 2·|b̂ - b|_1 + 5·(-GIoU(b̂, b)) + 2·BCE(angle logits, AR-CSL(θ))·2r/(r+1),
     with the box terms on the horizontal (cx, cy, w, h) box (the angle only enters through the
-    angle term). Departure from the official code: the L1 cost compares (cx, cy, w, h) on both
-    sides, where `BBoxL1Cost` mixes formats (module docstring).
+    angle term). The cost weights are the assigner's (`train_cfg.assigner` of the official config),
+    separate from the loss weights although both are (2, 2, 5, 2) there.
+
+    `l1_format`: "cxcywh" (ours, the default) compares (cx, cy, w, h) on both sides; "official"
+    reproduces ARS-DETR, whose head hands the assigner predicted (x1, y1, x2, y2) while
+    `BBoxL1Cost(box_format='xywh')` converts only the ground truth to (cx, cy, w, h), so the L1 cost
+    there mixes the two formats (`ars_detr_head.py:594`, `ars_hungarian_assigner.py:129`). Use it for
+    a run meant to match the official code number for number.
     """
 
-    def __init__(self, cost_class: float = 2.0, cost_bbox: float = 2.0, cost_giou: float = 5.0, cost_angle: float = 2.0):
+    def __init__(self, cost_class: float = 2.0, cost_bbox: float = 2.0, cost_giou: float = 5.0, cost_angle: float = 2.0,
+                 l1_format: Literal["cxcywh", "official"] = "cxcywh"):
         super().__init__()
+        if l1_format not in ("cxcywh", "official"):
+            raise ValueError(f"l1_format must be 'cxcywh' or 'official', got {l1_format!r}")
         self.cost_class, self.cost_bbox, self.cost_giou, self.cost_angle = cost_class, cost_bbox, cost_giou, cost_angle
+        self.l1_format = l1_format
 
     @torch.no_grad()
     def cost(self, logits, boxes, angle_logits, tgt):
@@ -487,7 +516,8 @@ class HungarianMatcher(nn.Module):
         pos = -(p + 1e-12).log() * FOCAL_ALPHA * (1 - p) ** FOCAL_GAMMA
         neg = -(1 - p + 1e-12).log() * (1 - FOCAL_ALPHA) * p ** FOCAL_GAMMA
         c = self.cost_class * (pos - neg)
-        c = c + self.cost_bbox * torch.cdist(boxes.float(), tgt["boxes"], p=1)
+        pred = boxes.float() if self.l1_format == "cxcywh" else ro.hbb_cxcywh_to_xyxy(boxes.float())
+        c = c + self.cost_bbox * torch.cdist(pred, tgt["boxes"], p=1)  # (Q, M)
         c = c - self.cost_giou * giou_xyxy(ro.hbb_cxcywh_to_xyxy(boxes.float()), ro.hbb_cxcywh_to_xyxy(tgt["boxes"]))
         if angle_logits is not None:
             x = angle_logits.float()
@@ -522,11 +552,11 @@ class SetCriterion(nn.Module):
     official DN branch)."""
 
     def __init__(self, num_classes: int, with_angle: bool = True, loss_cls: float = 2.0, loss_bbox: float = 2.0,
-                 loss_giou: float = 5.0, loss_angle: float = 2.0):
+                 loss_giou: float = 5.0, loss_angle: float = 2.0, matcher: HungarianMatcher = None):
         super().__init__()
         self.num_classes, self.with_angle = num_classes, with_angle
         self.weights = dict(cls=loss_cls, bbox=loss_bbox, giou=loss_giou, angle=loss_angle)
-        self.matcher = HungarianMatcher(loss_cls, loss_bbox, loss_giou, loss_angle)
+        self.matcher = matcher if matcher is not None else HungarianMatcher()
 
     def _terms(self, logits, boxes, angle_logits, targets, indices, pixel_giou=False):
         """The four weighted losses of one prediction set given (query, target) index pairs per image."""
@@ -600,7 +630,8 @@ class DETRHead(nn.Module):
                  enc_layers: int = 6, dec_layers: int = 6, ffn: int = 1024, dropout: float = 0.1,
                  num_queries: int = 300, num_dn_queries: int = 100, box_type: Literal["obb", "hbb"] = "obb",
                  dn_label_noise: float = 0.5, dn_box_noise: float = 0.4, dn_angle_noise: float = 0.02,
-                 rotate_deform_attn: bool = True):
+                 rotate_deform_attn: bool = True, match_costs: tuple = (2.0, 2.0, 5.0, 2.0),
+                 match_l1: Literal["cxcywh", "official"] = "cxcywh"):
         super().__init__()
         if box_type not in ("obb", "hbb"):
             raise ValueError(f"box_type must be 'obb' or 'hbb', got {box_type!r}")
@@ -618,23 +649,40 @@ class DETRHead(nn.Module):
         self.decoder = nn.ModuleList(DecoderLayer(dim, heads, levels, points, ffn, dropout) for _ in range(dec_layers))
         self.ref_point_head = MLP(2 * dim, dim, dim, 2)
         self.decoder_norm = nn.LayerNorm(dim)
-        # one branch set per decoder layer plus one (index dec_layers) for the encoder proposals
+        # one branch set per decoder layer plus one (index dec_layers) for the encoder proposals, deep
+        # copies of one module each, so that all start equal (ARS-DETR `_get_clones`)
         n = dec_layers + 1
-        self.cls_branches = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(n))
-        self.reg_branches = nn.ModuleList(MLP(dim, dim, 4, 3) for _ in range(n))  # num_reg_fcs = 2
-        self.angle_branches = nn.ModuleList(nn.Linear(dim, A) for _ in range(n)) if self.with_angle else None
-        self.criterion = SetCriterion(num_classes, with_angle=self.with_angle)
+        self.cls_branches = _clones(nn.Linear(dim, num_classes), n)
+        self.reg_branches = _clones(MLP(dim, dim, 4, 3), n)  # num_reg_fcs = 2
+        self.angle_branches = _clones(nn.Linear(dim, A), n) if self.with_angle else None
+        self.criterion = SetCriterion(num_classes, with_angle=self.with_angle,
+                                      matcher=HungarianMatcher(*match_costs, l1_format=match_l1))
         self.reset_parameters()
 
     def reset_parameters(self):
-        for name, p in self.named_parameters():
-            if p.dim() > 1 and "sampling_offsets" not in name and "attention_weights" not in name:
-                nn.init.xavier_uniform_(p)
+        """The official initialisation (ARS-DETR `init_weights` of the transformer and the head):
+        - every matrix of the transformer (encoder, decoder, `enc_output`, `ref_point_head`) Xavier;
+        - then the encoder's deformable attention re-initialised as Deformable DETR (offsets on a
+          grid, attention weights 0: mmcv's `MultiScaleDeformableAttention.init_weights`); the
+          decoder's rotated cross-attention is not an instance of that class, so its
+          `sampling_offsets` and `attention_weights` *weights* keep the Xavier values, their biases
+          the module's own grid / zero init;
+        - level embeddings and query content N(0, 1); the DN `label_embedding` keeps
+          `nn.Embedding`'s N(0, 1);
+        - class, box and angle branches keep PyTorch's Linear init (equal copies), then the class
+          bias gets the focal prior p = 0.01 and the last box layer zeros.
+        """
         for m in self.modules():
             if isinstance(m, MSDeformAttn):
-                m.reset_parameters()
+                m.reset_parameters()  # offsets grid, zero attention weights, Xavier value / output
+        transformer = [self.encoder, self.decoder, self.enc_output, self.ref_point_head]
+        for part in transformer:
+            for name, p in part.named_parameters():
+                if p.dim() > 1 and not (part is self.encoder and ("sampling_offsets" in name or "attention_weights" in name)):
+                    nn.init.xavier_uniform_(p)
         nn.init.normal_(self.level_embed)
         nn.init.normal_(self.query_embed.weight)
+        nn.init.normal_(self.label_embedding.weight)
         prior = -math.log((1 - 0.01) / 0.01)  # focal-loss prior: every class starts at p = 0.01
         for lin in self.cls_branches:
             nn.init.constant_(lin.bias, prior)
@@ -791,24 +839,33 @@ class DETRHead(nn.Module):
         sel = self.select_queries(enc["memory"], enc["mask"], enc["shapes"])
         return self.decode_queries(enc, sel, targets)
 
-    def decode_queries(self, enc: dict, sel: dict, targets: list = None, memory: torch.Tensor = None) -> dict:
-        """Decode the selected queries (plus denoising queries when `targets` are given) against
-        `memory` (default the encoder's) and arrange the outputs as `forward` documents."""
+    def denoising_queries(self, targets: list):
+        """This batch's contrastive denoising queries (`make_denoising_queries` with the head's noise
+        scales), or None when the head has none. MutDet draws them once and feeds the same set to
+        both of its decoding passes."""
+        if targets is None or self.num_dn_queries <= 0:
+            return None
+        return make_denoising_queries(targets, self.label_embedding, self.num_classes, self.num_dn_queries,
+                                      *self.dn_noise, with_angle=self.with_angle)
+
+    def decode_queries(self, enc: dict, sel: dict, targets: list = None, memory: torch.Tensor = None,
+                       dn: tuple = None) -> dict:
+        """Decode the selected queries (plus denoising queries when `targets` are given: `dn`, a
+        `denoising_queries` result, or freshly drawn ones) against `memory` (default the encoder's)
+        and arrange the outputs as `forward` documents."""
         B = enc["memory"].shape[0]
         content = self.query_embed.weight[None].expand(B, -1, -1)  # (B, K, D)
         reference, angle, attn_mask, meta = sel["reference"], sel["angle"], None, None
-        if targets is not None and self.num_dn_queries > 0:
-            dn_content, dn_ref, dn_angle, blocked, meta = make_denoising_queries(
-                targets, self.label_embedding, self.num_classes, self.num_dn_queries, *self.dn_noise,
-                with_angle=self.with_angle)
+        if dn is None:
+            dn = self.denoising_queries(targets)
+        if dn is not None:
+            dn_content, dn_ref, dn_angle, blocked, meta = dn
             n_dn, K = dn_content.shape[1], content.shape[1]
             content = torch.cat([dn_content, content], 1)  # (B, n_dn + K, D)
             reference = torch.cat([dn_ref, reference], 1)
             if self.with_angle:
                 angle = torch.cat([dn_angle, angle], 1)
-            attn_mask = torch.zeros(n_dn + K, n_dn + K, dtype=torch.bool, device=content.device)
-            attn_mask[:n_dn, :n_dn] = blocked
-            attn_mask[n_dn:, :n_dn] = True  # matching queries must not see the ground truth
+            attn_mask = denoising_attention_mask(blocked, K)
         layers = self.decode(content, reference, angle, enc["memory"] if memory is None else memory,
                              enc["mask"], enc["shapes"], enc["valid_ratios"], attn_mask)
         n_dn = 2 * meta["groups"] * meta["pad"] if meta is not None else 0
@@ -929,11 +986,14 @@ def build_detector(sources: list, backbone: str = "resnet50", resnet: str = "", 
                    dim: int = 256, heads: int = 8, levels: int = 4, points: int = 4, enc_layers: int = 6,
                    dec_layers: int = 6, ffn: int = 1024, dropout: float = 0.1, num_queries: int = 300,
                    num_dn_queries: int = 100, gn_groups: int = 32, loss_weights: dict = None,
+                   match_costs: tuple = (2.0, 2.0, 5.0, 2.0), match_l1: str = "cxcywh",
                    backbone_module: nn.Module = None) -> RotatedDETR:
     """ARS-DETR with one head set per source modality.
 
     Args:
         sources: list of dict(modality, classes, box_type) (one head per distinct modality).
+        match_costs: the matcher's (class, L1, GIoU, angle) weights; match_l1: its L1 box format
+            (`HungarianMatcher`).
         backbone: "resnet50" (the papers') or "resnet18" (the tiny preset); `resnet` a local weight
             file. `backbone_module` replaces it (BabelRS's ViT pyramid).
     """
@@ -944,5 +1004,6 @@ def build_detector(sources: list, backbone: str = "resnet50", resnet: str = "", 
         if s["modality"] in head_sets:
             raise ValueError(f"two sources of modality {s['modality']!r}; one head set per modality")
         head_sets[s["modality"]] = DETRHead(len(s["classes"]), dim, heads, levels, points, enc_layers, dec_layers,
-                                            ffn, dropout, num_queries, num_dn_queries, s["box_type"])
+                                            ffn, dropout, num_queries, num_dn_queries, s["box_type"],
+                                            match_costs=tuple(match_costs), match_l1=match_l1)
     return RotatedDETR(backbone_module, head_sets, dim, levels, gn_groups, loss_weights)

@@ -568,6 +568,8 @@ def run_facts(run) -> dict:
             off = [n for n in ("enhance", "siamese", "align") if not icfg[n]]
             label = "DETReg" if detreg else "MutDet" + (f" (no {', no '.join(off)})" if off else "") + \
                 (", L1" if icfg["embed_loss"] == "l1" and not detreg else "")
+            if detreg and icfg.get("dn_align", True):  # runs before the DN switch existed aligned their DN queries
+                label += " + DN alignment"
             facts.update(init="mutdet", label=label)
     elif init:
         facts.update(init=cfg.get("vit_family", "weights"), label={"clip": "CLIP", "dinov2": "DINOv2"}.get(

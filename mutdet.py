@@ -132,13 +132,17 @@ class MutDetPretrainer(nn.Module):
         raw class-0 logit; losses prefixed `p_`;
       - siamese (auxiliary): plain ARS-DETR on the un-enhanced memory, as at fine-tuning.
     Every L_ca targets O_enh, so the alignment gradient reaches the enhancement module: the "mutual"
-    optimisation. DETReg's row: `enhance=False, embed_loss="l1"` (its L1 embedding loss on the
-    plain decoder; with 1 pseudo-class, class-agnostic).
+    optimisation. DETReg's row: `enhance=False, embed_loss="l1", dn_align=False` (its L1 embedding
+    loss on the last decoder layer's matched queries of the plain decoder only, DETReg
+    `deformable_detr.py:195-196, 413-414`; the DN alignment term is MutDet's addition,
+    `MutDet_DOTA_Pretrain.py:33-35`; with 1 pseudo-class, class-agnostic).
+    Both passes decode the same denoising queries with the same attention mask (drawn once).
     """
 
     def __init__(self, detector: detection.RotatedDETR, embed_dim: int, enhance: bool = True, align: bool = True,
                  siamese: bool = True, depth: int = 3, heads: int = 8, mlp: int = 2048,
-                 embed_loss: Literal["infonce", "l1"] = "infonce", freeze_backbone: bool = False):
+                 embed_loss: Literal["infonce", "l1"] = "infonce", freeze_backbone: bool = False,
+                 dn_align: bool = True):
         super().__init__()
         if len(detector.heads) != 1:
             raise ValueError("MutDet pre-trains one head set")
@@ -150,6 +154,7 @@ class MutDetPretrainer(nn.Module):
         if embed_loss not in ("infonce", "l1"):
             raise ValueError(f"embed_loss must be infonce or l1, got {embed_loss!r}")
         self.enhance, self.align, self.siamese, self.embed_loss = enhance, align, siamese, embed_loss
+        self.dn_align = dn_align
         self.freeze_backbone = freeze_backbone
         if freeze_backbone:  # MutDet: frozen_stages=4 and `frozen_parameters=['backbone']`; the neck trains
             detector.backbone.requires_grad_(False)
@@ -159,6 +164,12 @@ class MutDetPretrainer(nn.Module):
         self.enhancement = MutualEnhancement(dim, heads, mlp, depth)
         self.patch_enc_decode = nn.Sequential(nn.Linear(dim, 4 * dim), nn.ReLU(), nn.Linear(4 * dim, dim))
         self.feature_embed = detection.MLP(dim, dim, dim, 2)  # query hidden state -> predicted embedding Ẑ
+        # the official transformer's init_weights: Xavier on every matrix of the modules it adds
+        # (`template_matching.py:102-112, 130-141`); `feature_embed` sits in the head: Linear default
+        for part in (self.patch_enc_output, self.enhancement, self.patch_enc_decode):
+            for p in part.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
 
     @property
     def head(self) -> detection.DETRHead:
@@ -187,6 +198,7 @@ class MutDetPretrainer(nn.Module):
                                         [t["size"] for t in targets])
         embeds = [t["embeds"].to(images.device).float() for t in targets]
         enc = self.head.encode(feats, level_masks)
+        dn = self.head.denoising_queries(tgt)  # one draw for both passes (official `headv7.py:105-108`)
         losses = {}
         objects_enh = embeds
         if self.enhance:
@@ -203,24 +215,26 @@ class MutDetPretrainer(nn.Module):
                                    for z, o in zip(z_enc, objects_enh)])
                 return sim * cls0
             sel = self.head.select_queries(enc["memory"], enc["mask"], enc["shapes"], tokens=image_enh, scores=scores)
-            out = self.head.decode_queries(enc, sel, tgt, memory=image_enh)
+            out = self.head.decode_queries(enc, sel, tgt, memory=image_enh, dn=dn)
             matches = {}
             for k, v in self.head.criterion(out, tgt, matches).items():
                 losses[f"p_{k}"] = v
             if self.align:
                 losses["p_loss_embed"] = self._alignment(out["hidden"], matches["last"], objects_enh)
-                losses["p_dn_loss_embed"] = self._alignment(out["dn_outputs"][-1]["hidden"],
-                                                            _first_positives(out["dn_meta"]), objects_enh)
+                if self.dn_align:
+                    losses["p_dn_loss_embed"] = self._alignment(out["dn_outputs"][-1]["hidden"],
+                                                                _first_positives(out["dn_meta"]), objects_enh)
                 losses["p_enc_loss_embed"] = self._alignment(z_enc, matches["enc"], objects_enh, project=False)
         if self.siamese:
             sel = self.head.select_queries(enc["memory"], enc["mask"], enc["shapes"])
-            out = self.head.decode_queries(enc, sel, tgt)
+            out = self.head.decode_queries(enc, sel, tgt, dn=dn)
             matches = {}
             losses.update(self.head.criterion(out, tgt, matches))
             if self.align:
                 losses["loss_embed"] = self._alignment(out["hidden"], matches["last"], objects_enh)
-                losses["dn_loss_embed"] = self._alignment(out["dn_outputs"][-1]["hidden"],
-                                                          _first_positives(out["dn_meta"]), objects_enh)
+                if self.dn_align:
+                    losses["dn_loss_embed"] = self._alignment(out["dn_outputs"][-1]["hidden"],
+                                                              _first_positives(out["dn_meta"]), objects_enh)
         return losses
 
     def _alignment(self, hidden, indices, objects, project=True):

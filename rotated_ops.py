@@ -440,12 +440,37 @@ def ar_csl_window(aspect_ratio: torch.Tensor) -> torch.Tensor:
 
     ARS-DETR smooths the one-hot angle label with the IoU between the ground-truth box and the same
     box turned by δ, then min-max normalises each row (`window='aspect_ratio', normalize=True`), so
-    the label of an elongated box is sharp and that of a square-ish box is wide. The official code
-    uses a closed form of that IoU; we evaluate the IoU exactly with `box_iou_rotated`, which also
-    gives the right value (1) at δ = ±90° for squares where the closed form divides by cos(90°).
-    The coder's `radius=6` is not used by this window in the official code either.
+    the label of an elongated box is sharp and that of a square-ish box is wide. The IoU has a
+    closed form (the official `aspect_ratio_smooth`, here without its per-row loop): for a box of
+    sides r >= 1 and 1 turned by φ = |δ|,
+        φ beyond the critical angle φ_c = π - 2·atan(r): the overlap is the rhombus of the two
+            short-side strips, IoU = 1 / (2r·sin φ - 1);
+        φ <= φ_c (in whole degrees, as the official index): the turned box cuts four corner
+            triangles, IoU = (4r·tan φ - a² - b²) / (4r·tan φ + a² + b²) with
+            a = (1 - r·tan(φ/2))·tan φ, b = (r·sin φ - 2·sin²(φ/2)) / cos φ.
+    It is exact for every ratio, squares included (at δ = -90° the second branch gives 1);
+    `ar_csl_window_exact` evaluates the same IoUs with `box_iou_rotated`, and the tests hold the
+    two together. The coder's `radius=6` is not used by this window in the official code either.
     """
-    r = aspect_ratio.to(_working_dtype(aspect_ratio)).clamp_min(1.0)  # w / h >= 1 under le90
+    dt = _working_dtype(aspect_ratio)
+    r = aspect_ratio.to(dt).clamp_min(1.0)[:, None]  # (N, 1) w / h >= 1 under le90
+    degrees = torch.arange(-ANGLE_BINS // 2, ANGLE_BINS // 2, device=r.device, dtype=dt)
+    phi = (degrees.abs() * (math.pi / 180)).clamp_min(1e-6)[None]  # (1, 180); δ = 0 is set to 1 below
+    rhombus = 1 / (2 * r * phi.sin() - 1)  # (N, 180)
+    a = (1 - r * (phi / 2).tan()) * phi.tan()
+    b = (r * phi.sin() - 2 * (phi / 2).sin() ** 2) / phi.cos()
+    t = 4 * r * phi.tan()
+    corners = (t - a * a - b * b) / (t + a * a + b * b)
+    critical = torch.floor(torch.rad2deg(math.pi - 2 * torch.atan(r)))  # (N, 1) whole degrees
+    iou = torch.where(degrees.abs()[None] <= critical, corners, rhombus)
+    iou = torch.where(degrees[None] == 0, torch.ones_like(iou), iou)
+    low = iou.amin(-1, keepdim=True)
+    return (iou - low) / (1 - low).clamp_min(torch.finfo(dt).eps)
+
+
+def ar_csl_window_exact(aspect_ratio: torch.Tensor) -> torch.Tensor:
+    """`ar_csl_window` by exact polygon IoU (`box_iou_rotated`): the reference it is tested against."""
+    r = aspect_ratio.to(_working_dtype(aspect_ratio)).clamp_min(1.0)
     deltas = torch.arange(-ANGLE_BINS // 2, ANGLE_BINS // 2, device=r.device, dtype=r.dtype) * (math.pi / 180)
     n = len(r)
     base = torch.stack([torch.zeros_like(r), torch.zeros_like(r), r, torch.ones_like(r), torch.zeros_like(r)], -1)

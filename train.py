@@ -56,7 +56,8 @@ class FinetuneConfig:
     batch_size: int = 4  # images per process with one source; paper: samples_per_gpu=2
     source_ratio: list[int] = field(default_factory=list)  # images of each source per batch (BabelRS: 2 SAR : 1 RGB : 1 IR)
     loss_weights: list[float] = field(default_factory=list)  # per source (BabelRS: RGB 1.5); default 1 each
-    augment: bool = True  # RRandomFlip h/v/diagonal p=0.25 each (ARS-DETR); rotation with --rotate_p
+    augment: bool = True  # per source as SOI-Det (detection_transform): SAR h-flip 0.5; RGB/IR h/v/diagonal
+    #                       flips 0.25 each (ARS-DETR, MutDet) and rotation with --rotate_p
     rotate_p: float = 0.0  # PolyRandomRotate probability (BabelRS: 0.5; MutDet: none)
     workers: int = 0  # data loading processes
     # model (detection.build_detector)
@@ -68,6 +69,8 @@ class FinetuneConfig:
     vit_heads: int = 4
     vit_patch: int = 8
     vit_family: Literal["internvit", "clip", "dinov2"] = "internvit"  # weights of --init (Tab. 3 baselines)
+    vit_taps: list[int] = field(default_factory=list)  # block read by each pyramid level; none = the official
+    #   ViT-Adapter's interaction-group ends, scaled to vit_depth (3 9 18 24 of 24; 1 2 3 4 of the tiny 4)
     layer_decay: float = 1.0  # layer-wise lr decay of the ViT; BabelRS: 0.95
     frozen_bn: bool = False  # paper: True (norm_eval, requires_grad=False)
     dim: int = 128  # paper: 256
@@ -81,8 +84,11 @@ class FinetuneConfig:
     num_queries: int = 100  # paper: 300
     num_dn_queries: int = 30  # paper: 100
     gn_groups: int = 32
+    match_costs: list[float] = field(default_factory=lambda: [2.0, 2.0, 5.0, 2.0])  # matcher (class, L1, GIoU, angle)
+    match_l1: Literal["cxcywh", "official"] = "cxcywh"  # official: ARS-DETR's predicted-xyxy vs gt-cxcywh L1 cost
     init: str = ""  # a run of this project or .safetensors file: a detector (non-strict), or with the ViT
     #                 backbone a csia run, the released BabelRS ViT or an InternVL folder (the ViT part)
+    init_strict: bool = False  # a detector --init must match every tensor (after the documented drops)
     # optimisation (MutDet base_settings_DIOR.py)
     lr: float = 2e-4  # paper: 1e-4
     weight_decay: float = 1e-5
@@ -115,11 +121,16 @@ FINETUNE_PRESETS = {
                               dim=256, heads=8, enc_layers=6, dec_layers=6, ffn=1024, dropout=0.1, num_queries=300,
                               num_dn_queries=100, lr=5e-5, weight_decay=0.05, warmup=500, epochs=12,
                               lr_steps=[8, 11], rotate_p=0.5, workers=4, ckpt_every=2000),
+    # MutDet's fine-tuning on DIOR-R (Tab. 2): ARS-DETR R-50 at RResize(800, 800)
+    # (MutDet `base_settings_DIOR.py`, `ars_detr_DIOR_MutDet.py`); the preset of the MutDet sweeps
     "paper": FinetuneConfig(image_size=800, batch_size=2, backbone="resnet50", frozen_bn=True, dim=256, heads=8,
                             enc_layers=6, dec_layers=6, ffn=1024, dropout=0.1, num_queries=300, num_dn_queries=100,
                             lr=1e-4, lr_mult=0.1, warmup=500, epochs=36, lr_steps=[32], workers=4,
                             ckpt_every=2000),
 }
+# ARS-DETR on DOTA-v1.0 (MutDet Tab. 3): the same detector on 1024-px trainval patches (gap 200),
+# RResize(1024, 1024) (ARS-DETR `dn_arw_arm_arcsl_rdetr_r50_dota.py` and its bases); else as "paper"
+FINETUNE_PRESETS["ars-detr-dota"] = dataclasses.replace(FINETUNE_PRESETS["paper"], image_size=1024)
 @dataclass
 class CSIAConfig:
     """BabelRS CSIA pre-training with LVSA (Sec. 3.1-3.2): ViT + projector + causal LM on the
@@ -151,9 +162,11 @@ class CSIAConfig:
     llm_ffn: int = 256
     vocab_size: int = 1024  # of the tokenizer trained on the instruction corpus
     init: str = ""  # a csia run or an InternVL2.5-1B folder (vision_model, mlp1, language_model)
+    init_strict: bool = False  # --init must match every tensor (else a one-line error); default: skip and list
     # LVSA (Sec. 3.2)
     merge: Literal["lvsa", "last", "concat", "sum", "per-layer"] = "lvsa"  # Tab. 5 rows
-    layers: list[int] = field(default_factory=lambda: [1, 2, 3])  # hidden-state indices; paper: [2, 8, 17, 23]
+    layers: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # hidden-state indices; paper: [2, 8, 17, 23]
+    #   tiny: every block of the 4, so CSIA aligns each block the tiny detector's pyramid reads
     tau: float = 120.0  # annealing steps of α(t); paper: 6000 of 20000 (Sec. 4.9)
     # optimisation (BabelRS_internvl_1b_20ksteps.sh)
     lr: float = 1e-3  # paper: 2e-5
@@ -219,7 +232,9 @@ class MutDetConfig:
     """MutDet detection pre-training (MutDet_DOTA_Pretrain.py): ARS-DETR on the SAM boxes and
     k-means pseudo-classes of a sam cache, with mutual enhancement, contrastive alignment and the
     auxiliary siamese head. Each ablation row is a run: --no-enhance, --no-siamese, --embed-loss l1,
-    --pseudo-classes 1; DETReg is `--no-enhance --embed-loss l1 --pseudo-classes 1`."""
+    --pseudo-classes 1, --no-dn-align; DETReg is `--no-enhance --embed-loss l1 --pseudo-classes 1
+    --no-dn-align`. The DETReg row's targets are this project's (ImageNet layer4 + PCA-256 + L2 of up
+    to 1000 SAM boxes), not DETReg's own (SwAV features of the top-30 selective-search boxes)."""
     # data
     data: str = ""  # a sam run folder; none = SynthSOI-RGB train, cached first by the sam stage (tiny preset)
     synth_root: str = "data/synthsoi"  # SynthSOI, and its sam cache at <synth_root>-sam-<dim>d
@@ -246,15 +261,19 @@ class MutDetConfig:
     num_queries: int = 100  # paper: 300
     num_dn_queries: int = 30  # paper: 100
     gn_groups: int = 32
+    match_costs: list[float] = field(default_factory=lambda: [2.0, 2.0, 5.0, 2.0])  # matcher (class, L1, GIoU, angle)
+    match_l1: Literal["cxcywh", "official"] = "cxcywh"  # official: ARS-DETR's predicted-xyxy vs gt-cxcywh L1 cost
     # MutDet's parts (mutdet.MutDetPretrainer)
     enhance: bool = True  # mutual enhancement + the enhanced decoding branch
     siamese: bool = True  # the auxiliary siamese head (the plain branch)
     align: bool = True  # the embedding (alignment) losses
     embed_loss: Literal["infonce", "l1"] = "infonce"  # L_ca, or DETReg's L1
+    dn_align: bool = True  # the alignment term on the DN queries (MutDet's addition; off in the DETReg row)
     enhance_depth: int = 3
     enhance_heads: int = 4  # paper: 8
     enhance_mlp: int = 512  # paper: 2048
     init: str = ""  # weights to start from (a run of this project or .safetensors file)
+    init_strict: bool = False  # --init must match every tensor (else a one-line error); default: skip and list
     # optimisation (base_settings.py)
     lr: float = 2e-4  # paper: 1e-4
     weight_decay: float = 1e-5
@@ -365,13 +384,21 @@ def read_weights(path: str) -> dict:
     return state
 
 
-def load_init(model, path: str, state: dict = None) -> None:
-    """Load any checkpoint of this project non-strictly (a run folder or a weight file) and print
-    what was skipped: parameters missing from the file, unexpected ones, and shape mismatches
-    (e.g. a 256-way pseudo-class head from MutDet pre-training)."""
+def load_init(model, path: str, state: dict = None, strict: bool = False) -> None:
+    """Load any checkpoint of this project (a run folder or a weight file) and print what was
+    skipped: parameters missing from the file, unexpected ones, and shape mismatches (e.g. a
+    256-way pseudo-class head from MutDet pre-training). With `strict` (`--init_strict`) any of
+    them is an error naming the tensors, and nothing is loaded."""
     state = read_weights(path) if state is None else state
     own = model.state_dict()
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if strict:
+        problems = ([f"missing {k}" for k in own if k not in state] + [f"unexpected {k}" for k in state if k not in own]
+                    + [f"shape {k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here" for k in mismatched])
+        if problems:
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise ValueError(f"--init {path} --init_strict: {len(problems)} tensors do not match: "
+                             + "; ".join(problems[:5]) + more)
     state = {k: v for k, v in state.items() if k not in mismatched}
     missing, unexpected = model.load_state_dict(state, strict=False)
     print(f"--init {path}: loaded {len(state) - len(unexpected)} tensors; skipped "
@@ -540,12 +567,24 @@ def subset(ds, fraction: float, seed: int):
     return dataclasses.replace(ds, samples=[ds.samples[i] for i in keep])
 
 
-def detection_transform(image_size: int, augment: bool, rotate_p: float, generator: random.Random):
+RECT_CLASSES = ("roundabout", "storage-tank", "tank")  # turned by multiples of 90° only (mmrotate's DOTA
+#   rect_classes; SOI-Det's `rect_classes=[..., 16, 18]`); "tank" is SynthSOI's round storage tank
+
+
+def detection_transform(image_size: int, augment: bool, rotate_p: float, generator: random.Random,
+                        modality: str = "rgb", classes: list = ()):
+    """Resize -> augmentation per source, as the official SOI-Det pipelines (`SOI_Det.py`) -> Normalize.
+    SAR: a horizontal flip with p = 0.5 only (mmdet RandomFlip). RGB and IR: a horizontal, vertical
+    or diagonal flip with p = 0.25 each (RRandomFlip), then with `rotate_p` a rotation by any angle,
+    or by a multiple of 90° when the image holds a RECT_CLASSES object (PolyRandomRotate)."""
     steps = [datasets.Resize(image_size)]
-    if augment:
+    if augment and modality == "sar":
+        steps.append(datasets.RandomFlip(0.5, generator, directions=("horizontal",)))
+    elif augment:
         steps.append(datasets.RandomFlip(0.25, generator))
         if rotate_p > 0:
-            steps.append(datasets.RandomRotate(rotate_p, generator=generator))
+            rect = tuple(i for i, c in enumerate(classes) if c.lower() in RECT_CLASSES)
+            steps.append(datasets.RandomRotate(rotate_p, rect_classes=rect, generator=generator))
     return datasets.Compose(steps + [datasets.Normalize()])
 
 
@@ -575,7 +614,8 @@ class StepBatches(torch.utils.data.Dataset):
         items = []
         for source, index in self.sampler.batch(k):
             ds = self.splits[source]
-            item = detection_transform(self.cfg.image_size, self.cfg.augment, self.cfg.rotate_p, gen)(ds[index])
+            item = detection_transform(self.cfg.image_size, self.cfg.augment, self.cfg.rotate_p, gen, ds.modality,
+                                       ds.classes)(ds[index])
             item["size"] = tuple(item["image"].shape[-2:])
             items.append(item)
         return pad_batch(datasets.collate(items))
@@ -588,10 +628,10 @@ def model_args(cfg: FinetuneConfig, sources: list) -> dict:
                 backbone=cfg.backbone, resnet=cfg.resnet, frozen_bn=cfg.frozen_bn, dim=cfg.dim, heads=cfg.heads,
                 levels=cfg.levels, points=cfg.points, enc_layers=cfg.enc_layers, dec_layers=cfg.dec_layers,
                 ffn=cfg.ffn, dropout=cfg.dropout, num_queries=cfg.num_queries, num_dn_queries=cfg.num_dn_queries,
-                gn_groups=cfg.gn_groups, loss_weights=weights,
+                gn_groups=cfg.gn_groups, loss_weights=weights, match_costs=list(cfg.match_costs), match_l1=cfg.match_l1,
                 vit_args=dict(dim=cfg.vit_dim, depth=cfg.vit_depth, heads=cfg.vit_heads, patch=cfg.vit_patch,
                               image_size=cfg.image_size, **babelrs.VIT_FAMILIES[cfg.vit_family])
-                if cfg.backbone == "vit" else None)
+                if cfg.backbone == "vit" else None, vit_taps=list(cfg.vit_taps))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -661,14 +701,14 @@ def finetune(cfg: FinetuneConfig) -> int:
                     groups[group] = groups.get(group, 0) + 1
                 print(f"--init {cfg.init}: a MutDet pre-training run; dropped " +
                       ", ".join(f"{g} ({n} tensors)" for g, n in groups.items()))
-                load_init(model, cfg.init, state)
+                load_init(model, cfg.init, state, cfg.init_strict)
             elif cfg.backbone == "vit" and not any(k.startswith(("heads.", "backbone.")) for k in state):
                 # the ViT of a csia run, the BabelRS release, InternVL, or a transformers CLIP / DINOv2
                 babelrs.load_vit_weights(model.backbone.vit, cfg.init, family=cfg.vit_family)
                 print(f"--init {cfg.init}: loaded the ViT (patch and positions resized to {cfg.vit_patch} px, "
                       f"{cfg.image_size // cfg.vit_patch}^2 grid)")
             else:
-                load_init(model, cfg.init, state)
+                load_init(model, cfg.init, state, cfg.init_strict)
     except (ValueError, FileNotFoundError) as e:  # a weight file that is missing or of another model
         raise datasets.DatasetError(str(e)) from None
     run = run_folder(cfg, "finetune", rank)  # only now: a bad weight file leaves no empty run folder
@@ -743,7 +783,8 @@ def csia_tokenizer(cfg: CSIAConfig, run: Path, records: list):
         tok = AutoTokenizer.from_pretrained(cfg.llm, local_files_only=True)
         tok.add_special_tokens({"additional_special_tokens": [t for t in babelrs.SPECIAL_TOKENS if t not in tok.get_vocab()]})
     else:
-        texts = [babelrs.SYSTEM_MESSAGE] + [t["value"] for r in records for t in r["conversations"]]
+        # the system message opens every sample: weigh it so, and the tokenizer learns it as a few tokens
+        texts = [babelrs.SYSTEM_MESSAGE] * len(records) + [t["value"] for r in records for t in r["conversations"]]
         tok = babelrs.build_tokenizer(texts, cfg.vocab_size)
     tok.save_pretrained(str(stored))
     return tok
@@ -783,7 +824,10 @@ def csia(cfg: CSIAConfig) -> int:
     if cfg.init and not cfg.resume:  # an InternVL folder names its parts vision_model / mlp1 / language_model
         state = {k.replace("vision_model.", "vit.", 1).replace("language_model.", "llm.", 1): v
                  for k, v in read_weights(cfg.init).items()}
-        load_init(model, cfg.init, state)
+        try:
+            load_init(model, cfg.init, state, cfg.init_strict)
+        except ValueError as e:
+            raise datasets.DatasetError(str(e)) from None
     tokens_per_tile = (cfg.image_size // cfg.patch) ** 2 // 4
     data = babelrs.InstructionDataset(records, tokenizer, cfg.image_size, tokens_per_tile, cfg.max_tiles, cfg.max_length)
     sampler = datasets.MultiSourceSampler([len(data)], [cfg.batch_size], cfg.seed, rank, world)
@@ -929,12 +973,13 @@ def mutdet_stage(cfg: MutDetConfig) -> int:
     try:
         detector = detection.build_detector(sources, cfg.backbone, cfg.resnet, cfg.frozen_bn, cfg.dim, cfg.heads,
                                             cfg.levels, cfg.points, cfg.enc_layers, cfg.dec_layers, cfg.ffn,
-                                            cfg.dropout, cfg.num_queries, cfg.num_dn_queries, cfg.gn_groups)
+                                            cfg.dropout, cfg.num_queries, cfg.num_dn_queries, cfg.gn_groups,
+                                            match_costs=cfg.match_costs, match_l1=cfg.match_l1)
         model = mutdet.MutDetPretrainer(detector, data.embed_dim, cfg.enhance, cfg.align, cfg.siamese,
                                         cfg.enhance_depth, cfg.enhance_heads, cfg.enhance_mlp, cfg.embed_loss,
-                                        cfg.freeze_backbone).to(device)
+                                        cfg.freeze_backbone, cfg.dn_align).to(device)
         if cfg.init and not cfg.resume:
-            load_init(model, cfg.init)
+            load_init(model, cfg.init, strict=cfg.init_strict)
     except (ValueError, FileNotFoundError) as e:  # embeddings of another width, a bad weight file
         raise datasets.DatasetError(f"{cache}: {e}" if "embeddings" in str(e) else str(e)) from None
     run = run_folder(cfg, "mutdet", rank)
@@ -1021,7 +1066,8 @@ def sweep_runs(name: str, scale: str, extra: dict, amp: str = "fp16") -> list:
         sam = add("sam", ["--stage", "sam"] + preset + (["--masks", "components"] if tiny else []) + extra["sam"])
         pre = {"-": None,
                "DETReg": add("pre-detreg", ["--stage", "mutdet"] + preset + ["--data", f"{{runs}}/{sam}", "--no-enhance",
-                                                                           "--embed-loss", "l1", "--pseudo-classes", "1"]
+                                                                           "--embed-loss", "l1", "--pseudo-classes", "1",
+                                                                           "--no-dn-align"]
                              + extra["mutdet"]),
                "MutDet": add("pre-mutdet", ["--stage", "mutdet"] + preset + ["--data", f"{{runs}}/{sam}"] + extra["mutdet"])}
         fraction = "0.1" if name == "mutdet-10pct" else "1.0"
@@ -1111,7 +1157,8 @@ def parse_config(argv=None):
     config of --resume DIR with the flags given on top."""
     head = argparse.ArgumentParser(add_help=False)
     head.add_argument("--stage", choices=list(STAGES), default="finetune")
-    head.add_argument("--preset", default="tiny", help="tiny | paper (finetune also: babelrs-tiny | babelrs)")
+    head.add_argument("--preset", default="tiny", help="tiny | paper (finetune: paper = MutDet's DIOR-R at 800 px; "
+                      "also babelrs-tiny | babelrs | ars-detr-dota at 1024 px)")
     known, _ = head.parse_known_args(argv)
     cls, _ = STAGES[known.stage]
     if known.preset not in PRESETS[known.stage]:
@@ -1128,7 +1175,12 @@ def parse_config(argv=None):
             raise datasets.DatasetError(f"{resume}: not a run folder (no config.json)")
         names = {f.name for f in dataclasses.fields(cls)}
         base = cls(**{k: v for k, v in json.loads(stored.read_text()).items() if k in names})
-    return known.stage, dataclasses.replace(base, **given)
+    cfg = dataclasses.replace(base, **given)
+    if known.stage == "csia" and known.preset == "paper" and not resume and not (cfg.llm and (cfg.init or cfg.vit)):
+        # BabelRS continues InternVL2.5-1B; a paper-size run from random weights is never what is meant
+        raise SystemExit("error: --stage csia --preset paper needs --llm (Qwen2.5-0.5B-Instruct folder) and "
+                         "--init (InternVL2.5-1B folder) or --vit (InternViT-300M weights)")
+    return known.stage, cfg
 
 
 def main(argv=None) -> int:

@@ -198,7 +198,7 @@ def test_layer_decay_groups():
     assert by_param[id(model.backbone.vit.encoder.layers[1].ls1)]["weight_decay"] == 0.0
     assert by_param[id(model.heads["rgb"].query_embed.weight)]["weight_decay"] == 0.05
     feats = model.backbone(torch.randn(1, 3, 64, 96))
-    assert [tuple(f.shape[-2:]) for f in feats] == [(8, 12), (4, 6), (2, 3)]  # strides 8, 16, 32 from patch 16
+    assert [tuple(f.shape[-2:]) for f in feats] == [(8, 12), (4, 6), (2, 3), (1, 1)]  # strides 8-64 from patch 16
 
 
 CSIA_SMALL = ["--stage", "csia", "--image_size", "32", "--batch_size", "4", "--steps", "10", "--vocab_size", "400",

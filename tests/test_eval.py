@@ -197,7 +197,8 @@ def test_tables_label_rows_from_their_pre_training(tmp_path):
 
 
 def test_mutdet_table_rows(tmp_path):
-    pre = {"DETReg": dict(enhance=False, siamese=True, align=True, embed_loss="l1", pseudo_classes=1),
+    pre = {"DETReg": dict(enhance=False, siamese=True, align=True, embed_loss="l1", pseudo_classes=1, dn_align=False),
+           "DETReg + DN alignment": dict(enhance=False, siamese=True, align=True, embed_loss="l1", pseudo_classes=1),
            "MutDet": dict(enhance=True, siamese=True, align=True, embed_loss="infonce", pseudo_classes=0),
            "MutDet (no siamese)": dict(enhance=True, siamese=False, align=True, embed_loss="infonce", pseudo_classes=0)}
     runs = [_fake_run(tmp_path, "ft-none", dict(init=""), dict(sources=dict(rgb=dict(
@@ -208,7 +209,8 @@ def test_mutdet_table_rows(tmp_path):
             classes=["ship", "plane"], voc07_ap50=0.6 + i / 10, voc07_ap75=0.3, per_class=dict(voc07_ap50=dict(ship=0.5, plane=None)))))))
     md = ev.format_table_runs("mutdet-table2", runs)["markdown"]
     assert "| | ship | plane | AP50 | AP75 |" in md and "| random init | 40.00 | 60.00 | 50.00 | 20.00 |" in md
-    assert "| DETReg | 50.00 | NaN | 60.00 | 30.00 |" in md and "| MutDet | 50.00 | NaN | 70.00 | 30.00 |" in md
+    assert "| DETReg | 50.00 | NaN | 60.00 | 30.00 |" in md and "| MutDet | 50.00 | NaN | 80.00 | 30.00 |" in md
+    assert "| DETReg + DN alignment | 50.00 | NaN | 70.00 | 30.00 |" in md  # runs from before the switch
     assert "| MutDet (no siamese) |" in md and "| MutDet | 75.1 | 60.5 |" not in md and "70.70 | 51.20 |" in md
 
 

@@ -1,0 +1,327 @@
+"""Record what the official code outputs on small random inputs, once, as test fixtures.
+
+    pip install einops timm        # imports of the official InternViT file, not of this project
+    python tests/record_official_fixtures.py --sm3det GIT --mutdet GIT --ars-detr GIT
+
+GIT is a clone (or a bare mirror) of zcablii/SM3Det, floatingstarZ/MutDet or httle/ARS-DETR. Each
+official file is read with `git show COMMIT:PATH` at the commit below, and only pure-PyTorch
+functions run: a class or function is taken from its file by name (the file's mmcv / mmdet imports
+are not needed: registries and base classes are stubbed), or a whole file is imported when its
+imports are plain (InternViT, SAM's two-way transformer). The outputs, the inputs and the weights
+go to `tests/fixtures/official.safetensors` (the commits and files in its metadata);
+`tests/test_official_parity.py` runs our code on the same inputs and compares. This script is not
+part of the test suite: it needs the official repositories.
+"""
+import argparse
+import ast
+import importlib
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+import babelrs  # noqa: E402  (the tiny tokenizer of the ChatML fixture)
+
+COMMITS = {"sm3det": "b271f31", "mutdet": "097ce90", "ars-detr": "0d96c5e"}
+FILES = {
+    "internvit": ("sm3det", "BabelRS_pretrain/internvl/model/internvl_chat/modeling_intern_vit.py"),
+    "internvit_config": ("sm3det", "BabelRS_pretrain/internvl/model/internvl_chat/configuration_intern_vit.py"),
+    "internvl_chat": ("sm3det", "BabelRS_pretrain/internvl/model/internvl_chat/modeling_internvl_chat.py"),
+    "dataset": ("sm3det", "BabelRS_pretrain/internvl/train/dataset.py"),
+    "finetune": ("sm3det", "BabelRS_pretrain/internvl/train/internvl_chat_finetune.py"),
+    "conversation": ("sm3det", "BabelRS_pretrain/internvl/conversation.py"),
+    "constants": ("sm3det", "BabelRS_pretrain/internvl/train/constants.py"),
+    "angle_coder": ("ars-detr", "mmrotate/core/bbox/coder/angle_coder.py"),
+    "rotate_attn": ("ars-detr", "mmrotate/models/utils/multi_scale_rotate_deform_attn.py"),
+    "denoising": ("ars-detr", "mmrotate/models/utils/query_denoising.py"),
+    "two_way": ("mutdet", "AlignRotate/models/utils/transformer.py"),
+    "two_way_common": ("mutdet", "AlignRotate/models/utils/common.py"),
+}
+
+
+class Registry:  # mmcv's `@X.register_module()` as a no-op
+    def register_module(self, *a, **k):
+        return lambda obj: obj
+
+
+def read(repos: dict, key: str) -> str:
+    repo, path = FILES[key]
+    git = Path(repos[repo])
+    gitdir = git / ".git" if (git / ".git").exists() else git
+    return subprocess.run(["git", f"--git-dir={gitdir}", "show", f"{COMMITS[repo]}:{path}"], check=True,
+                          capture_output=True, text=True).stdout
+
+
+def take(source: str, names: list, namespace: dict) -> dict:
+    """Execute the top-level classes / functions `names` of an official file in `namespace`
+    (methods of a class are reached through the class)."""
+    tree = ast.parse(source)
+    nodes = [n for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and n.name in names]
+    missing = set(names) - {n.name for n in nodes}
+    if missing:
+        raise SystemExit(f"not found in the official file: {sorted(missing)}")
+    exec(compile(ast.Module(body=nodes, type_ignores=[]), "<official>", "exec"), namespace)
+    return namespace
+
+
+def method(source: str, cls: str, name: str, namespace: dict):
+    """One method of an official class, as a plain function of (self, ...)."""
+    tree = ast.parse(source)
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == cls:
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name == name:
+                    exec(compile(ast.Module(body=[item], type_ignores=[]), "<official>", "exec"), namespace)
+                    return namespace[name]
+    raise SystemExit(f"{cls}.{name} not found in the official file")
+
+
+def package(name: str, files: dict) -> types.ModuleType:
+    """Official files written to a temporary package `name` and imported (files with plain imports)."""
+    root = Path(tempfile.mkdtemp())
+    pkg = root / name
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    for module, text in files.items():
+        (pkg / f"{module}.py").write_text(text)
+    sys.path.insert(0, str(root))
+    importlib.invalidate_caches()
+    return importlib.import_module(name)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def internvit(repos, out):
+    """InternViT forward (all hidden states, two input sizes) and `extract_feature` (LVSA, pixel
+    shuffle, mlp1) at three steps of α(t)."""
+    package("official_internvit", {"configuration_intern_vit": read(repos, "internvit_config"),
+                                    "modeling_intern_vit": read(repos, "internvit")})
+    cfg_mod = importlib.import_module("official_internvit.configuration_intern_vit")
+    vit_mod = importlib.import_module("official_internvit.modeling_intern_vit")
+    cfg = cfg_mod.InternVisionConfig(num_channels=3, patch_size=14, image_size=56, hidden_size=32,
+                                     num_attention_heads=4, intermediate_size=128, num_hidden_layers=3,
+                                     qkv_bias=True, norm_type="layer_norm", use_flash_attn=False, drop_path_rate=0.0,
+                                     layer_norm_eps=1e-6, hidden_act="gelu", qk_normalization=False,
+                                     initializer_factor=1.0)
+    torch.manual_seed(0)
+    vit = vit_mod.InternVisionModel(cfg).eval()
+    with torch.no_grad():  # random, not the init values, so that every tensor matters
+        for p in vit.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    for k, v in vit.state_dict().items():
+        out[f"internvit.state.{k}"] = v.clone()
+    for name, shape in (("square", (2, 3, 56, 56)), ("wide", (1, 3, 70, 84))):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            hidden = vit(pixel_values=x, output_hidden_states=True, return_dict=True).hidden_states
+        out[f"internvit.{name}.pixels"] = x
+        for i, h in enumerate(hidden):
+            out[f"internvit.{name}.hidden.{i}"] = h.clone()
+
+    src = read(repos, "internvl_chat")
+    ns = dict(torch=torch, warnings=__import__("warnings"))
+    extract, shuffle = method(src, "InternVLChatModel", "extract_feature", ns), method(src, "InternVLChatModel",
+                                                                                       "pixel_shuffle", ns)
+    mlp1 = nn.Sequential(nn.LayerNorm(4 * 32), nn.Linear(4 * 32, 24), nn.GELU(), nn.Linear(24, 24))
+    for k, v in mlp1.state_dict().items():
+        out[f"extract.mlp1.{k}"] = v.clone()
+    x = out["internvit.square.pixels"]
+    for step in (0, 4, 20):
+        fake = types.SimpleNamespace(select_layer=[1, 2, 3], warmup_steps=10, step=step, vision_model=vit,
+                                     downsample_ratio=0.5, ps_version="v2", mlp1=mlp1)
+        fake.pixel_shuffle = types.MethodType(shuffle, fake)
+        with torch.no_grad():
+            out[f"extract.step{step}"] = extract(fake, x)
+
+
+def chatml(repos, out, fixtures: Path):
+    """`preprocess_internvl2_5` (and `multi_modal_get_item`'s `<image>\\n` prepend) on three
+    conversations with a tiny tokenizer, stored beside the fixture."""
+    texts = ["What is in the image?", "A ship and two planes.", "How many?", "Three.", "You are a tester.",
+             "Describe <image> please.", "A harbor."] * 20 + [babelrs.SYSTEM_MESSAGE] * 20
+    tok = babelrs.build_tokenizer(texts, vocab_size=400)
+    tok.model_max_length = 4096
+    tok.save_pretrained(str(fixtures / "chatml_tokenizer"))
+    ns = dict(torch=torch, np=np, F=F, IGNORE_TOKEN_ID=-100, transformers=__import__("transformers"), Dict=dict)
+    exec(read(repos, "constants"), ns)
+    conv_ns = {}
+    exec(read(repos, "conversation"), conv_ns)
+    ns["get_conv_template"] = conv_ns["get_conv_template"]
+    take(read(repos, "dataset"), ["preprocess_internvl2_5"], ns)
+    samples = [
+        [{"from": "human", "value": "<image>\nWhat is in the image?"}, {"from": "gpt", "value": "A ship and two planes."},
+         {"from": "human", "value": "How many?"}, {"from": "gpt", "value": "Three."}],
+        [{"from": "system", "value": "You are a tester."}, {"from": "human", "value": "<image>\nWhat is in the image?"},
+         {"from": "gpt", "value": "A harbor."}],
+        [{"from": "human", "value": "What is in the image?"}, {"from": "gpt", "value": "A harbor."}],
+        [{"from": "human", "value": "<image>\nDescribe <image> please."}, {"from": "gpt", "value": "A harbor."}],
+    ]
+    for i, conv in enumerate(samples):
+        conv = [dict(t) for t in conv]
+        if "<image>" not in conv[0]["value"]:  # multi_modal_get_item, internvl_chat_finetune.py:453-454
+            conv[0]["value"] = "<image>\n" + conv[0]["value"]
+        ret = ns["preprocess_internvl2_5"]("internvl2_5", [conv], tok, [5], group_by_length=True)
+        out[f"chatml.{i}.input_ids"] = ret["input_ids"][0]
+        out[f"chatml.{i}.labels"] = ret["labels"][0]
+    (fixtures / "chatml_conversations.json").write_text(json.dumps(samples, indent=1, ensure_ascii=False) + "\n")
+
+
+def ar_csl(repos, out):
+    """ARS-DETR's CSLCoder with the AR-CSL window (`window='aspect_ratio', normalize=True`)."""
+    ns = dict(torch=torch, math=math, np=np, BaseBBoxCoder=object, ROTATED_BBOX_CODERS=Registry())
+    take(read(repos, "angle_coder"), ["CSLCoder"], ns)
+    coder = ns["CSLCoder"]("le90", window="aspect_ratio", normalize=True)
+    g = torch.Generator().manual_seed(1)
+    theta = (torch.rand(64, 1, generator=g) - 0.5) * math.pi * 0.999
+    ratio = torch.cat([torch.ones(4, 1), 1 + torch.rand(60, 1, generator=g) * 9])
+    out["arcsl.theta"], out["arcsl.aspect"] = theta[:, 0], ratio[:, 0]
+    out["arcsl.encoded"] = coder.encode(theta, ratio)
+    logits = torch.randn(2, 16, 180, generator=g)
+    out["arcsl.logits"], out["arcsl.decoded"] = logits, coder.decode(logits)
+
+
+def sampling_locations(repos, out):
+    """The rotated sampling points of ARS-DETR's deformable cross-attention (2-d and 4-d references)."""
+    captured = {}
+
+    def capture(value, shapes, locations, weights):
+        captured["locations"], captured["weights"] = locations, weights
+        return value.new_zeros(value.shape[0], locations.shape[1], value.shape[2] * value.shape[3])
+
+    def constant_init(m, val, bias=0.0):
+        nn.init.constant_(m.weight, val)
+        nn.init.constant_(m.bias, bias)
+
+    def xavier_init(m, distribution="uniform", bias=0.0):
+        nn.init.xavier_uniform_(m.weight)
+        nn.init.constant_(m.bias, bias)
+
+    class BaseModule(nn.Module):
+        def __init__(self, init_cfg=None):
+            super().__init__()
+
+    ns = dict(torch=torch, nn=nn, F=F, math=math, warnings=__import__("warnings"), Optional=__import__("typing").Optional,
+              no_type_check=lambda f: f, deprecated_api_warning=lambda *a, **k: (lambda f: f), constant_init=constant_init,
+              xavier_init=xavier_init, ATTENTION=Registry(), BaseModule=BaseModule,
+              mmcv=types.SimpleNamespace(ConfigDict=dict),
+              MultiScaleDeformableAttnFunction=None, multi_scale_deformable_attn_pytorch=capture)
+    take(read(repos, "rotate_attn"), ["RotatedMultiScaleDeformableAttention"], ns)
+    torch.manual_seed(2)
+    attn = ns["RotatedMultiScaleDeformableAttention"](embed_dims=32, num_heads=4, num_levels=2, num_points=3,
+                                                      batch_first=True)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    for k, v in attn.state_dict().items():
+        out[f"sampling.state.{k}"] = v.clone()
+    shapes = torch.tensor([[4, 6], [2, 3]])
+    value = torch.randn(2, 30, 32)
+    query = torch.randn(2, 5, 32)
+    angles = (torch.rand(2, 5, 1) - 0.5) * math.pi
+    out["sampling.query"], out["sampling.value"], out["sampling.angles"] = query, value, angles[..., 0]
+    for dim in (2, 4):
+        ref = torch.rand(2, 5, 2, dim)
+        with torch.no_grad():
+            attn(query, value=value, reference_points=ref, reference_angles=angles, spatial_shapes=shapes,
+                 level_start_index=torch.tensor([0, 24]))
+        out[f"sampling.ref{dim}"] = ref
+        out[f"sampling.ref{dim}.locations"] = captured["locations"].clone()
+        out[f"sampling.ref{dim}.weights"] = captured["weights"].clone()
+
+
+def denoising(repos, out):
+    """ARS-DETR's DnQueryGenerator: groups, queries and attention mask, noise scales 0 (the noise
+    is random; with it off, every slot is an exact, comparable function of the ground truth)."""
+    coder_ns = dict(torch=torch, math=math, np=np, BaseBBoxCoder=object, ROTATED_BBOX_CODERS=Registry())
+    take(read(repos, "angle_coder"), ["CSLCoder"], coder_ns)
+
+    def bbox_xyxy_to_cxcywh(b):
+        x1, y1, x2, y2 = b.unbind(-1)
+        return torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], -1)
+
+    ns = dict(torch=torch, bbox_xyxy_to_cxcywh=bbox_xyxy_to_cxcywh, CSLCoder=coder_ns["CSLCoder"])
+    take(read(repos, "denoising"), ["DnQueryGenerator", "inverse_sigmoid"], ns)
+    gen = ns["DnQueryGenerator"](num_queries=7, hidden_dim=16, num_classes=5,
+                                 noise_scale=dict(label=0.0, box=0.0, angle=0.0),
+                                 group_cfg=dict(dynamic=True, num_groups=None, num_dn_queries=12))
+    torch.manual_seed(3)
+    label_embedding = nn.Embedding(5, 16)
+    out["dn.label_embedding"] = label_embedding.weight.detach().clone()
+    sizes = [(60, 80), (60, 80)]
+    counts = [3, 2]
+    gt_bboxes, gt_labels, metas = [], [], []
+    for (h, w), n in zip(sizes, counts):  # pixels (cx, cy, w, h, θ) as mmrotate's gt_bboxes
+        boxes = torch.cat([torch.rand(n, 2) * torch.tensor([w, h]), torch.rand(n, 2) * 20 + 5,
+                           (torch.rand(n, 1) - 0.5) * math.pi], 1)
+        gt_bboxes.append(boxes)
+        gt_labels.append(torch.randint(0, 5, (n,)))
+        metas.append(dict(img_shape=(h, w, 3)))
+    for i, (b, l) in enumerate(zip(gt_bboxes, gt_labels)):
+        out[f"dn.gt{i}.boxes"], out[f"dn.gt{i}.labels"] = b, l
+    to, cuda = torch.Tensor.to, torch.Tensor.cuda  # the official generator moves tensors to "cuda": stay here
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    torch.Tensor.to = lambda self, *a, **k: self if a == ("cuda",) else to(self, *a, **k)
+    try:
+        with torch.no_grad():
+            result = gen(gt_bboxes, gt_labels, label_embedding, metas)
+    finally:
+        torch.Tensor.to, torch.Tensor.cuda = to, cuda
+    names = ("query", "bbox", "mask", "meta")
+    for name, value in zip(names, result):
+        if isinstance(value, torch.Tensor):
+            out[f"dn.{name}"] = value.clone()
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                out[f"dn.meta.{k}"] = torch.as_tensor(v)
+
+
+def two_way(repos, out):
+    """MutDet's enhancement layer: the SAM-derived `TwoWayAttentionBlock`."""
+    package("official_twoway", {"common": read(repos, "two_way_common"), "transformer": read(repos, "two_way")})
+    mod = importlib.import_module("official_twoway.transformer")
+    torch.manual_seed(4)
+    block = mod.TwoWayAttentionBlock(embedding_dim=32, num_heads=4, mlp_dim=64).eval()
+    for k, v in block.state_dict().items():
+        out[f"twoway.state.{k}"] = v.clone()
+    objects, image = torch.randn(1, 6, 32), torch.randn(1, 20, 32)
+    with torch.no_grad():
+        o, f = block(objects, image)
+    out["twoway.objects"], out["twoway.image"] = objects[0], image[0]
+    out["twoway.objects_out"], out["twoway.image_out"] = o[0], f[0]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sm3det", required=True)
+    p.add_argument("--mutdet", required=True)
+    p.add_argument("--ars-detr", required=True)
+    p.add_argument("--out", default=str(HERE / "fixtures"))
+    args = p.parse_args()
+    repos = {"sm3det": args.sm3det, "mutdet": args.mutdet, "ars-detr": args.ars_detr}
+    fixtures = Path(args.out)
+    fixtures.mkdir(exist_ok=True)
+    out = {}
+    internvit(repos, out)
+    chatml(repos, out, fixtures)
+    ar_csl(repos, out)
+    sampling_locations(repos, out)
+    denoising(repos, out)
+    two_way(repos, out)
+    from safetensors.torch import save_file
+    meta = {"commits": json.dumps(COMMITS), "files": json.dumps(FILES), "torch": torch.__version__}
+    save_file({k: v.detach().contiguous() for k, v in out.items()}, str(fixtures / "official.safetensors"), meta)
+    print(f"{len(out)} tensors -> {fixtures / 'official.safetensors'}")
+
+
+if __name__ == "__main__":
+    main()
