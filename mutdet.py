@@ -162,7 +162,8 @@ class MutDetPretrainer(nn.Module):
             raise ValueError("at least one of the enhanced and siamese branches must run")
         self.patch_enc_output, self.patch_enc_output_norm = nn.Linear(dim, dim), nn.LayerNorm(dim)
         self.enhancement = MutualEnhancement(dim, heads, mlp, depth)
-        self.patch_enc_decode = nn.Sequential(nn.Linear(dim, 4 * dim), nn.ReLU(), nn.Linear(4 * dim, dim))
+        # Ẑ_enc head: 1024 hidden units at any width, as the official `patch_enc_decode`
+        self.patch_enc_decode = nn.Sequential(nn.Linear(dim, 1024), nn.ReLU(), nn.Linear(1024, dim))
         self.feature_embed = detection.MLP(dim, dim, dim, 2)  # query hidden state -> predicted embedding Ẑ
         # the official transformer's init_weights: Xavier on every matrix of the modules it adds
         # (`template_matching.py:102-112, 130-141`); `feature_embed` sits in the head: Linear default
@@ -209,12 +210,8 @@ class MutDetPretrainer(nn.Module):
             objects_enh = [o for o, _ in pairs]
             image_enh = torch.stack([f for _, f in pairs])  # (B, S, D)
             z_enc = F.normalize(self.patch_enc_decode(image_enh), dim=-1)  # Ẑ_enc, (B, S, D)
-
-            def scores(cls0):  # max_j cos(Ẑ_enc, O_enh_j) × class-0 logit (raw, as the official code)
-                sim = torch.stack([(z @ F.normalize(o, dim=-1).T).amax(-1) if len(o) else torch.zeros_like(z[:, 0])
-                                   for z, o in zip(z_enc, objects_enh)])
-                return sim * cls0
-            sel = self.head.select_queries(enc["memory"], enc["mask"], enc["shapes"], tokens=image_enh, scores=scores)
+            sel = self.head.select_queries(enc["memory"], enc["mask"], enc["shapes"], tokens=image_enh,
+                                           scores=enhanced_scores(z_enc, objects_enh))
             out = self.head.decode_queries(enc, sel, tgt, memory=image_enh, dn=dn)
             matches = {}
             for k, v in self.head.criterion(out, tgt, matches).items():
@@ -247,6 +244,20 @@ class MutDetPretrainer(nn.Module):
         if self.embed_loss == "l1":  # DETReg: L1 between predicted and target embeddings, mean
             return F.l1_loss(pred, target) if len(pred) else pred.sum() * 0.0
         return contrastive_alignment_loss(pred, target)
+
+
+def enhanced_scores(z_enc: torch.Tensor, objects: list):
+    """The ranking of the enhanced branch's encoder proposals, as a function of their class-0 logits:
+        score_s = max_j cos(Ẑ_enc,s, O_enh,j) × logit_s,0
+    with the raw logit, as the official code (`template_matching.py:452`). The logit starts near
+    -4.6 (the focal prior), and while it is negative a higher similarity *lowers* the score, so
+    early in training the top-k favours tokens unlike every object; we keep it for fidelity.
+    z_enc: (B, S, D) normalised; objects: per image (N, D) -> function (B, S) -> (B, S)."""
+    def scores(cls0):
+        sim = torch.stack([(z @ F.normalize(o, dim=-1).T).amax(-1) if len(o) else torch.zeros_like(z[:, 0])
+                           for z, o in zip(z_enc, objects)])  # (B, S)
+        return sim * cls0
+    return scores
 
 
 def _first_positives(meta: dict) -> list:

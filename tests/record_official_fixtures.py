@@ -46,6 +46,7 @@ FILES = {
     "denoising": ("ars-detr", "mmrotate/models/utils/query_denoising.py"),
     "two_way": ("mutdet", "AlignRotate/models/utils/transformer.py"),
     "two_way_common": ("mutdet", "AlignRotate/models/utils/common.py"),
+    "template_matching": ("mutdet", "AlignRotate/models/utils/dn_ars_rotated_transformer_template_matching.py"),
 }
 
 
@@ -300,6 +301,52 @@ def two_way(repos, out):
     out["twoway.objects_out"], out["twoway.image_out"] = o[0], f[0]
 
 
+def topk_selection(repos, out):
+    """MutDet's enhanced-branch query selection: the statements of the official loop over images
+    (feature enhancement, Ẑ_enc, max-similarity × class-0 logit, top-k, boxes and angles of the
+    chosen tokens), executed as written on a namespace of small random modules."""
+    source = read(repos, "template_matching")
+    tree = ast.parse(source)
+    loop = next(n for n in ast.walk(tree) if isinstance(n, ast.For)
+                and "patch_enc_outputs_max_sim" in ast.get_source_segment(source, n))
+    body = next(f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and loop in f.body).body
+    lists = [n for n in body[:body.index(loop)] if isinstance(n, ast.Assign)
+             and getattr(n.targets[0], "id", "").startswith("all_")]
+    code = compile(ast.Module(body=lists + [loop], type_ignores=[]), "<official>", "exec")
+    coder_ns = dict(torch=torch, math=math, np=np, BaseBBoxCoder=object, ROTATED_BBOX_CODERS=Registry())
+    take(read(repos, "angle_coder"), ["CSLCoder"], coder_ns)
+    package("official_twoway_topk", {"common": read(repos, "two_way_common"), "transformer": read(repos, "two_way")})
+    two_way = importlib.import_module("official_twoway_topk.transformer")
+    torch.manual_seed(5)
+    D, C, S, K = 16, 3, 12, 5
+    modules = dict(feature_enhance=two_way.TwoWayTransformer(depth=2, embedding_dim=D, num_heads=2, mlp_dim=2048),
+                   patch_enc_decode=nn.Sequential(nn.Linear(D, 1024), nn.ReLU(), nn.Linear(1024, D)),
+                   cls=nn.Linear(D, C), angle=nn.Linear(D, 180),
+                   reg=nn.Sequential(nn.Linear(D, D), nn.ReLU(), nn.Linear(D, D), nn.ReLU(), nn.Linear(D, 4)))
+    for name, m in modules.items():
+        m.eval()
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_(torch.randn_like(p) * 0.3)
+        for k, v in m.state_dict().items():
+            out[f"topk.{name}.{k}"] = v.clone()
+    fake = types.SimpleNamespace(feature_enhance=modules["feature_enhance"],
+                                 patch_enc_decode=modules["patch_enc_decode"],
+                                 decoder=types.SimpleNamespace(num_layers=1), two_stage_num_proposals=K)
+    patch_feats = [torch.randn(4, D), torch.randn(6, D)]
+    memory, proposals = torch.randn(2, S, D), torch.randn(2, S, 4)
+    ns = dict(torch=torch, self=fake, patch_feats=patch_feats, output_patch_memory=memory,
+              output_proposals=proposals, cls_branches=[None, modules["cls"]], angle_braches=[None, modules["angle"]],
+              reg_branches=[None, modules["reg"]],
+              angle_coder=coder_ns["CSLCoder"]("le90", window="aspect_ratio", normalize=True))
+    with torch.no_grad():
+        exec(code, ns)
+    out["topk.objects.0"], out["topk.objects.1"] = patch_feats
+    out["topk.memory"], out["topk.proposals"] = memory, proposals
+    out["topk.coords"] = torch.cat(ns["all_patch_topk_coords_unact"])
+    out["topk.angle"] = torch.cat(ns["all_patch_topk_angle"])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sm3det", required=True)
@@ -317,6 +364,7 @@ def main():
     sampling_locations(repos, out)
     denoising(repos, out)
     two_way(repos, out)
+    topk_selection(repos, out)
     from safetensors.torch import save_file
     meta = {"commits": json.dumps(COMMITS), "files": json.dumps(FILES), "torch": torch.__version__}
     save_file({k: v.detach().contiguous() for k, v in out.items()}, str(fixtures / "official.safetensors"), meta)

@@ -123,3 +123,34 @@ def test_two_way_block(official):
         objects, image = block(official["twoway.objects"], official["twoway.image"])
     torch.testing.assert_close(objects, official["twoway.objects_out"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(image, official["twoway.image_out"], rtol=1e-5, atol=1e-5)
+
+
+def test_mutdet_topk_selection(official, monkeypatch):
+    D, K = 16, 5
+    head = detection.DETRHead(num_classes=3, dim=D, heads=2, levels=1, points=1, enc_layers=0, dec_layers=1, ffn=16,
+                              num_queries=K)
+    head.cls_branches[1].load_state_dict(prefixed(official, "topk.cls."))
+    head.reg_branches[1].load_state_dict(prefixed(official, "topk.reg."))
+    head.angle_branches[1].load_state_dict(prefixed(official, "topk.angle."))
+    enhance = mutdet.MutualEnhancement(dim=D, heads=2, mlp=2048, depth=2).eval()
+    names = {"cross_attn_token_to_image.": "token_to_image.", "cross_attn_image_to_token.": "image_to_token.",
+             "mlp.lin1.": "mlp.0.", "mlp.lin2.": "mlp.2."}
+    state = {}
+    for k, v in prefixed(official, "topk.feature_enhance.").items():
+        for old, new in names.items():
+            k = k.replace(old, new)
+        state[k] = v
+    enhance.load_state_dict(state, strict=True)
+    decode = torch.nn.Sequential(torch.nn.Linear(D, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, D))
+    decode.load_state_dict(prefixed(official, "topk.patch_enc_decode."))
+    memory, proposals = official["topk.memory"], official["topk.proposals"]
+    monkeypatch.setattr(head, "proposals", lambda m, mask, shapes: (m, proposals))  # the official anchors
+    with torch.no_grad():
+        pairs = [enhance(official[f"topk.objects.{i}"], memory[i]) for i in range(2)]
+        objects = [o for o, _ in pairs]
+        image = torch.stack([f for _, f in pairs])  # (B, S, D)
+        z_enc = torch.nn.functional.normalize(decode(image), dim=-1)
+        sel = head.select_queries(memory, torch.zeros(2, 12, dtype=torch.bool), [(3, 4)], tokens=image,
+                                  scores=mutdet.enhanced_scores(z_enc, objects))
+    torch.testing.assert_close(sel["reference"], official["topk.coords"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ro.norm_angle(sel["angle"]), ro.norm_angle(official["topk.angle"].float()))
