@@ -12,17 +12,23 @@ Paper -> this file
     InternViT-300M (pre-norm, CLS, learned positions, layer scale, drop path)               ViT
     ChatML (InternVL 2.5) template with <img><IMG_CONTEXT>...</img>                         build_conversation
     dynamic tiling (<= 6 tiles of 448 px + thumbnail)                                       dynamic_tiles
-    Sec. 3.3 detection: shared ViT -> simple feature pyramid -> neck -> heads per modality  ViTPyramid, build_babelrs_detector
+    Sec. 3.3 detection: shared ViT -> pyramid of the adapter's group ends -> neck -> heads  ViTPyramid, group_end_blocks, build_detector
 
 Differences from the paper / official code
     - LVSA layers default to the official `hidden_states[2, 8, 17, 23]` (outputs of blocks 2, 8,
       17 and 23, counted from 1, so the "last" one is the penultimate block); the paper's reading
       "3rd, 9th, 18th and last" is `--layers 3 9 18 24` (see CSIA's docstring).
-    - The detector keeps the ViT and adds a ViTDet-style simple feature pyramid instead of
-      ViT-Adapter (a deformable-attention side network), and the detection module's rotated DETR
-      head sets instead of GFL / Oriented R-CNN heads.
+    - The detector reads the ViT (without its CLS token, as the official adapter) through a pyramid
+      whose four levels take the blocks that end ViT-Adapter's interaction groups (3, 9, 18, 24 of
+      24), at strides 8-64, instead of ViT-Adapter itself (spatial-prior CNN, deformable
+      injector / extractor, output norms; official levels P2-P6 for RGB / IR and P3-P7 for SAR), and
+      the detection module's rotated DETR head sets instead of GFL / Oriented R-CNN heads; the RGB
+      × 1.5 loss weight multiplies every DETR loss term (officially the RPN and R-CNN terms).
     - Merge variants (a)-(c) of Tab. 5 are not in the released code; they are built as Fig. 5
-      draws them.
+      draws them (the concat projector cannot take InternVL's `mlp1`; extra projectors start random).
+    - With a system turn first and no `<image>` in the first user turn, the official loader fails an
+      assertion; `build_conversation` raises a clear error instead.
+    - A random ViT's position and class embeddings start at randn × 0.02 (official randn).
 
 Shape letters: B images (tiles), N tokens, C ViT width, D LLM width, T text length, L layers.
 """

@@ -23,8 +23,17 @@ Differences from the official code
       but not their embeddings, so the two fall out of step).
     - `colour_components` (`--masks components`) is a SAM stand-in for the tiny sweeps, not in the paper.
     - `mask_to_obb` takes the component with the longest boundary (cv2's "contour with the most
-      points" of CHAIN_APPROX_NONE) and its exact minimum-area rectangle over the boundary pixels.
+      points" of CHAIN_APPROX_NONE) and its exact minimum-area rectangle over the boundary pixels;
+      holes count (cv2 `RETR_EXTERNAL` takes the outer contour), corners are neither clipped to the
+      image nor rounded to 0.1 px as the official text files.
     - The enhancement module runs per image, as the official loop, on the image's own objects.
+    - The DN alignment takes each object's first positive copy once (`_first_positives`).
+    - `embed_loss="l1"` with enhancement compares with the un-normalised O_enh (official: normalised).
+    - The DETReg row (`enhance=False, embed_loss="l1", dn_align=False`, one pseudo-class) trains on
+      this project's targets: ImageNet layer4 + PCA-256 + L2 embeddings of up to 1000 SAM boxes, not
+      DETReg's SwAV features of the top-30 selective-search boxes.
+    Kept as the official code although it looks unintended: the enhanced branch ranks proposals by
+    similarity × the *raw* class-0 logit (`enhanced_scores`), negative at the start of training.
 
 Shape letters: B images, S memory tokens, N objects of an image, Q queries, D model width.
 """
