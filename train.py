@@ -739,7 +739,9 @@ def finetune(cfg: FinetuneConfig) -> int:
 
     batches = StepBatches(splits, sampler, cfg, rank)
     status = train_steps(cfg, run, model, optimizer, scaler, batches, start, end,
-                         lambda step: lr_at(step, cfg, steps_per_epoch), forward, per_step, "finetune", after_step)
+                         lambda step: lr_at(step, cfg, steps_per_epoch), forward, per_step, "finetune", after_step,
+                         # blocks after the last one the pyramid reads get no gradient
+                         find_unused=cfg.backbone == "vit" and bool(cfg.vit_taps) and max(cfg.vit_taps) < cfg.vit_depth)
     if status == 0 and cfg.eval and rank == 0:
         evaluation.evaluate_run(run, device=device)
     shutdown_distributed()
