@@ -447,6 +447,167 @@ def evaluate_run(run, device="cpu", batch_size: int = 4) -> dict:
     return metrics
 
 
+# ---------------------------------------------------------------------------------------------
+# Detecting on any image and on full scenes (eval.py --run RUN --predict PATH ...)
+# ---------------------------------------------------------------------------------------------
+
+PATCH_PADDING = (104, 116, 124)  # mmrotate's split padding value
+TASK1_SCORE = 0.05  # detections kept in the Task1 files (MutDet / mmrotate test_cfg score_thr)
+
+
+def image_files(paths: list) -> list:
+    """The images named by `paths` (files, or folders read non-recursively), in order."""
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.iterdir() if f.suffix.lower() in datasets.IMAGE_EXTS)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise datasets.DatasetError(f"{p}: no such image or folder (from --predict)")
+    if not files:
+        raise datasets.DatasetError(f"no images ({', '.join(datasets.IMAGE_EXTS)}) in {' '.join(map(str, paths))}")
+    return files
+
+
+def cut_scene(image: np.ndarray, size: int, gap: int) -> list:
+    """An (H, W, 3) image as patches, as the splitting code cuts it (`datasets.sliding_windows`,
+    padded with PATCH_PADDING past the border); an image no larger than `size` stays whole.
+    Returns [(x, y, patch (h, w, 3))]."""
+    H, W = image.shape[:2]
+    if max(H, W) <= size:
+        return [(0, 0, image)]
+    out = []
+    for x1, y1, _, _ in datasets.sliding_windows(W, H, size, gap):
+        x, y = int(x1), int(y1)
+        patch = np.empty((size, size, 3), np.uint8)
+        patch[:] = PATCH_PADDING
+        crop = image[y:y + size, x:x + size]
+        patch[:crop.shape[0], :crop.shape[1]] = crop
+        out.append((x, y, patch))
+    return out
+
+
+def detect_scene(detect, image: np.ndarray, size: int, gap: int, num_classes: int, batch_size: int = 4,
+                 iou_thr: float = 0.1, on_batch=None) -> list:
+    """Detections on a whole image: cut into patches (`cut_scene`), `detect(list of patches)` ->
+    per patch a list over classes of (K, 6) [cx, cy, w, h, θ, score] in patch pixels, shifted back
+    and merged with class-wise rotated NMS (`datasets.merge_patch_detections`, IoU 0.1 as the DOTA
+    devkit). Returns a list over classes of (K, 6) arrays in image pixels."""
+    patches = cut_scene(image, size, gap)
+    found = {}
+    for start in range(0, len(patches), batch_size):
+        chunk = patches[start:start + batch_size]
+        for (x, y, _), dets in zip(chunk, detect([p for _, _, p in chunk])):
+            found[datasets.patch_name("scene", 1, x, y)] = dets
+        if on_batch is not None:
+            on_batch(len(chunk))
+    if len(patches) == 1:  # a whole image: nothing to merge
+        return [np.asarray(d, np.float64).reshape(-1, 6) for d in next(iter(found.values()))]
+    return datasets.merge_patch_detections(found, iou_thr)["scene"] if found else [np.zeros((0, 6))] * num_classes
+
+
+def run_detector(model, modality: str, image_size: int, device="cpu"):
+    """`detect` for `detect_scene`: a run's model on a list of (h, w, 3) uint8 patches, each resized
+    as at test time (longer side `image_size`)."""
+    tf = datasets.Compose([datasets.Resize(image_size), datasets.Normalize()])
+    num_classes = len(model.heads[modality].cls_branches[0].bias)
+
+    @torch.no_grad()
+    def detect(patches):
+        items = [tf(dict(image=torch.from_numpy(p).permute(2, 0, 1).contiguous(), boxes=torch.zeros(0, 5),
+                         labels=torch.zeros(0, dtype=torch.long), difficult=torch.zeros(0, dtype=torch.bool)))
+                 for p in patches]
+        batch = datasets.collate(items)
+        results = model.predict(batch["images"].to(device), batch["masks"].to(device), [modality] * len(items),
+                                [tuple(it["image"].shape[-2:]) for it in items], [it["scale"] for it in items])
+        out = []
+        for r in results:
+            boxes, scores = r["boxes"].cpu().double().numpy(), r["scores"].cpu().double().numpy()
+            labels = r["labels"].cpu().numpy()
+            out.append([np.concatenate([boxes[labels == c], scores[labels == c, None]], 1) for c in range(num_classes)])
+        return out
+    return detect
+
+
+def draw_detections(image: np.ndarray, dets: list, classes: list, path, score_thr: float = 0.3) -> int:
+    """Oriented boxes with class names and scores (score >= score_thr) drawn on the image at its
+    own resolution; lines and labels scale with the image (1 px per 1000 px of its longer side), so
+    a 4000 x 4000 scene stays readable. Returns the number of boxes drawn."""
+    from PIL import Image, ImageDraw, ImageFont
+    import matplotlib
+    canvas = Image.fromarray(image).convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+    scale = max(1, round(max(image.shape[:2]) / 1000))
+    font = ImageFont.load_default(size=10 * scale)
+    palette = matplotlib.colormaps["tab10"]
+    drawn = 0
+    for c, d in enumerate(dets):
+        d = np.asarray(d, np.float64).reshape(-1, 6)
+        d = d[d[:, 5] >= score_thr]
+        colour = tuple(int(255 * v) for v in palette(c % 10)[:3])
+        for box, poly in zip(d, ro.obb2poly(torch.from_numpy(d[:, :5])).numpy()):
+            pts = [tuple(p) for p in poly.reshape(4, 2)]
+            draw.line(pts + pts[:1], fill=colour, width=scale)
+            label = f"{classes[c]} {box[5]:.2f}"
+            x, y = min(p[0] for p in pts), min(p[1] for p in pts)
+            left, top, right, bottom = draw.textbbox((0, 0), label, font=font)  # the label sits above the box
+            w, h = right - left, bottom - top
+            draw.rectangle((x, y - h - 2 * scale, x + w + 2 * scale, y), fill=colour)
+            draw.text((x + scale - left, y - h - scale - top), label, fill=(255, 255, 255), font=font)
+            drawn += 1
+    tmp = Path(path).with_suffix(".tmp.png")
+    canvas.save(tmp)
+    tmp.replace(path)
+    return drawn
+
+
+def predict_images(run, paths: list, out, modality: str = "", score_thr: float = 0.3, patch: int = 0, gap: int = 200,
+                   make_zip: bool = False, device="cpu", batch_size: int = 4) -> dict:
+    """`eval.py --run RUN --predict PATH...`: detect on every image (large ones cut into patches of
+    the run's training size, or `patch`, with `gap`, and merged), write `<image>.png` drawings and,
+    for the whole set, DOTA Task1 files `Task1_<class>.txt` (detections with score >= TASK1_SCORE),
+    with `make_zip` also `submission.zip` for the DOTA evaluation server."""
+    from tqdm import tqdm
+    model, sources = build_run_model(run, device)
+    modalities = [s["modality"] for s in sources]
+    if not modality and len(modalities) == 1:
+        modality = modalities[0]
+    if modality not in modalities:
+        raise datasets.DatasetError(f"{run}: --modality {modality or '(none)'}: this run detects "
+                                    f"{', '.join(modalities)}; choose one with --modality")
+    src = sources[modalities.index(modality)]
+    size = patch or src["image_size"]
+    files = image_files(paths)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    detect = run_detector(model, modality, src["image_size"], device)
+    scenes = [(f, datasets.load_image(f)) for f in files] if len(files) <= 64 else None
+    total = sum(len(datasets.sliding_windows(im.shape[1], im.shape[0], size, gap)) if max(im.shape[:2]) > size else 1
+                for _, im in scenes) if scenes else None
+    bar = tqdm(total=total, unit="patch", desc=f"predict {modality}")
+    by_image, drawn = {}, 0
+    for i, f in enumerate(files):
+        image = scenes[i][1] if scenes else datasets.load_image(f)
+        dets = detect_scene(detect, image, size, gap, len(src["classes"]), batch_size, on_batch=bar.update)
+        by_image[f.stem] = [d[d[:, 5] >= TASK1_SCORE] for d in dets]
+        drawn += draw_detections(image, dets, src["classes"], out / f"{f.stem}.png", score_thr)
+        bar.set_postfix(images=f"{i + 1}/{len(files)}")
+    bar.close()
+    task1 = write_dota_task1(out, by_image, src["classes"])
+    summary = dict(images=len(files), detections=int(sum(len(d) for v in by_image.values() for d in v)),
+                   drawn=drawn, task1=[str(p) for p in task1])
+    if make_zip:
+        import zipfile
+        tmp = out / "submission.zip.tmp"
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+            for p in task1:
+                z.write(p, p.name)
+        tmp.replace(out / "submission.zip")
+        summary["zip"] = str(out / "submission.zip")
+    return summary
+
+
 def format_run_metrics(metrics: dict) -> str:
     """Per class and per modality AP50 / AP75 / mAP (and the VOC07 11-point numbers), then the summary."""
     cols = ("ap50", "ap75", "map", "voc07_ap50", "voc07_ap75")
@@ -913,7 +1074,29 @@ def main(argv=None) -> int:
     p.add_argument("runs", nargs="*", metavar="RUN", help="run folders for --table / --plot")
     p.add_argument("--out", default="", help="--table: also write OUT.md and OUT.csv; --plot: folder (default figures)")
     p.add_argument("--image", default="", help="--plot: draw detections on this image (default the first test image)")
+    p.add_argument("--predict", nargs="+", metavar="PATH", help="with --run: detect on these images or folders of "
+                   "images (any size; large scenes are cut into patches and merged); writes drawings and DOTA "
+                   "Task1 files into --out (default predictions)")
+    p.add_argument("--modality", default="", help="--predict: the head set of a multi-modal run (rgb, sar or ir)")
+    p.add_argument("--score", type=float, default=0.3, help="--predict: score threshold of the drawings (default 0.3)")
+    p.add_argument("--patch", type=int, default=0, help="--predict: patch size (default the run's training size)")
+    p.add_argument("--gap", type=int, default=200, help="--predict: overlap of patches in px (default 200, DOTA)")
+    p.add_argument("--zip", action="store_true", help="--predict: also write submission.zip for the DOTA server")
+    p.add_argument("--batch", type=int, default=4, help="--predict: patches per forward pass (default 4)")
     args = p.parse_args(argv)
+    if args.predict:
+        if not args.run:
+            p.error("--predict needs --run RUN (the trained detector)")
+        try:
+            summary = predict_images(args.run, args.predict, args.out or "predictions", args.modality, args.score,
+                                     args.patch, args.gap, args.zip, args.device, args.batch)
+        except datasets.DatasetError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"{summary['images']} images, {summary['detections']} detections (score >= {TASK1_SCORE}) in "
+              f"{len(summary['task1'])} Task1 files, {summary['drawn']} drawn (score >= {args.score}) in "
+              f"{args.out or 'predictions'}" + (f"; {summary['zip']}" if "zip" in summary else ""))
+        return 0
     if args.table or args.plot:
         if not args.runs:
             p.error("give the run folders after --table NAME / --plot")
