@@ -52,7 +52,7 @@ class FinetuneConfig:
     synth_root: str = "data/synthsoi"  # where SynthSOI is written
     image_size: int = 256  # longer side after resizing; paper: RResize(800, 800) (MutDet base_settings_DIOR.py)
     data_fraction: float = 1.0  # fraction of each training split, drawn with --seed (MutDet's 10% DIOR-R)
-    seed: int = 0
+    seed: int = 0  # data order, augmentation, initialisation and the --data_fraction draw
     batch_size: int = 4  # images per process with one source; paper: samples_per_gpu=2
     source_ratio: list[int] = field(default_factory=list)  # images of each source per batch (BabelRS: 2 SAR : 1 RGB : 1 IR)
     loss_weights: list[float] = field(default_factory=list)  # per source (BabelRS: RGB 1.5); default 1 each
@@ -65,9 +65,9 @@ class FinetuneConfig:
     backbone: Literal["resnet50", "resnet18", "vit"] = "resnet18"  # MutDet: ResNet-50; BabelRS: the ViT
     resnet: str = ""  # local torchvision ResNet weights (ImageNet); empty = random init
     vit_dim: int = 64  # the ViT backbone (BabelRS: InternViT-300M, 1024 / 24 / 16, patch 16 at 800 px)
-    vit_depth: int = 4
-    vit_heads: int = 4
-    vit_patch: int = 8
+    vit_depth: int = 4  # paper: 24
+    vit_heads: int = 4  # paper: 16
+    vit_patch: int = 8  # paper: 16 (InternViT's 14-px kernel resized)
     vit_family: Literal["internvit", "clip", "dinov2"] = "internvit"  # weights of --init (Tab. 3 baselines)
     vit_taps: list[int] = field(default_factory=list)  # block read by each pyramid level; none = the official
     #   ViT-Adapter's interaction-group ends, scaled to vit_depth (3 9 18 24 of 24; 1 2 3 4 of the tiny 4)
@@ -75,15 +75,15 @@ class FinetuneConfig:
     frozen_bn: bool = False  # paper: True (norm_eval, requires_grad=False)
     dim: int = 128  # paper: 256
     heads: int = 4  # paper: 8
-    levels: int = 4
-    points: int = 4
+    levels: int = 4  # feature levels of the deformable attention (ARS-DETR: 4, strides 8-64)
+    points: int = 4  # sampling points per head and level (ARS-DETR: 4)
     enc_layers: int = 2  # paper: 6 (ars_detr_DIOR_MutDet.py)
     dec_layers: int = 3  # paper: 6
     ffn: int = 256  # paper: 1024
     dropout: float = 0.0  # paper: 0.1
     num_queries: int = 100  # paper: 300
     num_dn_queries: int = 30  # paper: 100
-    gn_groups: int = 32
+    gn_groups: int = 32  # GroupNorm groups of the neck (mmdet ChannelMapper: 32)
     match_costs: list[float] = field(default_factory=lambda: [2.0, 2.0, 5.0, 2.0])  # matcher (class, L1, GIoU, angle)
     match_l1: Literal["cxcywh", "official"] = "cxcywh"  # official: ARS-DETR's predicted-xyxy vs gt-cxcywh L1 cost
     init: str = ""  # a run of this project or .safetensors file: a detector (non-strict), or with the ViT
@@ -91,12 +91,12 @@ class FinetuneConfig:
     init_strict: bool = False  # a detector --init must match every tensor (after the documented drops)
     # optimisation (MutDet base_settings_DIOR.py)
     lr: float = 2e-4  # paper: 1e-4
-    weight_decay: float = 1e-5
+    weight_decay: float = 1e-5  # AdamW; paper: 1e-5 (ARS-DETR, MutDet), 0.05 (BabelRS)
     lr_mult: float = 1.0  # paper: 0.1 for the parameters named in lr_mult_keys
-    lr_mult_keys: list[str] = field(default_factory=lambda: ["backbone", "sampling_offsets", "reference_points"])
+    lr_mult_keys: list[str] = field(default_factory=lambda: ["backbone", "sampling_offsets", "reference_points"])  # parameters (by name) trained at lr x lr_mult (ARS-DETR)
     clip: float = 35.0  # max L2 norm of all gradients
     warmup: int = 100  # iterations of linear warm-up from warmup_ratio·lr; paper: 500
-    warmup_ratio: float = 1 / 3
+    warmup_ratio: float = 1 / 3  # warm-up starts at warmup_ratio x lr (mmcv)
     epochs: int = 40  # paper: 36
     lr_steps: list[int] = field(default_factory=lambda: [36])  # epochs where lr *= 0.1; paper: [32]
     amp: Literal["off", "bf16", "fp16"] = "off"  # fp16 uses dynamic loss scaling
@@ -136,15 +136,21 @@ class CSIAConfig:
     """BabelRS CSIA pre-training with LVSA (Sec. 3.1-3.2): ViT + projector + causal LM on the
     instruction data of all modalities, cross-entropy on the answer tokens."""
     # data
-    data: str = ""  # instruction meta json (official BabelRS_ft_data_instruct.json layout); default SynthSOI's
-    synth_root: str = "data/synthsoi"
+    data: list[str] = field(default_factory=list)  # an instruction meta json (the official
+    #   BabelRS_ft_data_instruct.json layout), or MODALITY:PATH detection sets (DOTA, DIOR-R, SARDet COCO,
+    #   DroneVehicle) turned into App. D instructions (cached in the run folder); default SynthSOI's
+    rate_rgb: float = 1.0  # sample rate (repeat_time) of a corpus built from detections, per modality
+    rate_sar: float = 0.6  # Tab. 1: SARLang 0.6
+    rate_ir: float = 1.0  # Tab. 1: MMRS-1M IR 1 (the public meta json repeats it x3)
+    concept_map: str = ""  # json {class name: shared concept} on top of datasets.CONCEPT_MAP
+    synth_root: str = "data/synthsoi"  # where SynthSOI is written
     image_size: int = 128  # tile side; paper: 448 (force_image_size)
     max_tiles: int = 1  # dynamic tiles per image (+ a thumbnail when > 1); paper: 6 (max_dynamic_patch)
     max_length: int = 512  # tokens; paper: 3072
     batch_size: int = 8  # samples per process and micro-batch; paper: 4
     grad_accum: int = 1  # micro-batches per step; paper: 4 (x 4 x 8 GPUs = global batch 128, Sec. 4.3)
-    workers: int = 0
-    seed: int = 0
+    workers: int = 0  # data loading processes
+    seed: int = 0  # data order and initialisation
     # ViT (InternViT-300M in the paper)
     vit: str = ""  # local InternViT weights (.safetensors or folder); empty = random init
     vit_dim: int = 64  # paper: 1024
@@ -155,11 +161,11 @@ class CSIAConfig:
     grad_checkpoint: bool = False  # paper: True
     # LLM (Qwen2.5-0.5B-Instruct in the paper)
     llm: str = ""  # local transformers causal-LM folder (with its tokenizer); empty = a small random Qwen2
-    llm_dim: int = 128
-    llm_layers: int = 2
-    llm_heads: int = 4
-    llm_kv_heads: int = 2
-    llm_ffn: int = 256
+    llm_dim: int = 128  # width of the random Qwen2 (without --llm); Qwen2.5-0.5B: 896
+    llm_layers: int = 2  # its layers; Qwen2.5-0.5B: 24
+    llm_heads: int = 4  # its attention heads; Qwen2.5-0.5B: 14
+    llm_kv_heads: int = 2  # its key/value heads; Qwen2.5-0.5B: 2
+    llm_ffn: int = 256  # its MLP width; Qwen2.5-0.5B: 4864
     vocab_size: int = 1024  # of the tokenizer trained on the instruction corpus
     init: str = ""  # a csia run or an InternVL2.5-1B folder (vision_model, mlp1, language_model)
     init_strict: bool = False  # --init must match every tensor (else a one-line error); default: skip and list
@@ -170,16 +176,16 @@ class CSIAConfig:
     tau: float = 120.0  # annealing steps of α(t); paper: 6000 of 20000 (Sec. 4.9)
     # optimisation (BabelRS_internvl_1b_20ksteps.sh)
     lr: float = 1e-3  # paper: 2e-5
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01  # AdamW (BabelRS_internvl_1b_20ksteps.sh: 0.01)
     warmup_ratio: float = 0.1  # linear warm-up, then cosine to 0
     clip: float = 1.0  # HF Trainer's max_grad_norm
     steps: int = 400  # length of the schedule; paper: 20000
     amp: Literal["off", "bf16", "fp16"] = "off"  # paper: bf16
     max_steps: int = 0  # stop after this many steps (0 = the whole schedule)
     # run
-    out: str = ""
-    resume: str = ""
-    ckpt_every: int = 1000
+    out: str = ""  # run folder; default runs/csia-<time>
+    resume: str = ""  # run folder to continue
+    ckpt_every: int = 1000  # steps between checkpoints (and one at the end)
 
 
 CSIA_PRESETS = {
@@ -192,16 +198,16 @@ CSIA_PRESETS = {
 class SAMConfig:
     """MutDet's pseudo-labels: SAM masks -> le90 boxes -> object embeddings -> PCA -> k-means classes."""
     data: list[str] = field(default_factory=list)  # MODALITY:PATH of images; none = SynthSOI-RGB train
-    synth_root: str = "data/synthsoi"
+    synth_root: str = "data/synthsoi"  # where SynthSOI is written
     masks: Literal["sam", "components"] = "sam"  # components: mutdet.colour_components, a SAM stand-in
     #   that finds SynthSOI's objects without trained weights (a random SAM's masks are noise)
     sam: str = ""  # local transformers SAM folder (SAM ViT-H in the paper); empty = a tiny random SAM
     sam_image_size: int = 256  # input side of the tiny random SAM (a loaded SAM has its own)
     points_per_side: int = 8  # paper: 32 (generator default)
-    points_per_batch: int = 64
+    points_per_batch: int = 64  # point prompts per SAM forward (segment-anything: 64)
     pred_iou_thresh: float = -1.0  # paper: 0.88; the tiny random SAM keeps every mask
     stability_score_thresh: float = 0.0  # paper: 0.95
-    stability_score_offset: float = 1.0
+    stability_score_offset: float = 1.0  # threshold offset of the stability score (segment-anything: 1.0)
     box_nms_thresh: float = 1.0  # paper: 0.7; a random SAM's masks all overlap, so the tiny preset keeps them all
     max_boxes: int = 1000  # max_gt_num of the pre-training detector
     image_size: int = 256  # the image is resized to this longer side for the crops; paper: 1024
@@ -212,11 +218,11 @@ class SAMConfig:
     pca_dim: int = 128  # paper: 256 (= the detector width, the embeddings enter it raw)
     clusters: int = 16  # pseudo-classes; paper: 256
     fit_samples: int = 100000  # features used to fit PCA and k-means
-    seed: int = 0
+    seed: int = 0  # PCA / k-means initialisation
     max_steps: int = 0  # stop after this many images (0 = all)
     out: str = ""  # run folder holding the cache
     resume: str = ""  # same as --out: a rerun skips the images already done
-    workers: int = 0
+    workers: int = 0  # data loading processes
 
 
 SAM_PRESETS = {
@@ -240,11 +246,11 @@ class MutDetConfig:
     synth_root: str = "data/synthsoi"  # SynthSOI, and its sam cache at <synth_root>-sam-<dim>d
     image_size: int = 256  # paper: 1024 (DOTA 800-px crops with gap 200, RResize to 1024)
     pseudo_classes: int = 0  # 0 = the cache's k-means clusters (paper: 256); 1 = class-agnostic (DETReg)
-    seed: int = 0
+    seed: int = 0  # data order, augmentation and initialisation
     batch_size: int = 4  # paper: samples_per_gpu=2
     augment: bool = True  # RRandomFlip h/v/diagonal p=0.25 each; no colour augmentation
     rotate_p: float = 0.0  # MutDet: none
-    workers: int = 0
+    workers: int = 0  # data loading processes
     # detector (detection.build_detector)
     backbone: Literal["resnet50", "resnet18"] = "resnet18"  # paper: ResNet-50, ImageNet weights
     resnet: str = ""  # local torchvision ResNet weights; empty = random init
@@ -252,15 +258,15 @@ class MutDetConfig:
     frozen_bn: bool = False  # paper: True
     dim: int = 128  # paper: 256 (= the embedding width: the embeddings enter the enhancement raw)
     heads: int = 4  # paper: 8
-    levels: int = 4
-    points: int = 4
+    levels: int = 4  # feature levels of the deformable attention (ARS-DETR: 4)
+    points: int = 4  # sampling points per head and level (ARS-DETR: 4)
     enc_layers: int = 2  # the released R-50 config: 2 (base_ars_detr_E2D2.py); fine-tuning has 6
     dec_layers: int = 2  # 2, as enc_layers
     ffn: int = 256  # paper: 1024
     dropout: float = 0.0  # paper: 0.1
     num_queries: int = 100  # paper: 300
     num_dn_queries: int = 30  # paper: 100
-    gn_groups: int = 32
+    gn_groups: int = 32  # GroupNorm groups of the neck (mmdet ChannelMapper: 32)
     match_costs: list[float] = field(default_factory=lambda: [2.0, 2.0, 5.0, 2.0])  # matcher (class, L1, GIoU, angle)
     match_l1: Literal["cxcywh", "official"] = "cxcywh"  # official: ARS-DETR's predicted-xyxy vs gt-cxcywh L1 cost
     # MutDet's parts (mutdet.MutDetPretrainer)
@@ -269,27 +275,27 @@ class MutDetConfig:
     align: bool = True  # the embedding (alignment) losses
     embed_loss: Literal["infonce", "l1"] = "infonce"  # L_ca, or DETReg's L1
     dn_align: bool = True  # the alignment term on the DN queries (MutDet's addition; off in the DETReg row)
-    enhance_depth: int = 3
+    enhance_depth: int = 3  # enhancement layers (two-way blocks); paper: 3
     enhance_heads: int = 4  # paper: 8
     enhance_mlp: int = 512  # paper: 2048
     init: str = ""  # weights to start from (a run of this project or .safetensors file)
     init_strict: bool = False  # --init must match every tensor (else a one-line error); default: skip and list
     # optimisation (base_settings.py)
     lr: float = 2e-4  # paper: 1e-4
-    weight_decay: float = 1e-5
+    weight_decay: float = 1e-5  # AdamW; paper: 1e-5
     lr_mult: float = 1.0  # paper: 0.1 for the parameters named in lr_mult_keys
-    lr_mult_keys: list[str] = field(default_factory=lambda: ["backbone", "sampling_offsets", "reference_points"])
-    clip: float = 35.0
+    lr_mult_keys: list[str] = field(default_factory=lambda: ["backbone", "sampling_offsets", "reference_points"])  # parameters (by name) trained at lr x lr_mult (ARS-DETR)
+    clip: float = 35.0  # max L2 norm of all gradients; paper: 35
     warmup: int = 50  # paper: 500
-    warmup_ratio: float = 1 / 3
+    warmup_ratio: float = 1 / 3  # warm-up starts at warmup_ratio x lr (mmcv)
     epochs: int = 20  # paper: 36
     lr_steps: list[int] = field(default_factory=lambda: [18])  # paper: [32]
-    amp: Literal["off", "bf16", "fp16"] = "off"
-    max_steps: int = 0
+    amp: Literal["off", "bf16", "fp16"] = "off"  # fp16 uses dynamic loss scaling
+    max_steps: int = 0  # stop after this many steps (0 = the whole schedule); the schedule is unchanged
     # run
     out: str = ""  # run folder; default runs/mutdet-<time>
-    resume: str = ""
-    ckpt_every: int = 500
+    resume: str = ""  # run folder to continue
+    ckpt_every: int = 500  # steps between checkpoints (and one at the end)
 
 
 MUTDET_PRESETS = {
@@ -310,13 +316,38 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
+def field_docs(cls) -> dict:
+    """{field name: the comment written beside it in the dataclass (with its `#   ` continuation
+    lines)}: what the field does and the paper's value, shown by `--help`."""
+    import inspect
+    import io
+    import tokenize
+    docs, current, line_of_field = {}, None, -1
+    tokens = list(tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline))
+    for i, tok in enumerate(tokens):
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and i + 1 < len(tokens) and tokens[i + 1].string == ":":
+            current, line_of_field = tok.string, tok.start[0]
+        elif tok.type == tokenize.COMMENT and current is not None:
+            text = tok.string.lstrip("#").strip()
+            if tok.start[0] == line_of_field:
+                docs[current] = text
+            elif tok.string.startswith("#  ") and current in docs:  # a `#   ` continuation line under it
+                docs[current] += " " + text
+            else:
+                current = None
+    return docs
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cls, presets: dict) -> None:
     """One flag per dataclass field (`--max_steps` and `--max-steps`), typed from the annotation;
-    flags not given keep the preset's value (default SUPPRESS). The help lists the presets' values."""
+    flags not given keep the preset's value (default SUPPRESS). The help is the field's comment
+    (what it does, the paper's value) and every preset's value."""
+    docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        values = "  ".join(f"{name}: {getattr(p, f.name)!r}" for name, p in presets.items())
-        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=values)
+        values = ", ".join(f"{name} {getattr(p, f.name)!r}" for name, p in presets.items())
+        help_text = (docs.get(f.name, "") + f" [presets: {values}]").strip().replace("%", "%%")
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
         if get_origin(f.type) is Literal:
             kw.update(choices=list(get_args(f.type)))
         elif f.type is bool:  # --enhance, --enhance false, --no-enhance
@@ -792,19 +823,59 @@ def csia_tokenizer(cfg: CSIAConfig, run: Path, records: list):
     return tok
 
 
+def detection_sources(entries: list) -> list:
+    """`--data MODALITY:PATH ...` of the csia stage -> [(modality, train split folder)], checked."""
+    sources = []
+    for e in entries:
+        modality, sep, path = e.partition(":")
+        if not sep or modality not in ("rgb", "sar", "ir"):
+            raise datasets.DatasetError(f"--data {e!r}: expected one meta .json, or MODALITY:PATH detection folders "
+                                        "with MODALITY one of rgb, sar, ir")
+        if not Path(path).is_dir():
+            raise datasets.DatasetError(f"{path}: no such folder (from --data {e})")
+        sources.append((modality, datasets.find_split(path, "train")))
+    return sources
+
+
+def csia_corpus(cfg: CSIAConfig, sources: list, out: Path) -> Path:
+    """Detection sets -> an instruction corpus in the run folder (App. D tasks, shared concepts,
+    the modality sample rates of the config)."""
+    mapping = {}
+    if cfg.concept_map:
+        try:
+            mapping = json.loads(Path(cfg.concept_map).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise datasets.DatasetError(f"{cfg.concept_map}: cannot read the concept map ({e})") from None
+    meta = datasets.build_instruction_corpus(sources, out, dict(rgb=cfg.rate_rgb, sar=cfg.rate_sar, ir=cfg.rate_ir),
+                                             mapping, cfg.seed)
+    print(f"csia: instruction corpus from {len(sources)} detection sets written to {out}")
+    return meta
+
+
 def csia(cfg: CSIAConfig) -> int:
     rank, world, device = setup_distributed()
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
-    meta = cfg.data
-    if not meta:
+    entries = [cfg.data] if isinstance(cfg.data, str) else list(cfg.data)  # configs before the list form
+    entries = [e for e in entries if e]
+    run = None
+    if not entries:
         root = Path(cfg.synth_root)
         if rank == 0:
             datasets.make_synthetic(root)
         barrier()
         meta = str(root / "instructions" / "meta.json")
+    elif len(entries) == 1 and entries[0].endswith(".json"):
+        meta = entries[0]
+    else:  # detection sets: the corpus is built into (and reused from) the run folder
+        sources = detection_sources(entries)
+        run = run_folder(cfg, "csia", rank)
+        meta = str(run / "corpus" / "meta.json")
+        if rank == 0 and not Path(meta).exists():
+            csia_corpus(cfg, sources, run / "corpus")
+        barrier()
     records = babelrs.read_instruction_meta(meta)
-    run = run_folder(cfg, "csia", rank)
+    run = run or run_folder(cfg, "csia", rank)
     if rank == 0:  # one process trains (or adapts) and stores the tokenizer; the others read it back
         tokenizer = csia_tokenizer(cfg, run, records)
     barrier()
@@ -1017,7 +1088,10 @@ def mutdet_stage(cfg: MutDetConfig) -> int:
 
 TINY_FINETUNE_STEPS = 144  # fine-tuning steps of a tiny sweep row (4 of babelrs-tiny's 12 epochs; ~5 min)
 MERGES = ("last", "concat", "sum", "per-layer", "lvsa")  # BabelRS Tab. 5 rows: baseline, (a), (b), (c), (d)
-SWEEPS = ("babelrs-table3", "babelrs-table4", "babelrs-table5", "babelrs-fig6", "mutdet-table2", "mutdet-10pct")
+SWEEPS = ("babelrs-table3", "babelrs-table4", "babelrs-table5", "babelrs-fig6", "mutdet-table2", "mutdet-10pct",
+          "mutdet-table3")
+# MutDet Tab. 3 is scored by the DOTA-v1.0 server: its fine-tuned rows predict on the full test scenes
+SUBMISSION = "dota-test"  # folder of each fine-tuned row holding drawings, Task1 files and submission.zip
 
 
 def sweep_runs(name: str, scale: str, extra: dict, amp: str = "fp16") -> list:
@@ -1062,7 +1136,7 @@ def sweep_runs(name: str, scale: str, extra: dict, amp: str = "fp16") -> list:
             babelrs_finetune(csia_run(steps=steps))
         for tau in ((0, 40, 120, 200) if tiny else range(0, 10001, 2000)):
             babelrs_finetune(csia_run(tau=tau), amp)
-    elif name in ("mutdet-table2", "mutdet-10pct"):
+    elif name in ("mutdet-table2", "mutdet-10pct", "mutdet-table3"):
         preset = ["--preset", "tiny" if tiny else "paper"]
         # tiny: SAM stand-in (a random SAM's masks are noise; see mutdet.colour_components)
         sam = add("sam", ["--stage", "sam"] + preset + (["--masks", "components"] if tiny else []) + extra["sam"])
@@ -1076,9 +1150,12 @@ def sweep_runs(name: str, scale: str, extra: dict, amp: str = "fp16") -> list:
         schedule = ["--max-steps", "240"] if tiny else []
         if tiny and name == "mutdet-10pct":  # 5 images = 1 step an epoch: as many steps as with all the data
             schedule += ["--epochs", "480", "--lr_steps", "432"]
+        # Tab. 3: ARS-DETR at 1024 px on DOTA-v1.0 trainval patches (1024 / 200), scored on the test scenes
+        ft_preset = ["--preset", "ars-detr-dota"] if name == "mutdet-table3" and not tiny else preset
+        dota = "-dota" if name == "mutdet-table3" else ""
         for row, init in pre.items():
-            add(f"ft-{(init or 'none').removeprefix('pre-')}-data{fraction}",
-                ["--stage", "finetune"] + preset + schedule + ["--data_fraction", fraction]
+            add(f"ft-{(init or 'none').removeprefix('pre-')}-data{fraction}{dota}",
+                ["--stage", "finetune"] + ft_preset + schedule + ["--data_fraction", fraction]
                 + (["--init", f"{{runs}}/{init}"] if init else []) + extra["finetune"])
     else:
         raise SystemExit(f"--sweep {name}: choose one of {', '.join(SWEEPS)}")
@@ -1099,6 +1176,9 @@ def run_sweep(argv) -> int:
     p.add_argument("--amp", choices=["fp16", "bf16", "off"], default="fp16",
                    help="mode of the rows the paper fine-tunes with AMP (Tab. 4, Fig. 6 right); a CPU without "
                         "fp16/bf16 units runs them ~7x slower, so 'off' keeps a tiny Fig. 6 sweep short")
+    p.add_argument("--predict-data", default="", metavar="PATH",
+                   help="mutdet-table3: the DOTA-v1.0 test images (full scenes) every fine-tuned row predicts on "
+                        "(tiny default: SynthSOI-RGB test images, cut into 128-px patches to exercise the merge)")
     p.add_argument("--weights", nargs="*", default=[], metavar="FAMILY:PATH",
                    help="extra Tab. 3/4 rows: ViT weights of another pre-training (clip, dinov2 or internvit)")
     for stage in ("csia", "finetune", "sam", "mutdet"):
@@ -1136,6 +1216,23 @@ def run_sweep(argv) -> int:
             print(f"[sweep] {run}: exit status {status}; stopping the sweep (rerun the same command to go on)")
             return status
         datasets.atomic_write_text(run / "finished.json", json.dumps(dict(status=status, minutes=(time.time() - t0) / 60)) + "\n")
+    if args.sweep == "mutdet-table3":  # the server scores Tab. 3: write each row's submission
+        test = args.predict_data or str(Path(FINETUNE_PRESETS["tiny"].synth_root) / "rgb" / "test" / "images")
+        patch = ["--patch", "128", "--gap", "32"] if args.scale == "tiny" else ["--patch", "1024", "--gap", "200"]
+        for folder in [f for f, _ in runs if f.startswith("ft-")]:
+            out = root / folder / SUBMISSION
+            cmd = [sys.executable, "eval.py", "--run", str(root / folder), "--predict", test, "--out", str(out),
+                   "--zip"] + patch
+            print(f"[sweep] {shlex.join(cmd)}", flush=True)
+            if args.dry_run or (out / "submission.zip").exists():
+                continue
+            status = subprocess.call(cmd)
+            if status:
+                return status
+        if not args.dry_run:
+            print(f"[sweep] DOTA-v1.0 submissions: {root}/ft-*-dota/{SUBMISSION}/submission.zip "
+                  "(upload each to the evaluation server; Tab. 3 reports its mAP)")
+        return 0
     if args.dry_run:
         return 0
     table = evaluation.format_table_runs(args.sweep, [root / f for f, _ in runs if f.startswith("ft-")])
@@ -1185,6 +1282,17 @@ def parse_config(argv=None):
     return known.stage, cfg
 
 
+def format_config(stage: str, cfg) -> str:
+    """The resolved config as an aligned two-column table (the same values go to config.json)."""
+    def show(v):
+        if isinstance(v, list):
+            return " ".join(map(str, v)) or "[]"
+        return '""' if v == "" else str(v)
+    rows = [("stage", stage)] + [(f.name, show(getattr(cfg, f.name))) for f in dataclasses.fields(cfg)]
+    width = max(len(n) for n, _ in rows)
+    return f"{type(cfg).__name__}:\n" + "\n".join(f"  {n:<{width}}  {v}" for n, v in rows)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--sweep" in argv:
@@ -1192,7 +1300,7 @@ def main(argv=None) -> int:
     try:
         stage, cfg = parse_config(argv)
         if int(os.environ.get("RANK", "0")) == 0:
-            print(json.dumps(dict(stage=stage, **dataclasses.asdict(cfg))))
+            print(format_config(stage, cfg))
         return STAGES[stage][1](cfg)
     except datasets.DatasetError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """train.py --stage finetune and eval.py --run, end to end on a very small model: exact resume,
 clean errors, non-finite stops, DDP with two CPU processes, scoring with several modalities."""
+import dataclasses
 import json
 import math
 import os
@@ -170,3 +171,23 @@ def test_mixed_precision_steps(synth, tmp_path, amp):
     assert train.main(SMALL + ["--data", f"rgb:{synth / 'rgb'}", "--amp", amp, "--max-steps", "2", "--out", str(run)]) == 0
     log = read_log(run)
     assert len(log) == 2 and all(math.isfinite(r["loss"]) for r in log)
+
+
+def test_help_explains_every_flag_and_the_config_prints_as_a_table(capsys):
+    for stage, (cls, _) in train.STAGES.items():
+        docs = train.field_docs(cls)
+        assert set(docs) == {f.name for f in dataclasses.fields(cls)}, stage  # every field has its comment
+        with pytest.raises(SystemExit):
+            train.main(["--stage", stage, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "[presets: tiny" in text
+    assert "sample rate (repeat_time)" in train.field_docs(train.CSIAConfig)["rate_rgb"]
+    table = train.format_config("csia", train.CSIA_PRESETS["tiny"]).splitlines()
+    assert table[0] == "CSIAConfig:" and table[1].split() == ["stage", "csia"]
+    assert len({line.index(line.split()[1]) for line in table[1:]}) == 1  # values start in one column
+
+
+def test_table3_sweep_writes_submissions(tmp_path, capsys):
+    assert train.main(["--sweep", "mutdet-table3", "--dry-run", "--runs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("eval.py --run") == 3 and "--zip" in out and "ft-mutdet-data1.0-dota/dota-test" in out
