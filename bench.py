@@ -10,6 +10,7 @@ same run, on this machine.
 """
 import argparse
 import math
+import os
 import platform
 import time
 
@@ -353,33 +354,38 @@ def bench_mutdet(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads, pinned so that a figure does not depend on the machine's load "
+                             "(default: all cores); printed with every result")
     sub = p.add_subparsers(dest="cmd", required=True)
-    q = sub.add_parser("iou", help="rotated IoU vs shapely")
+    q = sub.add_parser("iou", parents=[common], help="rotated IoU vs shapely")
     q.add_argument("--n", type=int, default=1000)
     q.add_argument("--repeat", type=int, default=2)
     q.set_defaults(fn=bench_iou)
-    q = sub.add_parser("eval", help="rotated VOC mAP on a DOTA-val-sized workload")
+    q = sub.add_parser("eval", parents=[common], help="rotated VOC mAP on a DOTA-val-sized workload")
     q.add_argument("--images", type=int, default=2000)
     q.add_argument("--classes", type=int, default=15)
     q.add_argument("--dets", type=int, default=300)
     q.add_argument("--ref-fraction", type=int, default=400, help="the reference loop runs on 1/N of the images")
     q.set_defaults(fn=bench_eval)
-    q = sub.add_parser("detr", help="rotated DETR training speed vs torchvision Faster R-CNN")
+    q = sub.add_parser("detr", parents=[common], help="rotated DETR training speed vs torchvision Faster R-CNN")
     q.add_argument("--size", type=int, default=800)
     q.add_argument("--repeat", type=int, default=2)
     q.set_defaults(fn=bench_detr)
-    q = sub.add_parser("sam", help="sam stage images/s and SAM ViT-B mask generation time")
+    q = sub.add_parser("sam", parents=[common], help="sam stage images/s and SAM ViT-B mask generation time")
     q.add_argument("--images", type=int, default=3)
     q.set_defaults(fn=bench_sam)
-    q = sub.add_parser("mutdet", help="MutDet pre-training step time vs the DETReg row")
+    q = sub.add_parser("mutdet", parents=[common], help="MutDet pre-training step time vs the DETReg row")
     q.add_argument("--boxes", type=int, default=200, help="SAM boxes an image at paper size")
     q.add_argument("--repeat", type=int, default=2)
     q.set_defaults(fn=bench_mutdet)
-    q = sub.add_parser("vit", help="CSIA step time and InternViT-300M forward+backward")
+    q = sub.add_parser("vit", parents=[common], help="CSIA step time and InternViT-300M forward+backward")
     q.add_argument("--batch", type=int, default=1)
     q.add_argument("--repeat", type=int, default=2)
     q.set_defaults(fn=bench_vit)
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     args.fn(args)
 
 

@@ -295,19 +295,24 @@ def _image_folder(split_dir: Path):
     return split_dir
 
 
-def load_detection_split(split_dir, modality="rgb", classes=None) -> DetectionDataset:
+def load_detection_split(split_dir, modality="rgb", classes=None, need_images: bool = True) -> DetectionDataset:
     """Load one split folder of DOTA txt, DIOR-R xml or COCO json annotations.
 
     Args:
         split_dir: folder with `images/` + `labelTxt/` (or `annfiles/`), or `JPEGImages*/` +
-            `Annotations/`, or images + one COCO `*.json` (also under `annotations/`).
+            `Annotations/`, or images + one COCO `*.json` (also under `annotations/`); with
+            `need_images=False` also the label folder itself (`labelTxt/`, `Annotations/`).
         modality: "rgb", "sar" or "ir".
         classes: category names in label order; default: the sorted names found (COCO: its
             category order).
+        need_images: False for scoring, which needs the annotations only (samples then have
+            `image=None` where the image is missing).
     """
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
         raise DatasetError(f"{split_dir}: no such folder")
+    if not need_images and split_dir.name in ("labelTxt", "annfiles", "Annotations"):
+        split_dir = split_dir.parent  # a label folder given directly: its split folder
     fmt = detect_format(split_dir)
     images = _image_folder(split_dir)
     samples, dropped = [], 0
@@ -318,7 +323,9 @@ def load_detection_split(split_dir, modality="rgb", classes=None) -> DetectionDa
         for file_name, im in sorted(coco["images"].items()):
             path = images / file_name
             if not path.exists():
-                _fail(jsons[0], f"image {file_name!r} not found in {images}")
+                if need_images:
+                    _fail(jsons[0], f"image {file_name!r} not found in {images}")
+                path = None
             polys = ro.obb2poly(ro.hbb2obb(torch.from_numpy(im["boxes"]))).numpy()
             s, n = _polys_to_sample(jsons[0], polys, im["labels"], im["iscrowd"], classes, path, Path(file_name).stem)
             samples.append(s)
@@ -334,7 +341,7 @@ def load_detection_split(split_dir, modality="rgb", classes=None) -> DetectionDa
     classes = list(classes)
     for f, a in annots:
         path = _find_image(images, f.stem)
-        if path is None:
+        if path is None and need_images:
             _fail(f, f"label file without its image ({f.stem}.* not in {images})")
         s, n = _polys_to_sample(f, a["polys"], a["labels"], a["difficult"], classes, path, f.stem)
         samples.append(s)

@@ -334,6 +334,18 @@ def read_dota_task1(det_dir, classes) -> dict:
 # Scoring a run folder (eval.py --run DIR)
 # ---------------------------------------------------------------------------------------------
 
+def _stage_of(run: Path) -> str:
+    """The stage that wrote a run folder (config.json; runs before it held the stage: its fields)."""
+    import json
+    path = Path(run) / "config.json"
+    if not path.exists():
+        return ""
+    cfg = json.loads(path.read_text())
+    if "stage" in cfg:
+        return cfg["stage"]
+    return "csia" if "merge" in cfg else "mutdet" if "enhance" in cfg else "sam" if "points_per_side" in cfg else "finetune"
+
+
 def build_run_model(run: Path, device="cpu"):
     """Rebuild a run's detector from its model.json and load model.safetensors. The model files
     are imported here only, so that the metrics above need nothing but rotated_ops and datasets."""
@@ -343,9 +355,16 @@ def build_run_model(run: Path, device="cpu"):
 
     import babelrs
     run = Path(run)
+    stage = _stage_of(run)
+    if stage in ("csia", "mutdet", "sam"):
+        what = {"csia": "a csia run (a ViT and a language model)", "mutdet": "a mutdet pre-training run",
+                "sam": "a sam cache"}[stage]
+        raise datasets.DatasetError(f"{run}: {what}, not a detector: --run scores and --predict runs fine-tuning "
+                                    f"runs; fine-tune from it first (python train.py --stage finetune --init {run})")
     for name in ("model.json", "model.safetensors"):
         if not (run / name).exists():
-            raise datasets.DatasetError(f"{run}: not a finished run folder (no {name})")
+            raise datasets.DatasetError(f"{run}: not a finished fine-tuning run (no {name}; --run takes the folder of "
+                                        "train.py --stage finetune)")
     args = json.loads((run / "model.json").read_text())
     sources = args["sources"]
     kwargs = {k: v for k, v in args.items() if k != "sources"}
@@ -611,7 +630,7 @@ def predict_images(run, paths: list, out, modality: str = "", score_thr: float =
 def format_run_metrics(metrics: dict) -> str:
     """Per class and per modality AP50 / AP75 / mAP (and the VOC07 11-point numbers), then the summary."""
     cols = ("ap50", "ap75", "map", "voc07_ap50", "voc07_ap75")
-    header = f"{'':<26}" + "".join(f"{c:>11}" for c in cols)
+    header = f"{'AP in %':<26}" + "".join(f"{c:>11}" for c in cols)
     lines = []
     for m, r in metrics["sources"].items():
         lines += [f"{m} ({r['box_type']}, {r['images']} test images)", header]
@@ -710,8 +729,12 @@ def run_facts(run) -> dict:
     if not (run / "config.json").exists():
         raise datasets.DatasetError(f"{run}: not a run folder (no config.json)")
     cfg = json.loads((run / "config.json").read_text())
+    if _stage_of(run) != "finetune":
+        raise datasets.DatasetError(f"{run}: a {_stage_of(run)} run; tables take fine-tuning runs (each one's --init "
+                                    "names its pre-training)")
     steps = [r for r in read_log(run) if "loss" in r]
     facts = dict(run=run.name, amp=cfg.get("amp", "off"), data_fraction=cfg.get("data_fraction", 1.0),
+                 max_steps=cfg.get("max_steps", 0), backbone=cfg.get("backbone", ""),
                  steps=steps[-1]["step"] if steps else 0,
                  diverged=bool(steps) and not np.isfinite(steps[-1]["loss"]),
                  metrics=json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else None,
@@ -813,11 +836,14 @@ def format_table_runs(name: str, runs: list) -> dict:
     for f in facts:
         label = {"babelrs-table2": f["run"], "babelrs-table5": MERGE_NAMES.get(f.get("merge"), f["label"]),
                  "babelrs-fig6": f"{f['label']}" + (" (AMP)" if f["amp"] != "off" else "")}.get(name, f["label"])
+        if name.startswith("babelrs") and f["backbone"] in ("resnet18", "resnet50"):  # a ViT table: say so
+            label += {"resnet18": ", ResNet-18", "resnet50": ", ResNet-50"}[f["backbone"]]
         if f["metrics"] is None:
             label += " (diverged)" if f["diverged"] else " (unfinished)"
         ours.append((label, _cells(name, f, classes)))
     paper = PAPER[name]
-    text = [f"**{name}**, ours ({len(runs)} runs)", "", _markdown(_columns(name, classes), ours, paired), "",
+    text = [f"**{name}**, ours ({len(runs)} run{'s' if len(runs) != 1 else ''}; AP in %)", "",
+            _markdown(_columns(name, classes), ours, paired), "",
             f"Paper: {paper['cite']}"]
     if paper["rows"]:
         text += ["", _markdown(_columns(name, paper.get("classes", ())), list(paper["rows"].items()), paired)]
@@ -858,7 +884,7 @@ def plot_curves(runs: list, path, keys=("loss",), window: int = 10, title: str =
                 ax.plot(steps[finite][-1], _smooth(y[finite], window)[-1], "x", color=line.get_color(), ms=9, mew=2)
     for ax, key in zip(axes[0], keys):
         ax.set_xlabel("iteration")
-        ax.set_ylabel(key.replace("_", " "))
+        ax.set_ylabel(key.replace("_", " ") + (f" ({window}-step moving average)" if window > 1 else ""))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     if title:
@@ -877,12 +903,18 @@ def plot_survival(runs: list, path, facts=None) -> None:
     facts = facts or [run_facts(r) for r in runs]
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(facts) + 1.6))
     for i, f in enumerate(facts):
-        ax.barh(i, f["steps"], color="tab:red" if f["diverged"] else "tab:blue", alpha=0.8)
+        stopped = not f["diverged"] and f["max_steps"] and f["steps"] >= f["max_steps"]  # cut, not survived
+        ax.barh(i, f["steps"], color="tab:red" if f["diverged"] else "tab:gray" if stopped else "tab:blue",
+                alpha=0.8, hatch="//" if stopped else None)
         if f["diverged"]:
             ax.plot(f["steps"], i, "x", color="black", ms=10, mew=2)
-    ax.set_yticks(range(len(facts)), [f"{f['label']} ({f['run']})" for f in facts], fontsize=8)
+    ax.set_yticks(range(len(facts)), [f"{f['label']}, {f['amp'] if f['amp'] != 'off' else 'fp32'} ({f['run']})"
+                                      for f in facts], fontsize=8)
     ax.set_xlabel("fine-tuning iterations")
-    fig.suptitle("iterations survived under AMP (x: non-finite loss)", fontsize=11)  # over the labels too
+    amp = {f["amp"] for f in facts} - {"off"}
+    fig.suptitle(("iterations survived under " + "/".join(sorted(amp)) if amp else "iterations trained (no AMP)")
+                 + "\nx: non-finite loss; hatched grey: stopped by --max-steps, not a survival",
+                 fontsize=10)  # over the labels too
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -920,8 +952,9 @@ def plot_mutdet_terms(run, path, window: int = 10) -> None:
 
 
 def plot_detections(run, path, image: str = "", modality: str = "", score_thr: float = 0.3, device="cpu") -> None:
-    """A run's oriented detections (score >= score_thr) drawn on an image with class names: `image`
-    a file, or by default the first test image of the run's first (or `modality`) source."""
+    """A run's oriented detections (score >= score_thr, solid) drawn on an image with class names:
+    `image` a file, or by default the first test image of the run's first (or `modality`) source,
+    whose ground truth is drawn dashed beside them."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -945,12 +978,16 @@ def plot_detections(run, path, image: str = "", modality: str = "", score_thr: f
     fig, ax = plt.subplots(figsize=(7, 7))
     ax.imshow(shown)
     colours = plt.get_cmap("tab10")
+    for box, label in zip(item["boxes"].double(), item["labels"].tolist()):  # ground truth, dashed
+        poly = ro.obb2poly(box[None])[0].view(4, 2).numpy()
+        ax.add_patch(plt.Polygon(poly, fill=False, ec=colours(label % 10), lw=1.0, ls="--"))
     for box, score, label in zip(r["boxes"][keep].cpu().double(), r["scores"][keep].tolist(), r["labels"][keep].tolist()):
         poly = ro.obb2poly(box[None])[0].view(4, 2).numpy()
         ax.add_patch(plt.Polygon(poly, fill=False, ec=colours(label % 10), lw=1.5))
         ax.text(poly[0, 0], poly[0, 1], f"{src['classes'][label]} {score:.2f}", color="white", fontsize=7,
                 bbox=dict(fc=colours(label % 10), ec="none", pad=1, alpha=0.8))
-    ax.set_title(f"{Path(run).name}: {name}, {int(keep.sum())} detections with score >= {score_thr}", fontsize=9)
+    ax.set_title(f"{Path(run).name}: {name}, {int(keep.sum())} detections with score >= {score_thr} (solid), "
+                 f"{len(item['boxes'])} ground truth (dashed)", fontsize=9)
     ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
@@ -1006,7 +1043,7 @@ def plot_fig6(ours: dict, path) -> None:
     plt.close(fig)
 
 
-def plot_runs(runs: list, out, image: str = "", device="cpu") -> list:
+def plot_runs(runs: list, out, image: str = "", device="cpu", score_thr: float = 0.3) -> list:
     """Every figure that applies to the runs given, into folder `out`: training-loss curves (BabelRS
     Fig. 4), loss and gradient norm (Fig. 7) and iterations survived (Fig. 2) for fine-tuning runs,
     Fig. 6 when they sweep the CSIA steps or τ,
@@ -1021,12 +1058,16 @@ def plot_runs(runs: list, out, image: str = "", device="cpu") -> list:
             raise datasets.DatasetError(f"{r}: not a run folder (no config.json)")
         cfg = json.loads((Path(r) / "config.json").read_text())
         kinds[r] = "mutdet" if "enhance" in cfg else "csia" if "merge" in cfg else "sam" if "clusters" in cfg else "finetune"
+    amp = {r: json.loads((Path(r) / "config.json").read_text()).get("amp", "off") != "off" for r in runs}
     for kind, prefix in (("finetune", ""), ("csia", "csia_")):  # loss scales differ: one figure per stage
         group = [r for r in runs if kinds[r] == kind]
         if group:
-            written += [out / f"{prefix}loss.png", out / f"{prefix}loss_grad_norm.png"]
-            plot_curves(group, written[-2], ("loss",), title=f"{kind} training loss")
-            plot_curves(group, written[-1], ("loss", "grad_norm"), title=f"{kind} loss and gradient norm")
+            written.append(out / f"{prefix}loss.png")
+            plot_curves(group, written[-1], ("loss",), title=f"{kind} training loss")
+        if any(amp[r] for r in group):  # Fig. 7: loss and gradient norm of runs trained with AMP
+            written.append(out / f"{prefix}loss_grad_norm.png")
+            plot_curves(group, written[-1], ("loss", "grad_norm"), title=f"{kind} loss and gradient norm (AMP runs: "
+                        + ", ".join(Path(r).name for r in group if amp[r]) + ")")
     tuned = [r for r in runs if kinds[r] == "finetune"]
     facts = [run_facts(r) for r in tuned]
     if tuned:
@@ -1042,7 +1083,7 @@ def plot_runs(runs: list, out, image: str = "", device="cpu") -> list:
             plot_mutdet_terms(r, written[-1])
         if kinds[r] == "finetune" and (Path(r) / "model.safetensors").exists():
             written.append(out / f"detections_{Path(r).name}.png")
-            plot_detections(r, written[-1], image, device=device)
+            plot_detections(r, written[-1], image, score_thr=score_thr, device=device)
     return written
 
 
@@ -1078,7 +1119,8 @@ def main(argv=None) -> int:
                    "images (any size; large scenes are cut into patches and merged); writes drawings and DOTA "
                    "Task1 files into --out (default predictions)")
     p.add_argument("--modality", default="", help="--predict: the head set of a multi-modal run (rgb, sar or ir)")
-    p.add_argument("--score", type=float, default=0.3, help="--predict: score threshold of the drawings (default 0.3)")
+    p.add_argument("--score", type=float, default=0.3, help="--predict, --plot: score threshold of the drawn "
+                   "detections (default 0.3)")
     p.add_argument("--patch", type=int, default=0, help="--predict: patch size (default the run's training size)")
     p.add_argument("--gap", type=int, default=200, help="--predict: overlap of patches in px (default 200, DOTA)")
     p.add_argument("--zip", action="store_true", help="--predict: also write submission.zip for the DOTA server")
@@ -1105,10 +1147,11 @@ def main(argv=None) -> int:
                 table = format_table_runs(args.table, args.runs)
                 print(table["markdown"])
                 if args.out:
-                    datasets.atomic_write_text(f"{args.out}.md", table["markdown"])
-                    datasets.atomic_write_text(f"{args.out}.csv", table["csv"])
+                    stem = args.out.removesuffix(".md").removesuffix(".csv")
+                    datasets.atomic_write_text(f"{stem}.md", table["markdown"])
+                    datasets.atomic_write_text(f"{stem}.csv", table["csv"])
             else:
-                for path in plot_runs(args.runs, args.out or "figures", args.image, args.device):
+                for path in plot_runs(args.runs, args.out or "figures", args.image, args.device, args.score):
                     print(f"wrote {path}")
         except datasets.DatasetError as e:
             print(f"error: {e}", file=sys.stderr)
@@ -1124,7 +1167,12 @@ def main(argv=None) -> int:
     if not (args.dets and args.ann):
         p.error("give --run DIR, or --dets DIR and --ann DIR")
     try:
-        split = datasets.load_detection_split(args.ann)
+        if not Path(args.dets).is_dir():
+            raise datasets.DatasetError(f"{args.dets}: no such folder (--dets takes the folder of Task1_<class>.txt files)")
+        split = datasets.load_detection_split(args.ann, need_images=False)
+        if not any((Path(args.dets) / f"Task1_{c}.txt").exists() for c in split.classes):
+            raise datasets.DatasetError(f"{args.dets}: no Task1_<class>.txt file for any class of {args.ann} "
+                                        f"({', '.join(split.classes[:5])}, ...)")
         by_image = read_dota_task1(args.dets, split.classes)
         known = {s.name for s in split.samples}
         unknown = sorted(set(by_image) - known)
@@ -1136,6 +1184,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     res = eval_rbbox_map(dets, annots, args.iou, args.metric, args.strict)
+    print(f"AP in % ({args.metric}), {len(split.samples)} images")
     print(format_table(split.classes, res["ap"], args.iou))
     print(f"{'mAP':<24}" + "".join(f"{m * 100:9.2f}" for m in res["map"]))
     return 0

@@ -496,7 +496,7 @@ def train_steps(cfg, run: Path, model, optimizer, scaler, batches, start: int, e
     if rank == 0:
         from tqdm import tqdm
         bar = tqdm(total=end, initial=start, desc=desc, dynamic_ncols=True)
-    status, t_last = 0, time.time()
+    status, t_last, totals = 0, time.time(), []
     for step, batch in zip(range(start, end), loader):
         lr = lr_fn(step)
         for g in optimizer.param_groups:
@@ -525,6 +525,7 @@ def train_steps(cfg, run: Path, model, optimizer, scaler, batches, start: int, e
         record = dict(step=step + 1, loss=total, **terms, **extras, grad_norm=grad_norm.item(), lr=lr,
                       samples_per_s=per_step / max(now - t_last, 1e-9))
         t_last = now
+        totals.append(total)
         if rank == 0:
             log.write(json.dumps(record) + "\n")
             log.flush()
@@ -551,8 +552,22 @@ def train_steps(cfg, run: Path, model, optimizer, scaler, batches, start: int, e
     if rank == 0:
         bar.close()
         log.close()
-        print(f"run folder: {run}")
+        last = totals[-10:]
+        print(f"{desc}: {end if status == 0 else start + len(totals)} of {end} steps; final loss {last[-1]:.4g} (mean of "
+              f"the last {len(last)}: {sum(last) / len(last):.4g}); run folder {run}" if totals else
+              f"{desc}: nothing to do (step {start} of {end}); run folder {run}")
+        if status == 0 and desc in NEXT_COMMAND:
+            print("next: " + NEXT_COMMAND[desc].format(run=run))
     return status
+
+
+# what a finished run of each stage feeds (printed at its end)
+NEXT_COMMAND = {
+    "csia": "python train.py --stage finetune --preset babelrs-tiny --init {run}   (paper: --preset babelrs)",
+    "finetune": "python eval.py --run {run} --predict IMAGES   (detections on any images; scores are in metrics.json)",
+    "mutdet": "python train.py --stage finetune --init {run}   (paper: --preset paper --data rgb:data/DIOR_R_dota)",
+    "sam": "python train.py --stage mutdet --data {run}",
+}
 
 
 def shutdown_distributed():
@@ -691,6 +706,22 @@ def param_groups(model, cfg) -> list:
 # The finetune stage
 # ---------------------------------------------------------------------------------------------
 
+def write_config(run: Path, cfg) -> None:
+    """config.json: the stage and the resolved config, so that `--resume RUN` needs nothing else."""
+    stage = next(name for name, (cls, _) in STAGES.items() if isinstance(cfg, cls))
+    datasets.atomic_write_text(run / "config.json", json.dumps(dict(stage=stage, **dataclasses.asdict(cfg)), indent=2) + "\n")
+
+
+def stored_stage(stored: dict) -> str:
+    """The stage of a stored config.json (runs written before it held the stage: by their fields)."""
+    if "stage" in stored:
+        return stored["stage"]
+    for stage, key in (("csia", "merge"), ("mutdet", "enhance"), ("sam", "points_per_side")):
+        if key in stored:
+            return stage
+    return "finetune"
+
+
 def run_folder(cfg, stage: str, rank: int) -> Path:
     run = Path(cfg.resume or cfg.out or f"runs/{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
     if rank == 0:
@@ -754,7 +785,7 @@ def finetune(cfg: FinetuneConfig) -> int:
     stored_sources = [dict(m, root=s["root"], train=s["train"], test=s["test"], image_size=cfg.image_size)
                       for m, s in zip(margs["sources"], sources)]
     if rank == 0:
-        datasets.atomic_write_text(run / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        write_config(run, cfg)
         datasets.atomic_write_text(run / "model.json", json.dumps(dict(margs, sources=stored_sources), indent=2) + "\n")
 
     def forward(net, batch, step):
@@ -908,7 +939,7 @@ def csia(cfg: CSIAConfig) -> int:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     start = resume(run, model, optimizer, scaler, rank) if cfg.resume else 0
     if rank == 0:
-        datasets.atomic_write_text(run / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        write_config(run, cfg)
         modalities = sorted({r["modality"] for r in records})
         print(f"csia: {len(records)} instruction samples ({', '.join(modalities)}), "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {tokens_per_tile} tokens a tile")
@@ -956,7 +987,7 @@ def sam_stage(cfg: SAMConfig) -> int:
     run = run_folder(dataclasses.replace(cfg, out=cfg.resume or cfg.out), "sam", 0)
     (run / "raw").mkdir(exist_ok=True)
     (run / "cache").mkdir(exist_ok=True)
-    datasets.atomic_write_text(run / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    write_config(run, cfg)
     try:
         sam = mutdet.build_sam(cfg.sam, cfg.sam_image_size) if cfg.masks == "sam" else None
         trunk = mutdet.resnet_trunk(cfg.embed_backbone, cfg.resnet)
@@ -1011,6 +1042,7 @@ def sam_stage(cfg: SAMConfig) -> int:
     datasets.atomic_write_text(run / "manifest.json", json.dumps(manifest, indent=1) + "\n")
     n = sum(i["boxes"] for i in images)
     print(f"sam cache: {len(images)} images, {n} boxes, {cfg.clusters} pseudo-classes, {cfg.pca_dim}-d embeddings -> {run}")
+    print("next: " + NEXT_COMMAND["sam"].format(run=run))
     return 0
 
 
@@ -1064,7 +1096,7 @@ def mutdet_stage(cfg: MutDetConfig) -> int:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     start = resume(run, model, optimizer, scaler, rank) if cfg.resume else 0
     if rank == 0:
-        datasets.atomic_write_text(run / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        write_config(run, cfg)
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"mutdet: {len(data)} images of {cache}, {len(data.classes)} classes, {trained / 1e6:.1f}M trained "
               f"parameters, {end} steps ({steps_per_epoch} an epoch)")
@@ -1255,10 +1287,24 @@ def parse_config(argv=None):
     """(stage, config) from the command line: the preset, then the flags given, or the stored
     config of --resume DIR with the flags given on top."""
     head = argparse.ArgumentParser(add_help=False)
-    head.add_argument("--stage", choices=list(STAGES), default="finetune")
+    head.add_argument("--stage", choices=list(STAGES), default=None, help="default: the stage of --resume RUN, "
+                      "else finetune")
     head.add_argument("--preset", default="tiny", help="tiny | paper (finetune: paper = MutDet's DIOR-R at 800 px; "
                       "also babelrs-tiny | babelrs | ars-detr-dota at 1024 px)")
-    known, _ = head.parse_known_args(argv)
+    known, rest = head.parse_known_args(argv)
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--resume", default="")
+    resume = peek.parse_known_args(rest)[0].resume
+    stored = None
+    if resume:
+        path = Path(resume) / "config.json"
+        if not path.exists():
+            raise datasets.DatasetError(f"{resume}: not a run folder (no config.json)")
+        stored = json.loads(path.read_text())
+        if known.stage and known.stage != stored_stage(stored):
+            raise datasets.DatasetError(f"{resume}: a {stored_stage(stored)} run, not --stage {known.stage}")
+        known.stage = stored_stage(stored)
+    known.stage = known.stage or "finetune"
     cls, _ = STAGES[known.stage]
     if known.preset not in PRESETS[known.stage]:
         raise SystemExit(f"--preset {known.preset}: the {known.stage} stage has presets {', '.join(PRESETS[known.stage])}")
@@ -1267,13 +1313,9 @@ def parse_config(argv=None):
     given = vars(parser.parse_args(argv))
     given.pop("stage"), given.pop("preset")
     base = PRESETS[known.stage][known.preset]
-    resume = given.get("resume")
-    if resume:
-        stored = Path(resume) / "config.json"
-        if not stored.exists():
-            raise datasets.DatasetError(f"{resume}: not a run folder (no config.json)")
+    if stored is not None:
         names = {f.name for f in dataclasses.fields(cls)}
-        base = cls(**{k: v for k, v in json.loads(stored.read_text()).items() if k in names})
+        base = cls(**{k: v for k, v in stored.items() if k in names})
     cfg = dataclasses.replace(base, **given)
     if known.stage == "csia" and known.preset == "paper" and not resume and not (cfg.llm and (cfg.init or cfg.vit)):
         # BabelRS continues InternVL2.5-1B; a paper-size run from random weights is never what is meant

@@ -210,7 +210,7 @@ def test_csia_stage_resumes_exactly_and_feeds_finetuning(tmp_path, capsys):
     data = ["--synth_root", str(synth)]
     assert train.main(CSIA_SMALL + data + ["--max-steps", "4", "--out", str(tmp_path / "straight")]) == 0
     assert train.main(CSIA_SMALL + data + ["--max-steps", "2", "--out", str(tmp_path / "split")]) == 0
-    assert train.main(["--stage", "csia", "--resume", str(tmp_path / "split"), "--max-steps", "4"]) == 0
+    assert train.main(["--resume", str(tmp_path / "split"), "--max-steps", "4"]) == 0
     read = [[json.loads(l) for l in (tmp_path / r / "log.jsonl").read_text().splitlines()] for r in ("straight", "split")]
     assert [r["step"] for r in read[1]] == [1, 2, 3, 4]
     for a, b in zip(*read):

@@ -254,3 +254,37 @@ def test_fig6_picks_the_two_sweeps(tmp_path):
     assert ev.fig6_series([ev.run_facts(runs[0])]) == {}  # one point is no sweep
     written = ev.plot_runs(runs[:4], tmp_path / "figs")
     assert tmp_path / "figs" / "fig6.png" in written and (tmp_path / "figs" / "fig6.png").stat().st_size > 1000
+
+
+def test_newcomer_errors_and_labels(tmp_path, capsys):
+    # --dets: a missing folder, a labelTxt folder given directly, labels without their images
+    ann = tmp_path / "split"
+    datasets_mod = ev.datasets
+    datasets_mod.write_dota_txt(ann / "labelTxt" / "a.txt", np.array([[10, 10, 50, 10, 50, 30, 10, 30.0]]), ["ship"])
+    assert ev.main(["--dets", str(tmp_path / "nowhere"), "--ann", str(ann)]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    (tmp_path / "dets").mkdir()
+    (tmp_path / "dets" / "Task1_ship.txt").write_text("a 0.9 10 10 50 10 50 30 10 30\n")
+    assert ev.main(["--dets", str(tmp_path / "dets"), "--ann", str(ann / "labelTxt")]) == 0  # no images needed
+    out = capsys.readouterr().out
+    assert "AP in %" in out and "100.00" in out
+    (tmp_path / "empty").mkdir()
+    assert ev.main(["--dets", str(tmp_path / "empty"), "--ann", str(ann)]) == 2  # no Task1 file of any class
+    assert "no Task1_<class>.txt" in capsys.readouterr().err
+    # --run on a csia run says what --run takes
+    csia = _fake_run(tmp_path, "csia", dict(stage="csia", merge="lvsa", steps=10, max_steps=0, tau=1.0))
+    assert ev.main(["--run", str(csia)]) == 2
+    err = capsys.readouterr().err
+    assert "a csia run" in err and "--stage finetune --init" in err and len(err.strip().splitlines()) == 1
+    # --table: a pre-training run is refused by name, one run is "1 run", a ViT table names a ResNet row
+    pre = _fake_run(tmp_path, "pre", dict(stage="mutdet", enhance=True))
+    assert ev.main(["--table", "mutdet-table2", str(pre)]) == 2
+    assert "a mutdet run; tables take fine-tuning runs" in capsys.readouterr().err
+    r18 = _fake_run(tmp_path, "r18", dict(init="", backbone="resnet18"), _babelrs_metrics(1.0))
+    assert ev.main(["--table", "babelrs-table3", str(r18), "--out", str(tmp_path / "t3.md")]) == 0
+    md = (tmp_path / "t3.md").read_text()
+    assert "(1 run; AP in %)" in md and "| random init, ResNet-18 |" in md and not (tmp_path / "t3.md.md").exists()
+    # Fig. 7 only for AMP runs; a run cut by --max-steps is not drawn as a survivor
+    amp = _fake_run(tmp_path, "amp", dict(init="", amp="fp16", max_steps=3))
+    assert (tmp_path / "figs" / "loss_grad_norm.png") in ev.plot_runs([amp], tmp_path / "figs")
+    assert ev.run_facts(amp)["max_steps"] == 3

@@ -289,7 +289,8 @@ def test_sam_stage_caches_and_resumes(tmp_path):
             "--image_size", "64", "--crop", "16", "--pca_dim", "8", "--clusters", "2", "--out", str(tmp_path / "cache")]
     assert train.main(argv + ["--max-steps", "2"]) == 0
     first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "raw").iterdir()}
-    assert train.main(argv) == 0  # resumes: the two finished images are not recomputed
+    assert train.main(["--resume", str(tmp_path / "cache"), "--max-steps", "0"]) == 0  # the stage from config.json;
+    #                                                               the two finished images are not recomputed
     raw = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "raw").iterdir()}
     assert len(raw) == 3 and all(raw[k] == v for k, v in first.items())
     log = [json.loads(l) for l in (tmp_path / "cache" / "log.jsonl").read_text().splitlines()]
@@ -358,7 +359,7 @@ def test_mutdet_stage_trains_resumes_and_feeds_finetuning(sam_cache, capsys):
     straight, split = sam_cache / "straight", sam_cache / "split"
     assert train.main(["--stage", "mutdet"] + MODEL + data + ["--max-steps", "3", "--out", str(straight)]) == 0
     assert train.main(["--stage", "mutdet"] + MODEL + data + ["--max-steps", "2", "--out", str(split)]) == 0
-    assert train.main(["--stage", "mutdet", "--resume", str(split), "--max-steps", "3"]) == 0
+    assert train.main(["--resume", str(split), "--max-steps", "3"]) == 0
     logs = [[json.loads(l) for l in (r / "log.jsonl").read_text().splitlines()] for r in (straight, split)]
     assert [r["step"] for r in logs[1]] == [1, 2, 3]
     for a, b in zip(*logs):

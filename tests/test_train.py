@@ -56,6 +56,9 @@ def test_resume_continues_exactly(synth, tmp_path):
     assert train.main(SMALL + data + ["--max-steps", "6", "--out", str(tmp_path / "straight")]) == 0
     assert train.main(SMALL + data + ["--max-steps", "3", "--out", str(tmp_path / "split")]) == 0
     assert train.main(["--resume", str(tmp_path / "split"), "--max-steps", "6"]) == 0
+    assert json.loads((tmp_path / "split" / "config.json").read_text())["stage"] == "finetune"
+    with pytest.raises(datasets.DatasetError, match="a finetune run, not --stage csia"):
+        train.parse_config(["--stage", "csia", "--resume", str(tmp_path / "split")])
     straight, split = read_log(tmp_path / "straight"), read_log(tmp_path / "split")
     assert [r["step"] for r in split] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(straight, split):
@@ -118,7 +121,8 @@ def test_two_sources_init_and_eval_run(synth, tmp_path, capsys):
     # the figures of these runs and Tab. 2 over the scored one
     assert evaluation.main(["--plot", str(both), str(rgb), "--out", str(tmp_path / "figs")]) == 0
     names = {p.name for p in (tmp_path / "figs").iterdir()}
-    assert {"loss.png", "loss_grad_norm.png", "iterations.png", "detections_both.png", "detections_rgb.png"} <= names
+    assert {"loss.png", "iterations.png", "detections_both.png", "detections_rgb.png"} <= names
+    assert "loss_grad_norm.png" not in names  # Fig. 7 is drawn for runs trained with AMP
     assert evaluation.main(["--table", "babelrs-table2", str(both), "--out", str(tmp_path / "t2")]) == 0
     row = (tmp_path / "t2.csv").read_text().splitlines()[1].split(",")
     assert row[:2] == ["ours", "both"] and float(row[-1]) == pytest.approx(100 * metrics["h_map"], abs=1e-2)
