@@ -173,7 +173,12 @@ def load_state_file(path: str) -> dict:
     if str(path).endswith(".safetensors"):
         from safetensors.torch import load_file
         return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    import pickle
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as e:  # objects beyond tensors and plain types in the file
+        raise ValueError(f"{path}: cannot be read with weights_only=True ({str(e).splitlines()[0][:120]}); save its "
+                         "state_dict alone (torch.save(ckpt['state_dict'], ...)) or as .safetensors") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -204,6 +209,78 @@ class ChannelMapper(nn.Module):
             x = conv(x)
             outs.append(x)
         return outs
+
+
+# ---------------------------------------------------------------------------------------------
+# Official checkpoints: mmrotate (ARS-DETR, MutDet) parameter names -> ours
+# ---------------------------------------------------------------------------------------------
+
+# (pattern, replacement) over the official names, from the module definitions of ARS-DETR 0d96c5e
+# (`dn_ars_rotated_transformer.py`, `dn_ars_detr_head.py`, `ars_detr_head.py`) with mmcv's
+# BaseTransformerLayer (`attentions`, `ffns`, `norms`), FFN (`layers.0.0`, `layers.1`),
+# MultiheadAttention (`attn`) and ConvModule (`conv`, `gn`), and mmdet's ResNet (torchvision names).
+# "H." stands for the head set; `mmrotate_to_ours` puts it under each modality.
+MMROTATE_NAMES = [
+    (r"^backbone\.conv1\.", "backbone.stem.0."),
+    (r"^backbone\.bn1\.", "backbone.stem.1."),
+    (r"^backbone\.(layer[1-4]\..*)$", r"backbone.\1"),
+    (r"^neck\.convs\.(\d+)\.conv\.", r"neck.convs.\1.0."),
+    (r"^neck\.convs\.(\d+)\.gn\.", r"neck.convs.\1.1."),
+    (r"^neck\.extra_convs\.(\d+)\.conv\.", r"neck.extra.\1.0."),
+    (r"^neck\.extra_convs\.(\d+)\.gn\.", r"neck.extra.\1.1."),
+    (r"^bbox_head\.transformer\.encoder\.layers\.(\d+)\.attentions\.0\.", r"H.encoder.\1.self_attn."),
+    (r"^bbox_head\.transformer\.decoder\.layers\.(\d+)\.attentions\.0\.attn\.", r"H.decoder.\1.self_attn."),
+    (r"^bbox_head\.transformer\.decoder\.layers\.(\d+)\.attentions\.1\.", r"H.decoder.\1.cross_attn."),
+    (r"^bbox_head\.transformer\.(en|de)coder\.layers\.(\d+)\.norms\.(\d)\.",
+     lambda m: f"H.{m[1]}coder.{m[2]}.norm{int(m[3]) + 1}."),
+    (r"^bbox_head\.transformer\.(en|de)coder\.layers\.(\d+)\.ffns\.0\.layers\.0\.0\.", r"H.\1coder.\2.ffn.net.0."),
+    (r"^bbox_head\.transformer\.(en|de)coder\.layers\.(\d+)\.ffns\.0\.layers\.1\.", r"H.\1coder.\2.ffn.net.3."),
+    (r"^bbox_head\.transformer\.decoder\.ref_point_head\.", "H.ref_point_head."),
+    (r"^bbox_head\.transformer\.decoder\.norm\.", "H.decoder_norm."),
+    (r"^bbox_head\.transformer\.level_embeds$", "H.level_embed"),
+    (r"^bbox_head\.transformer\.(enc_output|enc_output_norm|query_embed)\.", r"H.\1."),
+    (r"^bbox_head\.(cls_branches|reg_branches|angle_branches|label_embedding)\.", r"H.\1."),
+    # MutDet pre-training (`template_matching.py`, `DetReg_dn_ars_detr_headv7.py`)
+    (r"^bbox_head\.transformer\.feature_enhance\.layers\.(\d+)\.cross_attn_token_to_image\.",
+     r"enhancement.layers.\1.token_to_image."),
+    (r"^bbox_head\.transformer\.feature_enhance\.layers\.(\d+)\.cross_attn_image_to_token\.",
+     r"enhancement.layers.\1.image_to_token."),
+    (r"^bbox_head\.transformer\.feature_enhance\.layers\.(\d+)\.mlp\.lin1\.", r"enhancement.layers.\1.mlp.0."),
+    (r"^bbox_head\.transformer\.feature_enhance\.layers\.(\d+)\.mlp\.lin2\.", r"enhancement.layers.\1.mlp.2."),
+    (r"^bbox_head\.transformer\.feature_enhance\.layers\.(\d+)\.(self_attn|norm\d)\.", r"enhancement.layers.\1.\2."),
+    (r"^bbox_head\.transformer\.(patch_enc_output|patch_enc_output_norm)\.", r"\1."),
+    (r"^bbox_head\.transformer\.patch_enc_decode\.", "patch_enc_decode."),
+    (r"^bbox_head\.feature_embed\.layers\.(\d)\.", lambda m: f"feature_embed.{2 * int(m[1])}."),
+]
+# official parameters the official forward never uses
+MMROTATE_UNUSED = (r"^bbox_head\.transformer\.pos_trans(_norm)?\.",  # Deformable DETR two-stage leftovers
+                   r"^bbox_head\.transformer\.decoder\.angle_head\.",  # built in _init_layers, never called
+                   r"\.num_batches_tracked$")  # BatchNorm's counter (frozen BN has none)
+
+
+def is_mmrotate_state(state: dict) -> bool:
+    return any(k.startswith("bbox_head.") for k in state)
+
+
+def mmrotate_to_ours(state: dict) -> tuple:
+    """An mmrotate checkpoint's state dict (ARS-DETR fine-tuned, or MutDet / DETReg-row pre-training)
+    in our names: (state with the head set under "H.", MutDet's modules under their pre-trainer
+    names; the unused official tensors dropped, listed). A name the map does not know is an
+    error naming it: nothing is skipped silently."""
+    import re
+    out, unused = {}, []
+    for key, value in state.items():
+        if any(re.search(p, key) for p in MMROTATE_UNUSED):
+            unused.append(key)
+            continue
+        for pattern, replacement in MMROTATE_NAMES:
+            new, n = re.subn(pattern, replacement, key)
+            if n:
+                out[new] = value
+                break
+        else:
+            raise ValueError(f"official tensor {key} {tuple(value.shape)} has no counterpart here")
+    return out, unused
 
 
 # ---------------------------------------------------------------------------------------------
