@@ -1100,7 +1100,7 @@ def format_table(names, ap, thrs) -> str:
     return "\n".join(rows)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", help="a run folder of train.py: score its checkpoint on each source's test split")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for --run")
@@ -1125,6 +1125,11 @@ def main(argv=None) -> int:
     p.add_argument("--gap", type=int, default=200, help="--predict: overlap of patches in px (default 200, DOTA)")
     p.add_argument("--zip", action="store_true", help="--predict: also write submission.zip for the DOTA server")
     p.add_argument("--batch", type=int, default=4, help="--predict: patches per forward pass (default 4)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.predict:
         if not args.run:
