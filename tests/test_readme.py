@@ -1,4 +1,4 @@
-"""Every command in the README's code blocks still fits the code: each `train.py` command parses
+"""Every command in the code blocks of the README and docs/ still fits the code: each `train.py` command parses
 with its stage's real flags and presets, each tiny sweep resolves (`--dry-run`), each `eval.py`
 command parses, and every SynthSOI path it names exists once SynthSOI is generated. (Running them
 takes minutes each; the quick ones run in the other tests.)"""
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def readme_commands() -> list:
-    text = (ROOT / "README.md").read_text()
+    text = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         current = ""
