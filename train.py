@@ -37,7 +37,8 @@ import detection
 import eval as evaluation
 import mutdet
 
-EXIT_BAD_DATA, EXIT_NONFINITE = 2, 3
+EXIT_BAD_DATA, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, 4  # 4: stopped by SIGTERM / SIGUSR1 after a checkpoint
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")  # what cluster schedulers send before they kill a job
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,15 +393,46 @@ def unwrap(model):
 
 
 def save_checkpoint(run: Path, model, state: dict) -> None:
+    """Weights (`model.safetensors`, the step in its metadata) and `state.pt`, written so that a kill
+    at any moment leaves one consistent pair: both new files are written in full first; the old pair
+    is renamed to `*.prev` before the new one takes its place and is deleted only after. `resume`
+    takes the newest pair whose two files agree on the step."""
     from safetensors.torch import save_file
     # clone: tied tensors (an LM's input and output embeddings) must not share storage in safetensors
     weights = {k: v.detach().cpu().clone().contiguous() for k, v in unwrap(model).state_dict().items()}
-    tmp = run / "model.safetensors.tmp"
-    save_file(weights, str(tmp))
-    os.replace(tmp, run / "model.safetensors")
-    tmp = run / "state.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, run / "state.pt")
+    save_file(weights, str(run / "model.safetensors.tmp"), metadata=dict(step=str(state["step"])))
+    torch.save(state, run / "state.pt.tmp")
+    for name in CHECKPOINT_FILES:  # the current pair becomes the fallback
+        if (run / name).exists():
+            os.replace(run / name, run / (name + ".prev"))
+    for name in CHECKPOINT_FILES:
+        os.replace(run / (name + ".tmp"), run / name)
+    for name in CHECKPOINT_FILES:
+        (run / (name + ".prev")).unlink(missing_ok=True)
+
+
+CHECKPOINT_FILES = ("model.safetensors", "state.pt")
+
+
+def checkpoint_pair(run: Path):
+    """(weights file, state file, step) of the newest consistent checkpoint of a run, or None.
+    Weights written before the step was stored in them pair with `state.pt`."""
+    from safetensors import safe_open
+    states, pairs = {}, []
+    for name in ("state.pt", "state.pt.prev"):
+        try:
+            states[name] = int(torch.load(run / name, map_location="cpu", weights_only=True)["step"])
+        except Exception:  # missing, or cut short by a kill
+            continue
+    for name in ("model.safetensors", "model.safetensors.prev"):
+        try:
+            with safe_open(str(run / name), "pt") as f:
+                step = (f.metadata() or {}).get("step")
+        except Exception:
+            continue
+        step = int(step) if step is not None else states.get("state.pt")
+        pairs += [(run / name, run / state, step) for state, s in states.items() if s == step]
+    return max(pairs, key=lambda p: p[2]) if pairs else None
 
 
 def read_weights(path: str) -> dict:
@@ -498,17 +530,66 @@ def set_rng_state(s: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def resume(run: Path, model, optimizer, scaler, rank: int) -> int:
-    """Reload weights, optimizer, scaler and this rank's RNG from a run folder; the step to go on from."""
-    if not (run / "state.pt").exists():
+    """Reload weights, optimizer, scaler and this rank's RNG from the newest consistent checkpoint of
+    a run folder; the step to go on from. A folder without one (killed before its first checkpoint)
+    starts over, with a fresh log.jsonl, and says so."""
+    pair = checkpoint_pair(run)
+    if pair is None:
+        if rank == 0:
+            print(f"{run}: no checkpoint yet (stopped before its first one); starting over with a fresh log.jsonl")
+            (run / "log.jsonl").unlink(missing_ok=True)
+        barrier()
         return 0
     from safetensors.torch import load_file
-    model.load_state_dict(load_file(str(run / "model.safetensors")))
-    state = torch.load(run / "state.pt", map_location="cpu", weights_only=True)
+    weights, state_file, step = pair
+    model.load_state_dict(load_file(str(weights)))
+    state = torch.load(state_file, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-    print(f"resumed {run} at step {state['step']}")
-    return state["step"]
+    if rank == 0:
+        _truncate_log(run / "log.jsonl", step)
+    print(f"resumed {run} at step {step}")
+    return step
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past `step` (steps after the last checkpoint are trained again)."""
+    if not path.exists():
+        return
+    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+    datasets.atomic_write_text(path, "".join(l + "\n" for l in keep))
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 set a flag instead of killing the process: the training loop finishes its
+    step, writes a checkpoint and stops with EXIT_PREEMPTED; `--resume` goes on exactly."""
+
+    def __init__(self):
+        import signal
+        self.signal = None
+        self.previous = {}
+        for name in PREEMPT_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        import signal
+        self.signal = signal.Signals(signum).name
+
+    def requested(self, world: int, device) -> bool:
+        """Whether any process got a signal (every process must stop at the same step)."""
+        if world == 1:
+            return self.signal is not None
+        flag = torch.tensor([self.signal is not None], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def close(self):
+        import signal
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def train_steps(cfg, run: Path, model, optimizer, scaler, batches, start: int, end: int, lr_fn, forward,
@@ -534,7 +615,8 @@ def train_steps(cfg, run: Path, model, optimizer, scaler, batches, start: int, e
     if rank == 0:
         from tqdm import tqdm
         bar = tqdm(total=end, initial=start, desc=desc, dynamic_ncols=True)
-    status, t_last, totals = 0, time.time(), []
+    status, t_last, t_start, totals = 0, time.time(), time.time(), []
+    preempt = Preemption()
     for step, batch in zip(range(start, end), loader):
         lr = lr_fn(step)
         for g in optimizer.param_groups:
@@ -561,7 +643,8 @@ def train_steps(cfg, run: Path, model, optimizer, scaler, batches, start: int, e
         scaler.update()
         now = time.time()
         record = dict(step=step + 1, loss=total, **terms, **extras, grad_norm=grad_norm.item(), lr=lr,
-                      samples_per_s=per_step / max(now - t_last, 1e-9))
+                      samples_per_s=per_step / max(now - t_last, 1e-9),
+                      eta_s=round((now - t_start) / (step + 1 - start) * (end - step - 1)))
         t_last = now
         totals.append(total)
         if rank == 0:
@@ -578,7 +661,8 @@ def train_steps(cfg, run: Path, model, optimizer, scaler, batches, start: int, e
         done = step + 1
         if after_step is not None:
             after_step(done, log, bar)
-        if done % cfg.ckpt_every == 0 or done == end:
+        stop = preempt.requested(world, device)
+        if done % cfg.ckpt_every == 0 or done == end or stop:
             rngs = [None] * world
             if world > 1:
                 dist.all_gather_object(rngs, rng_state())
@@ -587,6 +671,15 @@ def train_steps(cfg, run: Path, model, optimizer, scaler, batches, start: int, e
             if rank == 0:
                 save_checkpoint(run, model, dict(step=done, optimizer=optimizer.state_dict(),
                                                  scaler=scaler.state_dict(), rng=rngs, config=dataclasses.asdict(cfg)))
+        if stop and done < end:
+            if rank == 0:
+                log.write(json.dumps(dict(step=done, preempted=preempt.signal or "another process")) + "\n")
+                log.flush()
+                print(f"\n{desc}: {preempt.signal or 'a signal'} at step {done}: checkpoint written; continue with "
+                      f"python train.py --resume {run}", file=sys.stderr)
+            status = EXIT_PREEMPTED
+            break
+    preempt.close()
     if rank == 0:
         bar.close()
         log.close()
@@ -1234,6 +1327,25 @@ def sweep_runs(name: str, scale: str, extra: dict, amp: str = "fp16") -> list:
     return runs
 
 
+def run_status(run: Path) -> str:
+    """How far a run folder got: done, started (last logged step, checkpoint, ETA), or not started."""
+    if (run / "finished.json").exists():
+        f = json.loads((run / "finished.json").read_text())
+        return f"done ({f.get('minutes', 0):.0f} min" + (", non-finite loss)" if f.get("status") == EXIT_NONFINITE else ")")
+    if not (run / "config.json").exists():
+        return "not started"
+    log = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()] if (run / "log.jsonl").exists() else []
+    steps = [r for r in log if "loss" in r]
+    pair = checkpoint_pair(run)
+    text = f"started: step {steps[-1]['step']}" if steps else "started: no step yet"
+    text += f", checkpoint at {pair[2]}" if pair else ", no checkpoint"
+    if steps and "eta_s" in steps[-1]:
+        text += f", ETA {steps[-1]['eta_s'] / 60:.0f} min when it stopped"
+    if log and "preempted" in log[-1]:
+        text += f" (stopped by {log[-1]['preempted']})"
+    return text
+
+
 def run_sweep(argv) -> int:
     """Run (or resume) the runs of one table one after the other, skipping finished ones (a
     `finished.json` in the folder), then write its table with eval.py's `--table`."""
@@ -1245,6 +1357,7 @@ def run_sweep(argv) -> int:
     p.add_argument("--runs", default="", help="folder of the sweep's runs (default runs/<scale>)")
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun --nproc_per_node)")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    p.add_argument("--status", action="store_true", help="one line per run: done, started (step, ETA), not started")
     p.add_argument("--amp", choices=["fp16", "bf16", "off"], default="fp16",
                    help="mode of the rows the paper fine-tunes with AMP (Tab. 4, Fig. 6 right); a CPU without "
                         "fp16/bf16 units runs them ~7x slower, so 'off' keeps a tiny Fig. 6 sweep short")
@@ -1266,6 +1379,10 @@ def run_sweep(argv) -> int:
     extra = {stage: shlex.split(getattr(args, f"{stage}_args")) for stage in ("csia", "finetune", "sam", "mutdet")}
     extra["weights"] = weights
     runs = sweep_runs(args.sweep, args.scale, extra, args.amp)
+    if args.status:
+        for folder, _ in runs:
+            print(f"{folder:<36} {run_status(root / folder)}")
+        return 0
     launch = [sys.executable] if args.nproc == 1 else ["torchrun", f"--nproc_per_node={args.nproc}"]
     for folder, run_argv in runs:
         run = root / folder
@@ -1284,7 +1401,8 @@ def run_sweep(argv) -> int:
             continue
         t0 = time.time()
         status = subprocess.call(cmd)
-        if status not in (0, EXIT_NONFINITE):  # a non-finite loss is a result (Tab. 4's NaN rows)
+        if status not in (0, EXIT_NONFINITE):  # a non-finite loss is a result (Tab. 4's NaN rows); a
+            #                                      preempted run (EXIT_PREEMPTED) goes on when the sweep is rerun
             print(f"[sweep] {run}: exit status {status}; stopping the sweep (rerun the same command to go on)")
             return status
         datasets.atomic_write_text(run / "finished.json", json.dumps(dict(status=status, minutes=(time.time() - t0) / 60)) + "\n")
