@@ -686,10 +686,12 @@ class MultiSourceSampler:
     """Batches with a fixed mix of sources, from an infinite shuffled stream per source.
 
     Batch k holds `ratios[s]` samples of source s, in source order, as (source, index) pairs.
-    Each source's stream is a new permutation every pass, seeded by (seed, source, pass), and
-    rank r of `world_size` takes every world_size-th element, so ranks never share a sample in a
-    pass. The state is the number of batches drawn: `state_dict()` / `load_state_dict()` resume
-    exactly.
+    Each source's stream is a new permutation every pass, seeded by (seed, source, pass). The
+    batches are numbered globally: batch k of rank r is global batch G = k·world_size + r, made of
+    the stream's elements G·ratio ... G·ratio + ratio - 1. So ranks never share a sample in a pass,
+    and one process drawing batches 2k, 2k+1 (gradient accumulation 2) sees exactly what two
+    processes see at their batch k. The state is the number of batches drawn:
+    `state_dict()` / `load_state_dict()` resume exactly.
     """
 
     def __init__(self, sizes, ratios, seed=0, rank=0, world_size=1):
@@ -700,22 +702,24 @@ class MultiSourceSampler:
         self.batches_drawn = 0
         self._perm_cache = {}
 
+    def global_batch(self, k: int) -> int:
+        """The global number of this rank's batch k (it also seeds the batch's augmentation)."""
+        return k * self.world_size + self.rank
+
     def _element(self, source, n):
-        """The n-th sample of `source` for this rank."""
-        per_rank = max(1, self.sizes[source] // self.world_size)
-        p, offset = divmod(n, per_rank)
+        """The n-th sample of `source`'s stream (global numbering)."""
+        p, offset = divmod(n, self.sizes[source])
         cached = self._perm_cache.get(source)  # (pass, permutation): one per source
         if cached is None or cached[0] != p:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + source * 7919 + p)
             cached = self._perm_cache[source] = (p, torch.randperm(self.sizes[source], generator=g).tolist())
-        perm = cached[1]
-        return perm[(self.rank + self.world_size * offset) % self.sizes[source]]
+        return cached[1][offset]
 
     def batch(self, k):
         """The k-th batch (a list of (source, index) pairs)."""
-        out = []
+        g, out = self.global_batch(k), []
         for s, r in enumerate(self.ratios):
-            out += [(s, self._element(s, k * r + j)) for j in range(r)]
+            out += [(s, self._element(s, g * r + j)) for j in range(r)]
         return out
 
     def __iter__(self):

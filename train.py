@@ -17,6 +17,7 @@ Bad data stops with the data set's one-line message and exit status 2; a non-fin
 gradient norm is logged with its step and stops the run with exit status 3.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -54,7 +55,11 @@ class FinetuneConfig:
     image_size: int = 256  # longer side after resizing; paper: RResize(800, 800) (MutDet base_settings_DIOR.py)
     data_fraction: float = 1.0  # fraction of each training split, drawn with --seed (MutDet's 10% DIOR-R)
     seed: int = 0  # data order, augmentation, initialisation and the --data_fraction draw
-    batch_size: int = 4  # images per process with one source; paper: samples_per_gpu=2
+    batch_size: int = 4  # images per process and micro-batch with one source (several: source_ratio); paper: 2
+    global_batch: int = 4  # images per optimizer step over all processes; gradient accumulation makes up the
+    #   rest, so 1 or 8 GPUs train alike. MutDet / ARS-DETR 16 = 8 x 2 and BabelRS 32 = 8 x (2 + 1 + 1)
+    #   (8 GPUs: our assumption where the papers give no count)
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"  # opt in: scale lr by global_batch / the preset's
     source_ratio: list[int] = field(default_factory=list)  # images of each source per batch (BabelRS: 2 SAR : 1 RGB : 1 IR)
     loss_weights: list[float] = field(default_factory=list)  # per source (BabelRS: RGB 1.5); default 1 each
     augment: bool = True  # per source as SOI-Det (detection_transform): SAR h-flip 0.5; RGB/IR h/v/diagonal
@@ -70,6 +75,8 @@ class FinetuneConfig:
     vit_heads: int = 4  # paper: 16
     vit_patch: int = 8  # paper: 16 (InternViT's 14-px kernel resized)
     vit_family: Literal["internvit", "clip", "dinov2"] = "internvit"  # weights of --init (Tab. 3 baselines)
+    grad_checkpoint: bool = False  # recompute each ViT block in the backward pass instead of storing its
+    #   activations (ViT-Adapter's with_cp=True in BabelRS_20kstep.py): far less memory, about a third more time
     vit_taps: list[int] = field(default_factory=list)  # block read by each pyramid level; none = the official
     #   ViT-Adapter's interaction-group ends, scaled to vit_depth (3 9 18 24 of 24; 1 2 3 4 of the tiny 4)
     layer_decay: float = 1.0  # layer-wise lr decay of the ViT; BabelRS: 0.95
@@ -114,17 +121,18 @@ FINETUNE_PRESETS = {
     "tiny": FinetuneConfig(),
     # BabelRS joint fine-tuning on SynthSOI's three modalities, the ViT of a tiny csia run
     "babelrs-tiny": FinetuneConfig(synth_modalities=["sar", "rgb", "ir"], source_ratio=[2, 1, 1],
-                                   loss_weights=[1.0, 1.5, 1.0], backbone="vit", batch_size=4, epochs=12,
+                                   loss_weights=[1.0, 1.5, 1.0], backbone="vit", batch_size=4, global_batch=4, epochs=12,
                                    lr_steps=[8, 11], warmup=50, weight_decay=0.05),
     # BabelRS Sec. 4.3 / BabelRS_20kstep.py, with the DETR head sets of the detection module
     "babelrs": FinetuneConfig(source_ratio=[2, 1, 1], loss_weights=[1.0, 1.5, 1.0], image_size=800, backbone="vit",
+                              global_batch=32, grad_checkpoint=True,
                               vit_dim=1024, vit_depth=24, vit_heads=16, vit_patch=16, layer_decay=0.95,
                               dim=256, heads=8, enc_layers=6, dec_layers=6, ffn=1024, dropout=0.1, num_queries=300,
                               num_dn_queries=100, lr=5e-5, weight_decay=0.05, warmup=500, epochs=12,
                               lr_steps=[8, 11], rotate_p=0.5, workers=4, ckpt_every=2000),
     # MutDet's fine-tuning on DIOR-R (Tab. 2): ARS-DETR R-50 at RResize(800, 800)
     # (MutDet `base_settings_DIOR.py`, `ars_detr_DIOR_MutDet.py`); the preset of the MutDet sweeps
-    "paper": FinetuneConfig(image_size=800, batch_size=2, backbone="resnet50", frozen_bn=True, dim=256, heads=8,
+    "paper": FinetuneConfig(image_size=800, batch_size=2, global_batch=16, backbone="resnet50", frozen_bn=True, dim=256, heads=8,
                             enc_layers=6, dec_layers=6, ffn=1024, dropout=0.1, num_queries=300, num_dn_queries=100,
                             lr=1e-4, lr_mult=0.1, warmup=500, epochs=36, lr_steps=[32], workers=4,
                             ckpt_every=2000),
@@ -149,7 +157,9 @@ class CSIAConfig:
     max_tiles: int = 1  # dynamic tiles per image (+ a thumbnail when > 1); paper: 6 (max_dynamic_patch)
     max_length: int = 512  # tokens; paper: 3072
     batch_size: int = 8  # samples per process and micro-batch; paper: 4
-    grad_accum: int = 1  # micro-batches per step; paper: 4 (x 4 x 8 GPUs = global batch 128, Sec. 4.3)
+    global_batch: int = 8  # samples per optimizer step over all processes (accumulation makes up the rest); paper:
+    #   128 = 4 x 4 accumulation x 8 GPUs (Sec. 4.3)
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"  # opt in: scale lr by global_batch / the preset's
     workers: int = 0  # data loading processes
     seed: int = 0  # data order and initialisation
     # ViT (InternViT-300M in the paper)
@@ -191,7 +201,7 @@ class CSIAConfig:
 
 CSIA_PRESETS = {
     "tiny": CSIAConfig(),
-    "paper": CSIAConfig(image_size=448, max_tiles=6, max_length=3072, batch_size=4, grad_accum=4, workers=4,
+    "paper": CSIAConfig(image_size=448, max_tiles=6, max_length=3072, batch_size=4, global_batch=128, workers=4,
                         vit_dim=1024, vit_depth=24, vit_heads=16, patch=14, drop_path=0.1, grad_checkpoint=True,
                         layers=list(babelrs.OFFICIAL_LAYERS), tau=6000.0, lr=2e-5, steps=20000, amp="bf16"),
 }
@@ -248,7 +258,9 @@ class MutDetConfig:
     image_size: int = 256  # paper: 1024 (DOTA 800-px crops with gap 200, RResize to 1024)
     pseudo_classes: int = 0  # 0 = the cache's k-means clusters (paper: 256); 1 = class-agnostic (DETReg)
     seed: int = 0  # data order, augmentation and initialisation
-    batch_size: int = 4  # paper: samples_per_gpu=2
+    batch_size: int = 4  # images per process and micro-batch; paper: samples_per_gpu=2
+    global_batch: int = 4  # images per optimizer step over all processes; paper: 16 = 8 x 2 (8 GPUs: our assumption)
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"  # opt in: scale lr by global_batch / the preset's
     augment: bool = True  # RRandomFlip h/v/diagonal p=0.25 each; no colour augmentation
     rotate_p: float = 0.0  # MutDet: none
     workers: int = 0  # data loading processes
@@ -301,7 +313,7 @@ class MutDetConfig:
 
 MUTDET_PRESETS = {
     "tiny": MutDetConfig(),
-    "paper": MutDetConfig(image_size=1024, batch_size=2, backbone="resnet50", frozen_bn=True, dim=256, heads=8,
+    "paper": MutDetConfig(image_size=1024, batch_size=2, global_batch=16, backbone="resnet50", frozen_bn=True, dim=256, heads=8,
                           ffn=1024, dropout=0.1, num_queries=300, num_dn_queries=100, enhance_heads=8,
                           enhance_mlp=2048, lr=1e-4, lr_mult=0.1, warmup=500, epochs=36, lr_steps=[32], workers=4,
                           ckpt_every=2000),
@@ -623,14 +635,22 @@ def train_steps(cfg, run: Path, model, optimizer, scaler, batches, start: int, e
             g["lr"] = lr * g.get("lr_mult", 1.0)
         micro = batch if isinstance(batch, list) else [batch]
         optimizer.zero_grad(set_to_none=True)
-        terms, extras = {}, {}
-        for mb in micro:
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        sums, extras = {}, {}
+        for i, mb in enumerate(micro):
+            # DDP all-reduces the gradients once a step: after the last micro-batch
+            sync = contextlib.nullcontext() if world == 1 or i == len(micro) - 1 else net.no_sync()
+            with sync, torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 losses, extras = forward(net, mb, step)
-            loss = sum(losses.values()) / len(micro)
-            scaler.scale(loss).backward()
+                loss = sum(losses.values()) / len(micro)
+                scaler.scale(loss).backward()
             for k, v in losses.items():
-                terms[k] = terms.get(k, 0.0) + v.item() / len(micro)
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / len(micro)
+        # every loss term of the step in one tensor: averaged over processes, then one transfer to the host
+        values = torch.stack(list(sums.values())) if sums else torch.zeros(0, device=device)
+        if world > 1:
+            dist.all_reduce(values)
+            values /= world
+        terms = dict(zip(sums, values.tolist()))
         total = sum(terms.values())
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
@@ -776,26 +796,31 @@ def pad_batch(batch: dict, multiple: int = 32) -> dict:
 
 
 class StepBatches(torch.utils.data.Dataset):
-    """Batch k of the run, determined by k alone: the sampler's k-th draw, augmented with a
-    generator seeded by (seed, rank, k). Resuming at step k therefore sees exactly the batches an
-    uninterrupted run would, whatever the number of loader workers."""
+    """Step k's `accum` micro-batches, determined by k alone: the sampler's draws k·accum + a, each
+    augmented with a generator seeded by the draw's global batch number. Resuming at step k, and
+    any number of processes or loader workers with the same global batch, see exactly the batches
+    of an uninterrupted single-process run."""
 
-    def __init__(self, splits: list, sampler: datasets.MultiSourceSampler, cfg: FinetuneConfig, rank: int):
-        self.splits, self.sampler, self.cfg, self.rank = splits, sampler, cfg, rank
+    def __init__(self, splits: list, sampler: datasets.MultiSourceSampler, cfg, rank: int, accum: int = 1):
+        self.splits, self.sampler, self.cfg, self.rank, self.accum = splits, sampler, cfg, rank, accum
 
     def __len__(self):
         return 1 << 62
 
-    def __getitem__(self, k: int) -> dict:
-        gen = random.Random(f"{self.cfg.seed}-{self.rank}-{k}")
+    def micro_batch(self, draw: int) -> dict:
+        gen = random.Random(f"{self.cfg.seed}-{self.sampler.global_batch(draw)}")
         items = []
-        for source, index in self.sampler.batch(k):
+        for source, index in self.sampler.batch(draw):
             ds = self.splits[source]
             item = detection_transform(self.cfg.image_size, self.cfg.augment, self.cfg.rotate_p, gen, ds.modality,
                                        ds.classes)(ds[index])
             item["size"] = tuple(item["image"].shape[-2:])
             items.append(item)
         return pad_batch(datasets.collate(items))
+
+    def __getitem__(self, k: int):
+        micro = [self.micro_batch(k * self.accum + a) for a in range(self.accum)]
+        return micro if self.accum > 1 else micro[0]
 
 
 def model_args(cfg: FinetuneConfig, sources: list) -> dict:
@@ -807,7 +832,8 @@ def model_args(cfg: FinetuneConfig, sources: list) -> dict:
                 ffn=cfg.ffn, dropout=cfg.dropout, num_queries=cfg.num_queries, num_dn_queries=cfg.num_dn_queries,
                 gn_groups=cfg.gn_groups, loss_weights=weights, match_costs=list(cfg.match_costs), match_l1=cfg.match_l1,
                 vit_args=dict(dim=cfg.vit_dim, depth=cfg.vit_depth, heads=cfg.vit_heads, patch=cfg.vit_patch,
-                              image_size=cfg.image_size, **babelrs.VIT_FAMILIES[cfg.vit_family])
+                              image_size=cfg.image_size, grad_checkpoint=cfg.grad_checkpoint,
+                              **babelrs.VIT_FAMILIES[cfg.vit_family])
                 if cfg.backbone == "vit" else None, vit_taps=list(cfg.vit_taps))
 
 
@@ -853,6 +879,16 @@ def stored_stage(stored: dict) -> str:
     return "finetune"
 
 
+def accumulation(global_batch: int, micro: int, world: int) -> int:
+    """Micro-batches per optimizer step so that `world` processes of `micro` samples each make up
+    the global batch; a one-line error when it does not divide evenly."""
+    if global_batch % (micro * world):
+        raise SystemExit(f"error: --global_batch {global_batch} is not a multiple of {micro} samples a micro-batch x "
+                         f"{world} processes; choose a global batch, micro-batch (--batch_size / --source_ratio) and "
+                         "process count that divide")
+    return global_batch // (micro * world)
+
+
 def run_folder(cfg, stage: str, rank: int) -> Path:
     run = Path(cfg.resume or cfg.out or f"runs/{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
     if rank == 0:
@@ -876,7 +912,8 @@ def finetune(cfg: FinetuneConfig) -> int:
     if cfg.source_ratio and len(cfg.source_ratio) != len(sources):
         raise SystemExit(f"error: --source_ratio needs one value per --data source ({len(sources)}), got {cfg.source_ratio}")
     ratios = list(cfg.source_ratio) or ([cfg.batch_size] if len(sources) == 1 else [1] * len(sources))
-    per_step = sum(ratios) * world
+    accum = accumulation(cfg.global_batch, sum(ratios), world)
+    per_step = cfg.global_batch
     steps_per_epoch = max(1, sum(len(d) for d in splits) // per_step)
     total = cfg.epochs * steps_per_epoch
     end = min(total, cfg.max_steps) if cfg.max_steps else total
@@ -932,7 +969,7 @@ def finetune(cfg: FinetuneConfig) -> int:
             log.write(json.dumps(dict(step=done, **scores)) + "\n")
             bar.write(f"step {done}: " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items()))
 
-    batches = StepBatches(splits, sampler, cfg, rank)
+    batches = StepBatches(splits, sampler, cfg, rank, accum)
     status = train_steps(cfg, run, model, optimizer, scaler, batches, start, end,
                          lambda step: lr_at(step, cfg, steps_per_epoch), forward, per_step, "finetune", after_step,
                          # blocks after the last one the pyramid reads get no gradient
@@ -948,17 +985,17 @@ def finetune(cfg: FinetuneConfig) -> int:
 # ---------------------------------------------------------------------------------------------
 
 class InstructionBatches(torch.utils.data.Dataset):
-    """Step k's `grad_accum` micro-batches, determined by k alone (sampler draw k·accum + a)."""
+    """Step k's `accum` micro-batches, determined by k alone (sampler draws k·accum + a)."""
 
-    def __init__(self, data, sampler: datasets.MultiSourceSampler, cfg: CSIAConfig, pad_id: int):
-        self.data, self.sampler, self.cfg, self.pad_id = data, sampler, cfg, pad_id
+    def __init__(self, data, sampler: datasets.MultiSourceSampler, accum: int, pad_id: int):
+        self.data, self.sampler, self.accum, self.pad_id = data, sampler, accum, pad_id
 
     def __len__(self):
         return 1 << 62
 
     def __getitem__(self, k: int) -> list:
-        return [babelrs.collate_instructions([self.data[i] for _, i in self.sampler.batch(k * self.cfg.grad_accum + a)],
-                                             self.pad_id) for a in range(self.cfg.grad_accum)]
+        return [babelrs.collate_instructions([self.data[i] for _, i in self.sampler.batch(k * self.accum + a)],
+                                             self.pad_id) for a in range(self.accum)]
 
 
 def cosine_lr(step: int, cfg) -> float:
@@ -1068,6 +1105,7 @@ def csia(cfg: CSIAConfig) -> int:
     tokens_per_tile = (cfg.image_size // cfg.patch) ** 2 // 4
     data = babelrs.InstructionDataset(records, tokenizer, cfg.image_size, tokens_per_tile, cfg.max_tiles, cfg.max_length)
     sampler = datasets.MultiSourceSampler([len(data)], [cfg.batch_size], cfg.seed, rank, world)
+    accum = accumulation(cfg.global_batch, cfg.batch_size, world)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     start = resume(run, model, optimizer, scaler, rank) if cfg.resume else 0
@@ -1083,9 +1121,9 @@ def csia(cfg: CSIAConfig) -> int:
         return dict(loss_align=out["loss"]), dict(alpha=out["alpha"])
 
     end = min(cfg.steps, cfg.max_steps) if cfg.max_steps else cfg.steps
-    status = train_steps(cfg, run, model, optimizer, scaler, InstructionBatches(data, sampler, cfg, tokenizer.pad_token_id),
+    status = train_steps(cfg, run, model, optimizer, scaler, InstructionBatches(data, sampler, accum, tokenizer.pad_token_id),
                          start, end, lambda step: cosine_lr(step, cfg), forward,
-                         cfg.batch_size * cfg.grad_accum * world, "csia",
+                         cfg.global_batch, "csia",
                          # blocks after the last LVSA layer get no gradient (block 24 with the official layers)
                          find_unused=max(cfg.layers) < cfg.vit_depth or cfg.merge == "last")
     shutdown_distributed()
@@ -1221,7 +1259,8 @@ def mutdet_stage(cfg: MutDetConfig) -> int:
     except (ValueError, FileNotFoundError) as e:  # embeddings of another width, a bad weight file
         raise datasets.DatasetError(f"{cache}: {e}" if "embeddings" in str(e) else str(e)) from None
     run = run_folder(cfg, "mutdet", rank)
-    per_step = cfg.batch_size * world
+    accum = accumulation(cfg.global_batch, cfg.batch_size, world)
+    per_step = cfg.global_batch
     steps_per_epoch = max(1, len(data) // per_step)
     total = cfg.epochs * steps_per_epoch
     end = min(total, cfg.max_steps) if cfg.max_steps else total
@@ -1240,7 +1279,7 @@ def mutdet_stage(cfg: MutDetConfig) -> int:
         return net(batch["images"].to(device), batch["masks"].to(device), targets), {}
 
     sampler = datasets.MultiSourceSampler([len(data)], [cfg.batch_size], cfg.seed, rank, world)
-    status = train_steps(cfg, run, model, optimizer, scaler, StepBatches([data], sampler, cfg, rank), start, end,
+    status = train_steps(cfg, run, model, optimizer, scaler, StepBatches([data], sampler, cfg, rank, accum), start, end,
                          lambda step: lr_at(step, cfg, steps_per_epoch), forward, per_step, "mutdet",
                          find_unused=True)  # an ablation row leaves modules unused (no enhancement, no alignment)
     shutdown_distributed()
@@ -1475,6 +1514,13 @@ def parse_config(argv=None):
         names = {f.name for f in dataclasses.fields(cls)}
         base = cls(**{k: v for k, v in stored.items() if k in names})
     cfg = dataclasses.replace(base, **given)
+    if getattr(cfg, "lr_scaling", "none") != "none" and stored is None:  # a resumed run has its lr scaled already
+        reference = PRESETS[known.stage][known.preset].global_batch
+        ratio = cfg.global_batch / reference
+        lr = cfg.lr * (ratio if cfg.lr_scaling == "linear" else math.sqrt(ratio))
+        print(f"--lr_scaling {cfg.lr_scaling}: lr {cfg.lr:g} x {'' if cfg.lr_scaling == 'linear' else 'sqrt '}"
+              f"({cfg.global_batch} / {reference}) = {lr:g} (stored in config.json)")
+        cfg = dataclasses.replace(cfg, lr=lr)
     if known.stage == "csia" and known.preset == "paper" and not resume and not (cfg.llm and (cfg.init or cfg.vit)):
         # BabelRS continues InternVL2.5-1B; a paper-size run from random weights is never what is meant
         raise SystemExit("error: --stage csia --preset paper needs --llm (Qwen2.5-0.5B-Instruct folder) and "

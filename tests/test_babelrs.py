@@ -201,7 +201,7 @@ def test_layer_decay_groups():
     assert [tuple(f.shape[-2:]) for f in feats] == [(8, 12), (4, 6), (2, 3), (1, 1)]  # strides 8-64 from patch 16
 
 
-CSIA_SMALL = ["--stage", "csia", "--image_size", "32", "--batch_size", "4", "--steps", "10", "--vocab_size", "400",
+CSIA_SMALL = ["--stage", "csia", "--image_size", "32", "--batch_size", "4", "--global_batch", "4", "--steps", "10", "--vocab_size", "400",
               "--llm_dim", "32", "--llm_layers", "1", "--llm_ffn", "64"]
 
 
@@ -263,19 +263,33 @@ def test_tab3_baselines_load_from_transformers_and_match_its_hidden_states(tmp_p
         assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
 
 
-def test_csia_under_torchrun_two_cpu_processes(tmp_path):
+def test_two_processes_train_as_one_with_accumulation(tmp_path):
+    """The global batch fixes the optimisation: 2 processes x 4 samples (no accumulation) and 1
+    process x 4 samples x 2 micro-batches give the same losses and weights (tiny preset, gloo)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
     root = Path(__file__).resolve().parents[1]
     synth = datasets.make_synthetic(tmp_path / "synth", n_train=4, n_test=2, size=64, max_objects=2)
+    argv = CSIA_SMALL + ["--synth_root", str(synth), "--max-steps", "3", "--global_batch", "8"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
-           str(root / "train.py")] + CSIA_SMALL + ["--synth_root", str(synth), "--max-steps", "2", "--out", str(tmp_path / "r")]
+           str(root / "train.py")] + argv + ["--out", str(tmp_path / "ddp")]
     res = subprocess.run(cmd, cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-2000:]
-    log = [json.loads(l) for l in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["loss_align"]) for r in log)
+    assert train.main(argv + ["--out", str(tmp_path / "accum")]) == 0
+    logs = [[json.loads(l) for l in (tmp_path / r / "log.jsonl").read_text().splitlines()] for r in ("ddp", "accum")]
+    assert [r["step"] for r in logs[0]] == [1, 2, 3] and all(math.isfinite(r["loss_align"]) for r in logs[0])
+    for a, b in zip(*logs):
+        assert a["loss_align"] == pytest.approx(b["loss_align"], rel=1e-4)
+    w = [load_file(str(tmp_path / r / "model.safetensors")) for r in ("ddp", "accum")]
+    for k in w[0]:
+        torch.testing.assert_close(w[0][k], w[1][k], rtol=1e-4, atol=1e-5)
+    with pytest.raises(SystemExit, match="not a multiple"):
+        train.accumulation(global_batch=12, micro=8, world=1)
 
 
 def test_truncation_never_splits_the_image(tokenizer):

@@ -354,7 +354,7 @@ def test_mutdet_stage_trains_resumes_and_feeds_finetuning(sam_cache, capsys):
     import json
     from safetensors.torch import load_file
     import train
-    data = ["--data", str(sam_cache / "cache"), "--image_size", "64", "--batch_size", "2", "--enhance_heads", "2",
+    data = ["--data", str(sam_cache / "cache"), "--image_size", "64", "--batch_size", "2", "--global_batch", "2", "--enhance_heads", "2",
             "--enhance_mlp", "16"]
     straight, split = sam_cache / "straight", sam_cache / "split"
     assert train.main(["--stage", "mutdet"] + MODEL + data + ["--max-steps", "3", "--out", str(straight)]) == 0
@@ -378,7 +378,7 @@ def test_mutdet_stage_trains_resumes_and_feeds_finetuning(sam_cache, capsys):
     # fine-tuning from the MutDet run: prefix stripped, pre-training modules dropped, class head afresh
     capsys.readouterr()
     synth = sam_cache / "synth" / "rgb"
-    assert train.main(MODEL + ["--data", f"rgb:{synth}", "--image_size", "64", "--batch_size", "2", "--eval", "false",
+    assert train.main(MODEL + ["--data", f"rgb:{synth}", "--image_size", "64", "--batch_size", "2", "--global_batch", "2", "--eval", "false",
                                "--init", str(straight), "--max-steps", "1", "--lr", "0",
                                "--out", str(sam_cache / "ft")]) == 0
     printed = capsys.readouterr().out

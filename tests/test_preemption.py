@@ -11,7 +11,7 @@ import torch
 import datasets
 import train
 
-CSIA = ["--stage", "csia", "--image_size", "32", "--batch_size", "4", "--steps", "6", "--vocab_size", "400",
+CSIA = ["--stage", "csia", "--image_size", "32", "--batch_size", "4", "--global_batch", "4", "--steps", "6", "--vocab_size", "400",
         "--llm_dim", "32", "--llm_layers", "1", "--llm_ffn", "64"]
 
 

@@ -16,7 +16,7 @@ import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--image_size", "64", "--dim", "32", "--heads", "2", "--enc_layers", "1", "--dec_layers", "1", "--ffn", "32",
-         "--num_queries", "10", "--num_dn_queries", "4", "--gn_groups", "8", "--batch_size", "2", "--eval", "false"]
+         "--num_queries", "10", "--num_dn_queries", "4", "--gn_groups", "8", "--batch_size", "2", "--global_batch", "2", "--eval", "false"]
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +195,17 @@ def test_table3_sweep_writes_submissions(tmp_path, capsys):
     assert train.main(["--sweep", "mutdet-table3", "--dry-run", "--runs", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert out.count("eval.py --run") == 3 and "--zip" in out and "ft-mutdet-data1.0-dota/dota-test" in out
+
+
+def test_global_batch_and_explicit_lr_scaling(capsys):
+    stage, cfg = train.parse_config(["--stage", "finetune", "--preset", "paper"])
+    assert (cfg.global_batch, cfg.batch_size, cfg.lr) == (16, 2, 1e-4)
+    assert train.accumulation(cfg.global_batch, cfg.batch_size, world=1) == 8  # one GPU: 8 micro-batches a step
+    assert train.accumulation(cfg.global_batch, cfg.batch_size, world=8) == 1
+    _, small = train.parse_config(["--stage", "finetune", "--preset", "paper", "--global_batch", "8"])
+    assert small.lr == 1e-4  # no silent rescaling
+    _, lin = train.parse_config(["--stage", "finetune", "--preset", "paper", "--global_batch", "8", "--lr_scaling", "linear"])
+    _, sq = train.parse_config(["--stage", "mutdet", "--preset", "paper", "--global_batch", "4", "--lr_scaling", "sqrt"])
+    assert lin.lr == pytest.approx(5e-5) and sq.lr == pytest.approx(1e-4 * 0.5)
+    assert "lr 0.0001 x (8 / 16) = 5e-05" in capsys.readouterr().out
+    assert train.CSIA_PRESETS["paper"].global_batch == 128 and train.FINETUNE_PRESETS["babelrs"].global_batch == 32
