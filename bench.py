@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -352,6 +353,51 @@ def bench_mutdet(args):
     report("paper size", cfg, batch, [f"cluster_{i + 1}" for i in range(256)])
 
 
+PAPER_STEPS = (("csia", "paper"), ("sam", "paper"), ("mutdet", "paper"), ("finetune", "paper"),
+               ("finetune", "ars-detr-dota"), ("finetune", "babelrs"))
+TINY_STEPS = (("csia", "tiny"), ("mutdet", "tiny"), ("finetune", "tiny"), ("finetune", "babelrs-tiny"))
+
+
+def bench_paper(args):
+    """One optimizer step of every stage at its paper preset, random weights and synthetic inputs of
+    paper size (`train.measure_step`; sam: the ViT-H image encoder and one batch of 64 point
+    prompts), each in a fresh process so that its peak memory is its own. Prints time, peak memory,
+    parameters and FLOPs, and writes them to `results/paper_step.json`, which
+    `train.py --sweep NAME --dry-run` reads to estimate what a table costs."""
+    import json
+    import subprocess
+    import sys
+    if args.one:
+        import train
+        stage, preset = args.one.split(":")
+        torch.manual_seed(0)
+        r = train.measure_step(stage, train.PRESETS[stage][preset], tiles=args.tiles)
+        print("RESULT " + json.dumps(dict(r, preset=preset, threads=torch.get_num_threads())))
+        return
+    print(f"one step of each stage at its {'tiny' if args.tiny else 'paper'} preset, torch {torch.__version__}, "
+          f"{args.threads} threads, {platform.processor() or platform.machine()}, float32")
+    results = {}
+    for stage, preset in (TINY_STEPS if args.tiny else PAPER_STEPS):
+        if args.only and stage not in args.only:
+            continue
+        cmd = [sys.executable, __file__, "paper", "--one", f"{stage}:{preset}", "--threads", str(args.threads),
+               "--tiles", str(args.tiles)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            print(f"  {stage} {preset}: failed\n{out.stderr[-1500:]}")
+            continue
+        r = json.loads(line[len("RESULT "):])
+        results[f"{stage}:{preset}"] = r
+        print(f"  {stage:<9}{preset:<14} micro-batch {r['micro']} ({r['tiles']} tile(s) a sample for csia): "
+              f"{r['seconds']:7.1f} s, peak {r['peak_rss_gb']:5.1f} GB, {r['params'] / 1e6:7.1f}M parameters "
+              f"({r['trained'] / 1e6:.1f}M trained), {r['flops'] / 1e12:8.2f} TFLOP")
+    path = Path(__file__).resolve().parent / "results" / ("tiny_step.json" if args.tiny else "paper_step.json")
+    old = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps(dict(old, **results), indent=2) + "\n")
+    print(f"written to {path}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
@@ -384,6 +430,12 @@ def main():
     q.add_argument("--batch", type=int, default=1)
     q.add_argument("--repeat", type=int, default=2)
     q.set_defaults(fn=bench_vit)
+    q = sub.add_parser("paper", parents=[common], help="one step of each stage at the paper preset: time, memory, FLOPs")
+    q.add_argument("--tiles", type=int, default=1, help="csia: tiles a sample (the paper's images: up to 6 + thumbnail)")
+    q.add_argument("--only", nargs="*", default=[], help="stages to run (default all)")
+    q.add_argument("--tiny", action="store_true", help="the tiny presets instead (results/tiny_step.json)")
+    q.add_argument("--one", default="", help=argparse.SUPPRESS)  # STAGE:PRESET, run in a child process
+    q.set_defaults(fn=bench_paper)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     args.fn(args)

@@ -31,6 +31,7 @@ from typing import Literal, get_args, get_origin
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import babelrs
 import datasets
@@ -106,7 +107,7 @@ class FinetuneConfig:
     warmup: int = 100  # iterations of linear warm-up from warmup_ratio·lr; paper: 500
     warmup_ratio: float = 1 / 3  # warm-up starts at warmup_ratio x lr (mmcv)
     epochs: int = 40  # paper: 36
-    lr_steps: list[int] = field(default_factory=lambda: [36])  # epochs where lr *= 0.1; paper: [32]
+    lr_steps: list[float] = field(default_factory=lambda: [36])  # epochs where lr *= 0.1; paper: [32]
     amp: Literal["off", "bf16", "fp16"] = "off"  # fp16 uses dynamic loss scaling
     max_steps: int = 0  # stop after this many steps (0 = the whole schedule); the schedule is unchanged
     # run
@@ -302,7 +303,7 @@ class MutDetConfig:
     warmup: int = 50  # paper: 500
     warmup_ratio: float = 1 / 3  # warm-up starts at warmup_ratio x lr (mmcv)
     epochs: int = 20  # paper: 36
-    lr_steps: list[int] = field(default_factory=lambda: [18])  # paper: [32]
+    lr_steps: list[float] = field(default_factory=lambda: [18])  # epochs where lr *= 0.1; paper: [32]
     amp: Literal["off", "bf16", "fp16"] = "off"  # fp16 uses dynamic loss scaling
     max_steps: int = 0  # stop after this many steps (0 = the whole schedule); the schedule is unchanged
     # run
@@ -1287,6 +1288,118 @@ def mutdet_stage(cfg: MutDetConfig) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# What a run costs: parameters, FLOPs per optimizer step, memory (train.py --sweep --dry-run, bench.py paper)
+# ---------------------------------------------------------------------------------------------
+
+# Training images of the papers' data sets, for the step counts of the dry run (sources in DESIGN notes)
+DATASET_IMAGES = {
+    "soi-det": 89278,  # SARDet-50K 46,260 + DOTA 800-px patches 25,028 + DroneVehicle 17,990 (BabelRS_20kstep.py)
+    "dior-r": 11725,  # DIOR-R trainval
+    "dota-800": 25028,  # DOTA-v1.0 train in 800-px crops, gap 200 (SOI-Det's count of the same split)
+    "dota-1024": 15749,  # DOTA-v1.0 trainval in 1024-px patches, gap 200 (our assumption: split_ss_dota1_0's count)
+}
+PAPER_CLASSES = {"sar": ("hbb", 6), "rgb": ("obb", 15), "ir": ("obb", 5)}  # SOI-Det's three parts
+OBJECTS_PER_IMAGE = 20  # synthetic ground truth of a measured step (DOTA averages about 20 a patch)
+
+
+def _synthetic_targets(n: int, size: int, classes: int, g: torch.Generator, objects: int = OBJECTS_PER_IMAGE) -> list:
+    out = []
+    for _ in range(n):
+        xy = torch.rand(objects, 2, generator=g) * size * 0.8 + size * 0.1
+        wh = torch.rand(objects, 2, generator=g) * size * 0.1 + 8
+        theta = (torch.rand(objects, 1, generator=g) - 0.5) * math.pi
+        out.append(dict(boxes=torch.cat([xy, wh.sort(1, descending=True).values, theta], 1),
+                        labels=torch.randint(0, classes, (objects,), generator=g), size=(size, size)))
+    return out
+
+
+def measure_step(stage: str, cfg, tiles: int = 1, sam_points: int = 64) -> dict:
+    """One micro-batch of `stage` at the size `cfg` describes, with random weights and synthetic
+    inputs of that size: forward, backward and AdamW step (sam: the image encoder and one batch of
+    `sam_points` point prompts, inference), under `torch.utils.flop_counter`. Returns
+    dict(params, trained, micro, flops (one micro-batch), seconds, peak_rss_gb (of this process))."""
+    import resource
+
+    from torch.utils.flop_counter import FlopCounterMode
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    if stage == "sam":
+        from transformers import SamConfig, SamModel, SamVisionConfig
+        vision = SamVisionConfig(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16,
+                                 global_attn_indexes=[7, 15, 23, 31])  # ViT-H (MutDet's SAM)
+        model = SamModel(SamConfig(vision_config=vision.to_dict())).eval()
+        x, micro = torch.randn(1, 3, 1024, 1024, generator=g), 1
+        points = torch.rand(1, sam_points, 1, 2, generator=g) * 1024
+
+        def run():
+            with torch.no_grad():
+                emb = model.get_image_embeddings(x)
+                model(image_embeddings=emb, input_points=points, multimask_output=True)
+        optimizer = None
+    elif stage == "csia":
+        vit = babelrs.ViT(cfg.vit_dim, cfg.vit_depth, cfg.vit_heads, cfg.patch, cfg.image_size,
+                          drop_path=cfg.drop_path, grad_checkpoint=cfg.grad_checkpoint)
+        paper = cfg.vit_dim >= 1024  # Qwen2.5-0.5B's shape for the paper preset (its vocabulary with InternVL's tokens)
+        llm = babelrs.build_llm("", 151674 if paper else cfg.vocab_size, *((896, 24, 14, 2, 4864) if paper else
+                                (cfg.llm_dim, cfg.llm_layers, cfg.llm_heads, cfg.llm_kv_heads, cfg.llm_ffn)))
+        model = babelrs.CSIA(vit, llm, 5, cfg.merge, tuple(cfg.layers), cfg.tau).train()
+        micro = cfg.batch_size if not paper else 1
+        per_tile = (cfg.image_size // cfg.patch) ** 2 // 4
+        T = per_tile * tiles + 200  # image tokens + a question and answer
+        ids = torch.randint(10, 1000, (micro, T), generator=g)
+        ids[:, 20:20 + per_tile * tiles] = 5
+        labels = ids.clone()
+        labels[:, :T - 60] = babelrs.IGNORE_INDEX
+        pixels = torch.randn(micro * tiles, 3, cfg.image_size, cfg.image_size, generator=g)
+
+        def run():
+            model(pixels, ids, torch.ones_like(ids), labels, step=10)["loss"].backward()
+    else:
+        size = cfg.image_size
+        if stage == "mutdet":
+            det = detection.build_detector([dict(modality="rgb", classes=[str(i) for i in range(256)], box_type="obb")],
+                                           cfg.backbone, "", cfg.frozen_bn, cfg.dim, cfg.heads, cfg.levels, cfg.points,
+                                           cfg.enc_layers, cfg.dec_layers, cfg.ffn, cfg.dropout, cfg.num_queries,
+                                           cfg.num_dn_queries, cfg.gn_groups)
+            model = mutdet.MutDetPretrainer(det, cfg.dim, cfg.enhance, cfg.align, cfg.siamese, cfg.enhance_depth,
+                                            cfg.enhance_heads, cfg.enhance_mlp, cfg.embed_loss, cfg.freeze_backbone,
+                                            cfg.dn_align).train()
+            micro = cfg.batch_size
+            targets = _synthetic_targets(micro, size, 256, g, objects=200)  # SAM boxes an image
+            for t in targets:
+                t["embeds"] = F.normalize(torch.randn(len(t["labels"]), cfg.dim, generator=g), dim=-1)
+
+            def run():
+                sum(model(images, masks, targets).values()).backward()
+        else:
+            mods = ["sar", "rgb", "ir"][:len(cfg.source_ratio)] if cfg.source_ratio else ["rgb"]
+            ratios = cfg.source_ratio or [cfg.batch_size]
+            sources = [dict(modality=m, classes=[str(i) for i in range(PAPER_CLASSES[m][1] if len(mods) > 1 else 20)],
+                            box_type=PAPER_CLASSES[m][0] if len(mods) > 1 else "obb") for m in mods]
+            model = babelrs.build_detector(**{k: v for k, v in model_args(cfg, sources).items()}).train()
+            modalities = [m for m, r in zip(mods, ratios) for _ in range(r)]
+            micro = len(modalities)
+            targets = _synthetic_targets(micro, size, 5, g)
+
+            def run():
+                sum(model(images, masks, modalities, targets)["losses"].values()).backward()
+        images = torch.randn(micro, 3, size, size, generator=g)
+        masks = torch.zeros(micro, size, size, dtype=torch.bool)
+    if stage != "sam":
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    counter = FlopCounterMode(display=False)
+    t0 = time.time()
+    with counter:
+        run()
+    if optimizer is not None:
+        optimizer.step()
+    return dict(stage=stage, params=sum(p.numel() for p in model.parameters()),
+                trained=sum(p.numel() for p in model.parameters() if p.requires_grad), micro=micro, tiles=tiles,
+                flops=counter.get_total_flops(), seconds=time.time() - t0,
+                peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
+
+
+# ---------------------------------------------------------------------------------------------
 # Sweeps: the runs behind one table or figure (python train.py --sweep NAME)
 # ---------------------------------------------------------------------------------------------
 
@@ -1298,17 +1411,38 @@ SWEEPS = ("babelrs-table3", "babelrs-table4", "babelrs-table5", "babelrs-fig6", 
 SUBMISSION = "dota-test"  # folder of each fine-tuned row holding drawings, Task1 files and submission.zip
 
 
+# `--scale 1gpu`: the papers' models, data, resolution and global batches, with every schedule cut by
+# the same factor within a table, so that a row fits about 12 hours of one 80 GB GPU (README: costs).
+# What is cut and why the comparison survives: the number of optimizer steps only. Warm-up, the
+# positions of the lr steps (as fractions of the schedule), the global batch and all the
+# hyper-parameters stay; CSIA's τ is scaled with its length (τ / steps = 6k / 20k), so the LVSA
+# annealing reaches the plain mean at the same fraction of pre-training. Every row of a table gets
+# the same cut, so the rows are compared at equal cost, which is what the ablations ask.
+ONE_GPU = dict(csia_fraction=0.1,  # 2k of 20k CSIA steps
+               babelrs_epochs=3,  # of 12 (lr steps at 2 and 3 as 8 and 11 of 12, rounded)
+               mutdet_pretrain_epochs=6,  # of 36 (step at 5)
+               mutdet_finetune_epochs=12)  # of 36 (step at 11)
+
+
+def _cut(epochs: int, paper_epochs: int, paper_steps: list) -> list:
+    """`--epochs E --lr_steps ...` with the lr steps at the paper's fractions of the schedule."""
+    return ["--epochs", str(epochs), "--lr_steps", *(f"{s * epochs / paper_epochs:.4g}" for s in paper_steps)]
+
+
 def sweep_runs(name: str, scale: str, extra: dict, amp: str = "fp16") -> list:
     """The runs of one table, in order: (folder name, train.py arguments). Folder names spell out
     what a run is, so tables share runs (the CSIA of Tab. 3 is Tab. 5's row (d)). `extra[stage]`
     holds the user's arguments for that stage (paper scale: --data, --llm, --vit, --sam, --resnet).
-    `amp` is the mode of the rows the paper fine-tunes with AMP (Tab. 4, Fig. 6 right)."""
-    tiny = scale == "tiny"
-    csia_steps = CSIA_PRESETS["tiny" if tiny else "paper"].steps
-    csia_tau = CSIA_PRESETS["tiny" if tiny else "paper"].tau
+    `amp` is the mode of the rows the paper fine-tunes with AMP (Tab. 4, Fig. 6 right). `scale`:
+    tiny (this CPU), 1gpu (paper sizes, schedules cut by ONE_GPU) or paper."""
+    tiny, one_gpu = scale == "tiny", scale == "1gpu"
+    cut = ONE_GPU["csia_fraction"] if one_gpu else 1.0
+    csia_steps = round(CSIA_PRESETS["tiny" if tiny else "paper"].steps * cut)
+    csia_tau = CSIA_PRESETS["tiny" if tiny else "paper"].tau * cut
     ft_preset = ["--preset", "babelrs-tiny" if tiny else "babelrs"]
     # tiny rows checkpoint often: an interrupted 144-step row then resumes instead of starting over
-    ft_schedule = ["--max-steps", str(TINY_FINETUNE_STEPS), "--ckpt_every", "24"] if tiny else []
+    ft_schedule = (["--max-steps", str(TINY_FINETUNE_STEPS), "--ckpt_every", "24"] if tiny else
+                   _cut(ONE_GPU["babelrs_epochs"], 12, [8, 11]) if one_gpu else [])
     runs = []
 
     def add(folder, argv):
@@ -1337,21 +1471,24 @@ def sweep_runs(name: str, scale: str, extra: dict, amp: str = "fp16") -> list:
             babelrs_finetune(csia_run(merge))
     elif name == "babelrs-fig6":  # left: pre-training steps; right: τ, fine-tuned with AMP (Sec. 4.9)
         for steps in ((100, 200, 400, 600) if tiny else range(2000, 24001, 2000)):  # τ fixed (6k in the paper)
-            babelrs_finetune(csia_run(steps=steps))
+            babelrs_finetune(csia_run(steps=round(steps * cut)))
         for tau in ((0, 40, 120, 200) if tiny else range(0, 10001, 2000)):
-            babelrs_finetune(csia_run(tau=tau), amp)
+            babelrs_finetune(csia_run(tau=tau * cut), amp)
     elif name in ("mutdet-table2", "mutdet-10pct", "mutdet-table3"):
         preset = ["--preset", "tiny" if tiny else "paper"]
         # tiny: SAM stand-in (a random SAM's masks are noise; see mutdet.colour_components)
         sam = add("sam", ["--stage", "sam"] + preset + (["--masks", "components"] if tiny else []) + extra["sam"])
+        pre_schedule = _cut(ONE_GPU["mutdet_pretrain_epochs"], 36, [32]) if one_gpu else []
         pre = {"-": None,
-               "DETReg": add("pre-detreg", ["--stage", "mutdet"] + preset + ["--data", f"{{runs}}/{sam}", "--no-enhance",
+               "DETReg": add("pre-detreg", ["--stage", "mutdet"] + preset + pre_schedule + ["--data", f"{{runs}}/{sam}", "--no-enhance",
                                                                            "--embed-loss", "l1", "--pseudo-classes", "1",
                                                                            "--no-dn-align"]
                              + extra["mutdet"]),
-               "MutDet": add("pre-mutdet", ["--stage", "mutdet"] + preset + ["--data", f"{{runs}}/{sam}"] + extra["mutdet"])}
+               "MutDet": add("pre-mutdet", ["--stage", "mutdet"] + preset + pre_schedule + ["--data", f"{{runs}}/{sam}"]
+                             + extra["mutdet"])}
         fraction = "0.1" if name == "mutdet-10pct" else "1.0"
-        schedule = ["--max-steps", "240"] if tiny else []
+        schedule = (["--max-steps", "240"] if tiny else
+                    _cut(ONE_GPU["mutdet_finetune_epochs"], 36, [32]) if one_gpu else [])
         if tiny and name == "mutdet-10pct":  # 5 images = 1 step an epoch: as many steps as with all the data
             schedule += ["--epochs", "480", "--lr_steps", "432"]
         # Tab. 3: ARS-DETR at 1024 px on DOTA-v1.0 trainval patches (1024 / 200), scored on the test scenes
@@ -1364,6 +1501,44 @@ def sweep_runs(name: str, scale: str, extra: dict, amp: str = "fp16") -> list:
     else:
         raise SystemExit(f"--sweep {name}: choose one of {', '.join(SWEEPS)}")
     return runs
+
+
+STEP_COSTS = {"tiny": "results/tiny_step.json", "paper": "results/paper_step.json"}  # bench.py paper writes them
+TINY_IMAGES = 48  # SynthSOI training images a modality
+
+
+def run_cost(argv: list, scale: str, gpu_tflops: float, mfu: float) -> dict:
+    """What one run of a sweep costs: parameters, FLOPs per optimizer step (the measured micro-batch
+    of its stage and preset, `bench.py paper`, times the micro-batches of a global batch), its
+    steps (the papers' data set sizes, DATASET_IMAGES, at paper scale), total FLOPs, hours on one
+    GPU at `gpu_tflops` x `mfu`, and the measured peak memory of one micro-batch (CPU, float32)."""
+    stage, cfg = parse_config(argv, check_weights=False)
+    preset = argv[argv.index("--preset") + 1] if "--preset" in argv else "tiny"
+    table = Path(__file__).resolve().parent / STEP_COSTS["tiny" if scale == "tiny" else "paper"]
+    measured = json.loads(table.read_text()).get(f"{stage}:{preset}") if table.exists() else None
+    if stage == "sam" and scale == "tiny":
+        return dict(stage=stage, preset=preset, missing="the colour-components stand-in of SAM: not counted")
+    if measured is None:
+        return dict(stage=stage, preset=preset, missing=f"not measured: python bench.py paper{' --tiny' if scale == 'tiny' else ''}")
+    if stage == "sam":  # inference, per image: the image encoder and one batch of points (a lower bound)
+        images = TINY_IMAGES if scale == "tiny" else DATASET_IMAGES["dota-800"]
+        per_step, steps = measured["flops"], images
+    else:
+        per_step = measured["flops"] * cfg.global_batch / measured["micro"]
+        if stage == "csia":
+            steps = cfg.steps
+        else:
+            sources = len(cfg.source_ratio) if stage == "finetune" and cfg.source_ratio else 1
+            images = (TINY_IMAGES * sources if scale == "tiny" else
+                      DATASET_IMAGES[{"mutdet": "dota-800", "babelrs": "soi-det", "ars-detr-dota": "dota-1024"}.get(
+                          stage if stage == "mutdet" else preset, "dior-r")])
+            images = max(1, math.ceil(images * getattr(cfg, "data_fraction", 1.0)))
+            steps = cfg.epochs * max(1, images // cfg.global_batch)
+        steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
+    total = per_step * steps
+    return dict(stage=stage, preset=preset, params=measured["params"], flops_step=per_step, steps=steps, flops=total,
+                hours=total / (gpu_tflops * 1e12 * mfu) / 3600, peak_gb=measured["peak_rss_gb"],
+                micro=measured["micro"])
 
 
 def run_status(run: Path) -> str:
@@ -1392,11 +1567,16 @@ def run_sweep(argv) -> int:
     import subprocess
     p = argparse.ArgumentParser(prog="train.py --sweep", description="the runs of one table, then the table")
     p.add_argument("--sweep", required=True, choices=SWEEPS)
-    p.add_argument("--scale", choices=["tiny", "paper"], default="tiny")
+    p.add_argument("--scale", choices=["tiny", "1gpu", "paper"], default="tiny",
+                   help="tiny: this CPU; 1gpu: paper models and data, schedules cut to about 12 GPU-hours a row "
+                        "(ONE_GPU); paper: the papers' schedules")
     p.add_argument("--runs", default="", help="folder of the sweep's runs (default runs/<scale>)")
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun --nproc_per_node)")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.add_argument("--status", action="store_true", help="one line per run: done, started (step, ETA), not started")
+    p.add_argument("--gpu-tflops", type=float, default=312.0,
+                   help="--dry-run: the GPU's dense bf16 TFLOPS for the hour estimates (default 312, an A100)")
+    p.add_argument("--mfu", type=float, default=0.35, help="--dry-run: the fraction of it a step reaches (default 0.35)")
     p.add_argument("--amp", choices=["fp16", "bf16", "off"], default="fp16",
                    help="mode of the rows the paper fine-tunes with AMP (Tab. 4, Fig. 6 right); a CPU without "
                         "fp16/bf16 units runs them ~7x slower, so 'off' keeps a tiny Fig. 6 sweep short")
@@ -1445,6 +1625,21 @@ def run_sweep(argv) -> int:
             print(f"[sweep] {run}: exit status {status}; stopping the sweep (rerun the same command to go on)")
             return status
         datasets.atomic_write_text(run / "finished.json", json.dumps(dict(status=status, minutes=(time.time() - t0) / 60)) + "\n")
+    if args.dry_run:  # what the table costs, before it starts
+        print(f"\n[sweep] {args.sweep} at scale {args.scale}: cost of each run (FLOPs counted on one micro-batch; "
+              f"hours on one GPU at {args.gpu_tflops:g} TFLOPS x {args.mfu:g} MFU)")
+        print(f"{'run':<34}{'stage':<10}{'params':>9}{'TFLOP/step':>12}{'steps':>9}{'PFLOP':>10}{'hours':>8}"
+              f"{'peak GB':>9}")
+        hours = 0.0
+        for folder, run_argv in runs:
+            c = run_cost([a.replace("{runs}", str(root)) for a in run_argv], args.scale, args.gpu_tflops, args.mfu)
+            if "missing" in c:
+                print(f"{folder:<34}{c['stage']:<10}  {c['missing']}")
+                continue
+            hours += c["hours"]
+            print(f"{folder:<34}{c['stage']:<10}{c['params'] / 1e6:>8.0f}M{c['flops_step'] / 1e12:>12.2f}{c['steps']:>9}"
+                  f"{c['flops'] / 1e15:>10.1f}{c['hours']:>8.1f}{c['peak_gb']:>9.1f}")
+        print(f"{'total':<34}{'':<10}{'':>9}{'':>12}{'':>9}{'':>10}{hours:>8.1f}   (peak: one micro-batch, CPU, fp32)")
     if args.sweep == "mutdet-table3":  # the server scores Tab. 3: write each row's submission
         test = args.predict_data or str(Path(FINETUNE_PRESETS["tiny"].synth_root) / "rgb" / "test" / "images")
         patch = ["--patch", "128", "--gap", "32"] if args.scale == "tiny" else ["--patch", "1024", "--gap", "200"]
@@ -1480,7 +1675,7 @@ STAGES = {"finetune": (FinetuneConfig, finetune), "csia": (CSIAConfig, csia), "s
           "mutdet": (MutDetConfig, mutdet_stage)}
 
 
-def parse_config(argv=None):
+def parse_config(argv=None, check_weights: bool = True):
     """(stage, config) from the command line: the preset, then the flags given, or the stored
     config of --resume DIR with the flags given on top."""
     head = argparse.ArgumentParser(add_help=False)
@@ -1521,7 +1716,8 @@ def parse_config(argv=None):
         print(f"--lr_scaling {cfg.lr_scaling}: lr {cfg.lr:g} x {'' if cfg.lr_scaling == 'linear' else 'sqrt '}"
               f"({cfg.global_batch} / {reference}) = {lr:g} (stored in config.json)")
         cfg = dataclasses.replace(cfg, lr=lr)
-    if known.stage == "csia" and known.preset == "paper" and not resume and not (cfg.llm and (cfg.init or cfg.vit)):
+    if (check_weights and known.stage == "csia" and known.preset == "paper" and not resume
+            and not (cfg.llm and (cfg.init or cfg.vit))):
         # BabelRS continues InternVL2.5-1B; a paper-size run from random weights is never what is meant
         raise SystemExit("error: --stage csia --preset paper needs --llm (Qwen2.5-0.5B-Instruct folder) and "
                          "--init (InternVL2.5-1B folder) or --vit (InternViT-300M weights)")

@@ -321,7 +321,7 @@ def test_tiny_model_overfits_two_images(tmp_path):
     batch = datasets.collate(items)
     sizes = [tuple(it["image"].shape[-2:]) for it in items]
     targets = [dict(boxes=b, labels=l, size=s) for b, l, s in zip(batch["boxes"], batch["labels"], sizes)]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=1e-5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-5)  # AP50 1.0 after about 100 steps
     annots = [dict(boxes=s.boxes, labels=s.labels, difficult=s.difficult) for s in split.samples]
     ap50 = 0.0
     for step in range(400):

@@ -161,7 +161,8 @@ def test_ddp_two_cpu_processes(synth, tmp_path):
     run = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           str(ROOT / "train.py")] + SMALL + ["--data", f"rgb:{synth / 'rgb'}", "--max-steps", "2", "--out", str(run)]
+           str(ROOT / "train.py")] + SMALL + ["--data", f"rgb:{synth / 'rgb'}", "--max-steps", "2", "--global_batch", "4",
+                                              "--out", str(run)]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-2000:]
     log = read_log(run)
@@ -209,3 +210,16 @@ def test_global_batch_and_explicit_lr_scaling(capsys):
     assert lin.lr == pytest.approx(5e-5) and sq.lr == pytest.approx(1e-4 * 0.5)
     assert "lr 0.0001 x (8 / 16) = 5e-05" in capsys.readouterr().out
     assert train.CSIA_PRESETS["paper"].global_batch == 128 and train.FINETUNE_PRESETS["babelrs"].global_batch == 32
+
+
+def test_dry_run_prints_what_each_run_costs(tmp_path, capsys):
+    assert train.main(["--sweep", "mutdet-table2", "--dry-run", "--runs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    row = next(l for l in out.splitlines() if l.startswith("pre-mutdet ")).split()
+    measured = json.loads((ROOT / "results" / "tiny_step.json").read_text())["mutdet:tiny"]
+    assert row[1] == "mutdet" and int(row[4]) == 240  # --max-steps 240 of the tiny rows
+    assert float(row[3]) == pytest.approx(measured["flops"] / 1e12, abs=0.01)  # global batch 4 = one micro-batch
+    assert "hours on one GPU at 312 TFLOPS x 0.35 MFU" in out
+    one = dict(train.sweep_runs("babelrs-table3", "1gpu", dict(csia=[], finetune=[], sam=[], mutdet=[], weights=[])))
+    assert one["csia-lvsa-s2000-tau600"][-4:] == ["--steps", "2000", "--tau", "600"]  # τ cut with the steps
+    assert "--lr_steps" in one["ft-random-off"] and "2.75" in one["ft-random-off"]  # lr steps at 8/12 and 11/12
