@@ -1327,7 +1327,7 @@ def measure_step(stage: str, cfg, tiles: int = 1, sam_points: int = 64) -> dict:
         from transformers import SamConfig, SamModel, SamVisionConfig
         vision = SamVisionConfig(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16,
                                  global_attn_indexes=[7, 15, 23, 31])  # ViT-H (MutDet's SAM)
-        model = SamModel(SamConfig(vision_config=vision.to_dict())).eval()
+        model = SamModel(SamConfig(vision_config=vision.to_dict())).eval().requires_grad_(False)
         x, micro = torch.randn(1, 3, 1024, 1024, generator=g), 1
         points = torch.rand(1, sam_points, 1, 2, generator=g) * 1024
 
