@@ -1626,7 +1626,7 @@ def run_sweep(argv) -> int:
             return status
         datasets.atomic_write_text(run / "finished.json", json.dumps(dict(status=status, minutes=(time.time() - t0) / 60)) + "\n")
     if args.dry_run:  # what the table costs, before it starts
-        print(f"\n[sweep] {args.sweep} at scale {args.scale}: cost of each run (FLOPs counted on one micro-batch; "
+        print(f"\n[cost] {args.sweep} at scale {args.scale}: cost of each run (FLOPs counted on one micro-batch; "
               f"hours on one GPU at {args.gpu_tflops:g} TFLOPS x {args.mfu:g} MFU)")
         print(f"{'run':<34}{'stage':<10}{'params':>9}{'TFLOP/step':>12}{'steps':>9}{'PFLOP':>10}{'hours':>8}"
               f"{'peak GB':>9}")

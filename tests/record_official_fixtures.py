@@ -102,6 +102,12 @@ def package(name: str, files: dict) -> types.ModuleType:
 
 # ---------------------------------------------------------------------------------------------
 
+def csl_coder_class(repos):
+    """ARS-DETR's CSLCoder class, taken from its file (registry and base class stubbed)."""
+    ns = dict(torch=torch, math=math, np=np, BaseBBoxCoder=object, ROTATED_BBOX_CODERS=Registry())
+    return take(read(repos, "angle_coder"), ["CSLCoder"], ns)["CSLCoder"]
+
+
 def internvit(repos, out):
     """InternViT forward (all hidden states, two input sizes) and `extract_feature` (LVSA, pixel
     shuffle, mlp1) at three steps of α(t)."""
@@ -179,9 +185,7 @@ def chatml(repos, out, fixtures: Path):
 
 def ar_csl(repos, out):
     """ARS-DETR's CSLCoder with the AR-CSL window (`window='aspect_ratio', normalize=True`)."""
-    ns = dict(torch=torch, math=math, np=np, BaseBBoxCoder=object, ROTATED_BBOX_CODERS=Registry())
-    take(read(repos, "angle_coder"), ["CSLCoder"], ns)
-    coder = ns["CSLCoder"]("le90", window="aspect_ratio", normalize=True)
+    coder = csl_coder_class(repos)("le90", window="aspect_ratio", normalize=True)
     g = torch.Generator().manual_seed(1)
     theta = (torch.rand(64, 1, generator=g) - 0.5) * math.pi * 0.999
     ratio = torch.cat([torch.ones(4, 1), 1 + torch.rand(60, 1, generator=g) * 9])
@@ -243,14 +247,11 @@ def sampling_locations(repos, out):
 def denoising(repos, out):
     """ARS-DETR's DnQueryGenerator: groups, queries and attention mask, noise scales 0 (the noise
     is random; with it off, every slot is an exact, comparable function of the ground truth)."""
-    coder_ns = dict(torch=torch, math=math, np=np, BaseBBoxCoder=object, ROTATED_BBOX_CODERS=Registry())
-    take(read(repos, "angle_coder"), ["CSLCoder"], coder_ns)
-
     def bbox_xyxy_to_cxcywh(b):
         x1, y1, x2, y2 = b.unbind(-1)
         return torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], -1)
 
-    ns = dict(torch=torch, bbox_xyxy_to_cxcywh=bbox_xyxy_to_cxcywh, CSLCoder=coder_ns["CSLCoder"])
+    ns = dict(torch=torch, bbox_xyxy_to_cxcywh=bbox_xyxy_to_cxcywh, CSLCoder=csl_coder_class(repos))
     take(read(repos, "denoising"), ["DnQueryGenerator", "inverse_sigmoid"], ns)
     gen = ns["DnQueryGenerator"](num_queries=7, hidden_dim=16, num_classes=5,
                                  noise_scale=dict(label=0.0, box=0.0, angle=0.0),
@@ -313,8 +314,6 @@ def topk_selection(repos, out):
     lists = [n for n in body[:body.index(loop)] if isinstance(n, ast.Assign)
              and getattr(n.targets[0], "id", "").startswith("all_")]
     code = compile(ast.Module(body=lists + [loop], type_ignores=[]), "<official>", "exec")
-    coder_ns = dict(torch=torch, math=math, np=np, BaseBBoxCoder=object, ROTATED_BBOX_CODERS=Registry())
-    take(read(repos, "angle_coder"), ["CSLCoder"], coder_ns)
     package("official_twoway_topk", {"common": read(repos, "two_way_common"), "transformer": read(repos, "two_way")})
     two_way = importlib.import_module("official_twoway_topk.transformer")
     torch.manual_seed(5)
@@ -338,7 +337,7 @@ def topk_selection(repos, out):
     ns = dict(torch=torch, self=fake, patch_feats=patch_feats, output_patch_memory=memory,
               output_proposals=proposals, cls_branches=[None, modules["cls"]], angle_braches=[None, modules["angle"]],
               reg_branches=[None, modules["reg"]],
-              angle_coder=coder_ns["CSLCoder"]("le90", window="aspect_ratio", normalize=True))
+              angle_coder=csl_coder_class(repos)("le90", window="aspect_ratio", normalize=True))
     with torch.no_grad():
         exec(code, ns)
     out["topk.objects.0"], out["topk.objects.1"] = patch_feats

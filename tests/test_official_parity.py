@@ -109,16 +109,21 @@ def test_denoising_queries_and_mask(official):
     assert torch.equal(detection.denoising_attention_mask(blocked, num_queries=7), official["dn.mask"])
 
 
-def test_two_way_block(official):
-    block = mutdet.TwoWayBlock(dim=32, heads=4, mlp=64).eval()
+def two_way_names(state: dict) -> dict:
+    """SAM's TwoWayAttentionBlock names (MutDet `transformer.py`) -> ours."""
     names = {"cross_attn_token_to_image.": "token_to_image.", "cross_attn_image_to_token.": "image_to_token.",
              "mlp.lin1.": "mlp.0.", "mlp.lin2.": "mlp.2."}
-    state = {}
-    for k, v in prefixed(official, "twoway.state.").items():
+    out = {}
+    for k, v in state.items():
         for old, new in names.items():
             k = k.replace(old, new)
-        state[k] = v
-    block.load_state_dict(state, strict=True)
+        out[k] = v
+    return out
+
+
+def test_two_way_block(official):
+    block = mutdet.TwoWayBlock(dim=32, heads=4, mlp=64).eval()
+    block.load_state_dict(two_way_names(prefixed(official, "twoway.state.")), strict=True)
     with torch.no_grad():
         objects, image = block(official["twoway.objects"], official["twoway.image"])
     torch.testing.assert_close(objects, official["twoway.objects_out"], rtol=1e-5, atol=1e-5)
@@ -133,14 +138,7 @@ def test_mutdet_topk_selection(official, monkeypatch):
     head.reg_branches[1].load_state_dict(prefixed(official, "topk.reg."))
     head.angle_branches[1].load_state_dict(prefixed(official, "topk.angle."))
     enhance = mutdet.MutualEnhancement(dim=D, heads=2, mlp=2048, depth=2).eval()
-    names = {"cross_attn_token_to_image.": "token_to_image.", "cross_attn_image_to_token.": "image_to_token.",
-             "mlp.lin1.": "mlp.0.", "mlp.lin2.": "mlp.2."}
-    state = {}
-    for k, v in prefixed(official, "topk.feature_enhance.").items():
-        for old, new in names.items():
-            k = k.replace(old, new)
-        state[k] = v
-    enhance.load_state_dict(state, strict=True)
+    enhance.load_state_dict(two_way_names(prefixed(official, "topk.feature_enhance.")), strict=True)
     decode = torch.nn.Sequential(torch.nn.Linear(D, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, D))
     decode.load_state_dict(prefixed(official, "topk.patch_enc_decode."))
     memory, proposals = official["topk.memory"], official["topk.proposals"]
