@@ -334,16 +334,18 @@ def read_dota_task1(det_dir, classes) -> dict:
 # Scoring a run folder (eval.py --run DIR)
 # ---------------------------------------------------------------------------------------------
 
-def _stage_of(run: Path) -> str:
-    """The stage that wrote a run folder (config.json; runs before it held the stage: its fields)."""
-    import json
-    path = Path(run) / "config.json"
-    if not path.exists():
-        return ""
-    cfg = json.loads(path.read_text())
+def config_stage(cfg: dict) -> str:
+    """The stage of a run's config.json (configs written before it held the stage: by their fields)."""
     if "stage" in cfg:
         return cfg["stage"]
     return "csia" if "merge" in cfg else "mutdet" if "enhance" in cfg else "sam" if "points_per_side" in cfg else "finetune"
+
+
+def _stage_of(run: Path) -> str:
+    """The stage that wrote a run folder, "" without a config.json."""
+    import json
+    path = Path(run) / "config.json"
+    return config_stage(json.loads(path.read_text())) if path.exists() else ""
 
 
 def build_run_model(run: Path, device="cpu"):
@@ -1056,8 +1058,7 @@ def plot_runs(runs: list, out, image: str = "", device="cpu", score_thr: float =
     for r in runs:
         if not (Path(r) / "config.json").exists():
             raise datasets.DatasetError(f"{r}: not a run folder (no config.json)")
-        cfg = json.loads((Path(r) / "config.json").read_text())
-        kinds[r] = "mutdet" if "enhance" in cfg else "csia" if "merge" in cfg else "sam" if "clusters" in cfg else "finetune"
+        kinds[r] = _stage_of(r)
     amp = {r: json.loads((Path(r) / "config.json").read_text()).get("amp", "off") != "off" for r in runs}
     for kind, prefix in (("finetune", ""), ("csia", "csia_")):  # loss scales differ: one figure per stage
         group = [r for r in runs if kinds[r] == kind]

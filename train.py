@@ -870,16 +870,6 @@ def write_config(run: Path, cfg) -> None:
     datasets.atomic_write_text(run / "config.json", json.dumps(dict(stage=stage, **dataclasses.asdict(cfg)), indent=2) + "\n")
 
 
-def stored_stage(stored: dict) -> str:
-    """The stage of a stored config.json (runs written before it held the stage: by their fields)."""
-    if "stage" in stored:
-        return stored["stage"]
-    for stage, key in (("csia", "merge"), ("mutdet", "enhance"), ("sam", "points_per_side")):
-        if key in stored:
-            return stage
-    return "finetune"
-
-
 def accumulation(global_batch: int, micro: int, world: int) -> int:
     """Micro-batches per optimizer step so that `world` processes of `micro` samples each make up
     the global batch; a one-line error when it does not divide evenly."""
@@ -1693,9 +1683,9 @@ def parse_config(argv=None, check_weights: bool = True):
         if not path.exists():
             raise datasets.DatasetError(f"{resume}: not a run folder (no config.json)")
         stored = json.loads(path.read_text())
-        if known.stage and known.stage != stored_stage(stored):
-            raise datasets.DatasetError(f"{resume}: a {stored_stage(stored)} run, not --stage {known.stage}")
-        known.stage = stored_stage(stored)
+        if known.stage and known.stage != evaluation.config_stage(stored):
+            raise datasets.DatasetError(f"{resume}: a {evaluation.config_stage(stored)} run, not --stage {known.stage}")
+        known.stage = evaluation.config_stage(stored)
     known.stage = known.stage or "finetune"
     cls, _ = STAGES[known.stage]
     if known.preset not in PRESETS[known.stage]:
