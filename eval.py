@@ -603,13 +603,19 @@ def predict_images(run, paths: list, out, modality: str = "", score_thr: float =
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     detect = run_detector(model, modality, src["image_size"], device)
-    scenes = [(f, datasets.load_image(f)) for f in files] if len(files) <= 64 else None
-    total = sum(len(datasets.sliding_windows(im.shape[1], im.shape[0], size, gap)) if max(im.shape[:2]) > size else 1
-                for _, im in scenes) if scenes else None
-    bar = tqdm(total=total, unit="patch", desc=f"predict {modality}")
+    from PIL import Image
+
+    def patches(path):  # from the image header: the progress bar knows the whole job before it starts
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+        except OSError as e:
+            raise datasets.DatasetError(f"{path}: cannot read image ({e.__class__.__name__})") from None
+        return len(datasets.sliding_windows(w, h, size, gap)) if max(w, h) > size else 1
+    bar = tqdm(total=sum(patches(f) for f in files), unit="patch", desc=f"predict {modality}")
     by_image, drawn = {}, 0
     for i, f in enumerate(files):
-        image = scenes[i][1] if scenes else datasets.load_image(f)
+        image = datasets.load_image(f)
         dets = detect_scene(detect, image, size, gap, len(src["classes"]), batch_size, on_batch=bar.update)
         by_image[f.stem] = [d[d[:, 5] >= TASK1_SCORE] for d in dets]
         drawn += draw_detections(image, dets, src["classes"], out / f"{f.stem}.png", score_thr)

@@ -1366,7 +1366,7 @@ def measure_step(stage: str, cfg, tiles: int = 1, sam_points: int = 64) -> dict:
             ratios = cfg.source_ratio or [cfg.batch_size]
             sources = [dict(modality=m, classes=[str(i) for i in range(PAPER_CLASSES[m][1] if len(mods) > 1 else 20)],
                             box_type=PAPER_CLASSES[m][0] if len(mods) > 1 else "obb") for m in mods]
-            model = babelrs.build_detector(**{k: v for k, v in model_args(cfg, sources).items()}).train()
+            model = babelrs.build_detector(**model_args(cfg, sources)).train()
             modalities = [m for m, r in zip(mods, ratios) for _ in range(r)]
             micro = len(modalities)
             targets = _synthetic_targets(micro, size, 5, g)
