@@ -9,6 +9,7 @@ same run, on this machine.
     python bench.py vit    # CSIA steps (tiny preset), InternViT-300M forward+backward vs torch.nn.TransformerEncoder
 """
 import argparse
+import dataclasses
 import math
 import os
 import platform
@@ -182,7 +183,9 @@ def bench_detr(args):
           f"{platform.processor() or platform.machine()}")
     # tiny preset on SynthSOI-RGB, batches exactly as train.py builds them
     cfg = train.FINETUNE_PRESETS["tiny"]
-    root = datasets.make_synthetic(cfg.synth_root)
+    if args.quick:
+        cfg = dataclasses.replace(cfg, image_size=64)
+    root = datasets.make_synthetic(cfg.synth_root, **(QUICK_SYNTH if args.quick else {}))
     split = datasets.load_detection_split(root / "rgb" / "train", "rgb")
     sources = [dict(modality="rgb", root=str(root / "rgb"), classes=split.classes, box_type="obb")]
     model = babelrs.build_detector(**train.model_args(cfg, sources)).train()
@@ -192,7 +195,7 @@ def bench_detr(args):
 
     def tiny_forward():
         return sum(model(batch["images"], batch["masks"], batch["modality"], targets)["losses"].values())
-    t_tiny = _train_step_time(model, tiny_forward, args.repeat)
+    t_tiny = _train_step_time(model, tiny_forward, args.repeat, args.warmup)
     n = len(batch["modality"])
     print(f"  tiny preset ({cfg.backbone}, {cfg.enc_layers}/{cfg.dec_layers} layers, {cfg.image_size} px, batch {n}): "
           f"{t_tiny:.2f} s a step = {n / t_tiny:.2f} samples/s")
@@ -209,11 +212,11 @@ def bench_detr(args):
     paper = train.FINETUNE_PRESETS["paper"]
     model = babelrs.build_detector(**train.model_args(paper, [dict(sources[0], classes=[str(c) for c in range(15)])])).train()
     tg = [dict(boxes=b, labels=l, size=(size, size)) for b, l in zip(boxes, labels)]
-    t_detr = _train_step_time(model, lambda: sum(model(images, masks, ["rgb"] * B, tg)["losses"].values()), args.repeat)
+    t_detr = _train_step_time(model, lambda: sum(model(images, masks, ["rgb"] * B, tg)["losses"].values()), args.repeat, args.warmup)
     frcnn = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None,
                                                                  min_size=size, max_size=size).train()
     ftg = [dict(boxes=ro.obb2hbb(b), labels=l + 1) for b, l in zip(boxes, labels)]
-    t_ref = _train_step_time(frcnn, lambda: sum(frcnn(list(images), ftg).values()), args.repeat)
+    t_ref = _train_step_time(frcnn, lambda: sum(frcnn(list(images), ftg).values()), args.repeat, args.warmup)
     print(f"  paper size (resnet50, 6/6 layers, 300 queries, {size} px, batch {B}): forward+backward+step "
           f"{t_detr:.2f} s")
     print(f"  torchvision Faster R-CNN R50-FPN, same images:                  {t_ref:.2f} s")
@@ -230,7 +233,7 @@ def bench_vit(args):
     torch.manual_seed(0)
     print(f"ViT / CSIA, torch {torch.__version__}, {torch.get_num_threads()} threads")
     cfg = train.CSIA_PRESETS["tiny"]
-    root = datasets.make_synthetic(cfg.synth_root)
+    root = datasets.make_synthetic(cfg.synth_root, **(QUICK_SYNTH if args.quick else {}))
     records = babelrs.read_instruction_meta(root / "instructions" / "meta.json")
     texts = [babelrs.SYSTEM_MESSAGE] * len(records) + [t["value"] for r in records for t in r["conversations"]]
     tok = babelrs.build_tokenizer(texts, cfg.vocab_size)
@@ -240,11 +243,13 @@ def bench_vit(args):
     data = babelrs.InstructionDataset(records, tok, cfg.image_size, (cfg.image_size // cfg.patch) ** 2 // 4)
     batch = babelrs.collate_instructions([data[i] for i in range(cfg.batch_size)], tok.pad_token_id)
     t_csia = _train_step_time(model, lambda: model(batch["pixels"], batch["input_ids"], batch["attention_mask"],
-                                                   batch["labels"], step=10)["loss"], args.repeat)
+                                                   batch["labels"], step=10)["loss"], args.repeat, args.warmup)
     print(f"  CSIA tiny preset (ViT {cfg.vit_dim}x{cfg.vit_depth}, {cfg.image_size} px, batch {cfg.batch_size}): "
           f"{t_csia:.3f} s a step = {cfg.batch_size / t_csia:.1f} samples/s; {cfg.steps} steps ~ {t_csia * cfg.steps / 60:.1f} min")
 
     paper = train.CSIA_PRESETS["paper"]
+    if args.quick:  # the same path with a small ViT
+        paper = dataclasses.replace(paper, image_size=56, vit_dim=128, vit_depth=4, vit_heads=4, layers=[1, 2, 3, 4])
     vit = babelrs.ViT(paper.vit_dim, paper.vit_depth, paper.vit_heads, paper.patch, paper.image_size).train()
     x = torch.randn(args.batch, 3, paper.image_size, paper.image_size)
 
@@ -279,10 +284,12 @@ def bench_sam(args):
     from transformers import SamConfig, SamModel
     torch.manual_seed(0)
     cfg = train.SAM_PRESETS["tiny"]
-    root = datasets.make_synthetic(cfg.synth_root)
+    if args.quick:
+        cfg = dataclasses.replace(cfg, points_per_side=2, sam_image_size=64, crop=16)
+    root = datasets.make_synthetic(cfg.synth_root, **(QUICK_SYNTH if args.quick else {}))
     split = datasets.load_detection_split(root / "rgb" / "train", "rgb")
     sam, trunk = mutdet.build_sam("", cfg.sam_image_size), mutdet.resnet_trunk(cfg.embed_backbone)
-    images = [split[i]["image"] for i in range(args.images)]
+    images = [split[i]["image"] for i in range(min(args.images, len(split)))]
 
     def tiny():
         for im in images:
@@ -293,7 +300,9 @@ def bench_sam(args):
             mutdet.object_embeddings(norm, boxes, trunk, cfg.crop, cfg.context)
     t = _best_of(tiny, 1)[0]
     print(f"sam stage, tiny preset ({cfg.points_per_side}^2 points, random SAM, {cfg.embed_backbone} crops "
-          f"{cfg.crop} px): {args.images / t:.2f} images/s")
+          f"{cfg.crop} px): {len(images) / t:.2f} images/s")
+    if args.quick:
+        return  # the ViT-B part takes minutes; its code path is the tiny one's with larger weights
     vitb = SamModel(SamConfig()).eval()  # transformers' default SAM is ViT-B (768 wide, 12 blocks), 1024 px
     image = (torch.rand(3, 800, 800) * 255).to(torch.uint8)
     t_gen = _best_of(lambda: mutdet.generate_masks(vitb, image), 1)[0]  # the official thresholds
@@ -330,19 +339,21 @@ def bench_mutdet(args):
         for enhance in (True, False):
             model = build(cfg, classes, enhance)
             times.append(_train_step_time(model, lambda: sum(model(batch["images"], batch["masks"], targets).values()),
-                                          args.repeat))
+                                          args.repeat, args.warmup))
         n, k = len(batch["boxes"]), sum(len(b) for b in batch["boxes"]) / len(batch["boxes"])
         print(f"  {name} ({cfg.backbone}, {cfg.enc_layers}/{cfg.dec_layers} layers, {cfg.num_queries} queries, "
               f"{batch['images'].shape[-1]} px, batch {n}, {k:.0f} boxes an image): MutDet {times[0]:.2f} s a step "
               f"({n / times[0]:.2f} samples/s); DETReg row {times[1]:.2f} s; ratio {times[0] / times[1]:.2f}")
 
-    # tiny preset on the SynthSOI sam cache, batches exactly as train.py builds them
-    cfg = train.MUTDET_PRESETS["tiny"]
-    data = mutdet.PseudoLabels(train.synth_sam_cache(cfg, 0))
-    batch = train.StepBatches([data], datasets.MultiSourceSampler([len(data)], [cfg.batch_size]), cfg, 0)[0]
-    report("tiny preset", cfg, batch, data.classes)
+    if not args.quick:  # tiny preset on the SynthSOI sam cache (minutes to build), batches as train.py builds them
+        cfg = train.MUTDET_PRESETS["tiny"]
+        data = mutdet.PseudoLabels(train.synth_sam_cache(cfg, 0))
+        batch = train.StepBatches([data], datasets.MultiSourceSampler([len(data)], [cfg.batch_size]), cfg, 0)[0]
+        report("tiny preset", cfg, batch, data.classes)
     # paper size: 1024 px, batch 2, 256 pseudo-classes, `--boxes` SAM boxes an image
     cfg = train.MUTDET_PRESETS["paper"]
+    if args.quick:
+        cfg = dataclasses.replace(cfg, image_size=64)
     g = torch.Generator().manual_seed(0)
     B, size, K = 2, cfg.image_size, args.boxes
     boxes = [_boxes(K, size, seed).float() for seed in range(B)]
@@ -367,6 +378,11 @@ def bench_paper(args):
     import json
     import subprocess
     import sys
+    if args.quick:  # one tiny stage, in this process, nothing written
+        import train
+        r = train.measure_step("csia", train.CSIA_PRESETS["tiny"])
+        print(f"  csia tiny (quick): {r['seconds']:.1f} s, {r['flops'] / 1e9:.1f} GFLOP, {r['params'] / 1e6:.1f}M parameters")
+        return
     if args.one:
         import train
         stage, preset = args.one.split(":")
@@ -398,9 +414,16 @@ def bench_paper(args):
     print(f"written to {path}")
 
 
-def main():
+QUICK = dict(n=60, repeat=1, images=20, dets=30, ref_fraction=10, size=128, boxes=20, batch=1)  # --quick sizes
+QUICK_SYNTH = dict(n_train=4, n_test=1, size=64, max_objects=2)  # a small SynthSOI for --quick
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quick", action="store_true",
+                        help="small sizes, seconds: every path of the benchmark runs (the test suite runs each); "
+                             "the figures of the README come from full runs")
     common.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch threads, pinned so that a figure does not depend on the machine's load "
                              "(default: all cores); printed with every result")
@@ -436,7 +459,12 @@ def main():
     q.add_argument("--tiny", action="store_true", help="the tiny presets instead (results/tiny_step.json)")
     q.add_argument("--one", default="", help=argparse.SUPPRESS)  # STAGE:PRESET, run in a child process
     q.set_defaults(fn=bench_paper)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    args.warmup = 0 if args.quick else 1
+    if args.quick:
+        for k, v in QUICK.items():
+            if hasattr(args, k):
+                setattr(args, k, v)
     torch.set_num_threads(args.threads)
     args.fn(args)
 

@@ -930,8 +930,8 @@ class DETRHead(nn.Module):
         """Decode the selected queries (plus denoising queries when `targets` are given: `dn`, a
         `denoising_queries` result, or freshly drawn ones) against `memory` (default the encoder's)
         and arrange the outputs as `forward` documents."""
-        B = enc["memory"].shape[0]
-        content = self.query_embed.weight[None].expand(B, -1, -1)  # (B, K, D)
+        B, K = enc["memory"].shape[0], sel["reference"].shape[1]  # K < num_queries on images of fewer tokens
+        content = self.query_embed.weight[None, :K].expand(B, -1, -1)  # (B, K, D)
         reference, angle, attn_mask, meta = sel["reference"], sel["angle"], None, None
         if dn is None:
             dn = self.denoising_queries(targets)
