@@ -170,9 +170,40 @@ def _train_step_time(model, forward, repeat, warmup=1):
     return _best_of(step, repeat)[0]
 
 
+def _peer_deformable_detr(cfg, num_classes: int):
+    """The like-for-like peer of our rotated DETR: transformers' `DeformableDetrForObjectDetection`,
+    two-stage with box refinement, of the same width, depths, heads, queries, levels, points, FFN and
+    dropout, on a randomly initialised transformers ResNet of the same depth with the stem and the
+    first stage frozen (its BatchNorm is frozen, as ours at the paper preset). It has no denoising
+    queries and no angle head, which ours adds."""
+    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
+    deep = cfg.backbone == "resnet50"
+    backbone = ResNetConfig(depths=[3, 4, 6, 3] if deep else [2, 2, 2, 2],
+                            hidden_sizes=[256, 512, 1024, 2048] if deep else [64, 128, 256, 512],
+                            layer_type="bottleneck" if deep else "basic", out_features=["stage2", "stage3", "stage4"])
+    peer = DeformableDetrForObjectDetection(DeformableDetrConfig(
+        two_stage=True, with_box_refine=True, use_timm_backbone=False, use_pretrained_backbone=False, backbone=None,
+        backbone_config=backbone, d_model=cfg.dim, encoder_layers=cfg.enc_layers, decoder_layers=cfg.dec_layers,
+        encoder_ffn_dim=cfg.ffn, decoder_ffn_dim=cfg.ffn, encoder_attention_heads=cfg.heads,
+        decoder_attention_heads=cfg.heads, num_queries=cfg.num_queries, two_stage_num_proposals=cfg.num_queries,
+        num_feature_levels=cfg.levels, encoder_n_points=cfg.points, decoder_n_points=cfg.points,
+        num_labels=num_classes, dropout=cfg.dropout, attention_dropout=0.0, activation_dropout=0.0))
+    for name, p in peer.named_parameters():
+        if ".backbone." in name and (".embedder." in name or ".stages.0." in name):
+            p.requires_grad_(False)
+    return peer.train()
+
+
+def _peer_targets(boxes: list, labels: list, size: int) -> list:
+    """Our le90 boxes in pixels -> the peer's horizontal (cx, cy, w, h) / size and labels."""
+    return [dict(class_labels=l, boxes=ro.hbb_xyxy_to_cxcywh(ro.obb2hbb(b)).float().clamp(0, size) / size)
+            for b, l in zip(boxes, labels)]
+
+
 def bench_detr(args):
-    """Training speed of the rotated DETR. Reference: torchvision's Faster R-CNN (ResNet-50 FPN, the
-    standard two-stage detector) on the same images and boxes, trained in the same run."""
+    """Training speed of the rotated DETR. Reference, in the same run on the same images and boxes:
+    transformers' Deformable DETR of the same size (two-stage, box refinement, same frozen stages and
+    dropout; `_peer_deformable_detr`), and at paper size also torchvision's Faster R-CNN R50-FPN."""
     import torchvision
 
     import babelrs
@@ -183,8 +214,8 @@ def bench_detr(args):
           f"{platform.processor() or platform.machine()}")
     # tiny preset on SynthSOI-RGB, batches exactly as train.py builds them
     cfg = train.FINETUNE_PRESETS["tiny"]
-    if args.quick:
-        cfg = dataclasses.replace(cfg, image_size=64)
+    if args.quick:  # 128 px: enough tokens for the peer's 100 two-stage proposals
+        cfg = dataclasses.replace(cfg, image_size=128)
     root = datasets.make_synthetic(cfg.synth_root, **(QUICK_SYNTH if args.quick else {}))
     split = datasets.load_detection_split(root / "rgb" / "train", "rgb")
     sources = [dict(modality="rgb", root=str(root / "rgb"), classes=split.classes, box_type="obb")]
@@ -197,8 +228,14 @@ def bench_detr(args):
         return sum(model(batch["images"], batch["masks"], batch["modality"], targets)["losses"].values())
     t_tiny = _train_step_time(model, tiny_forward, args.repeat, args.warmup)
     n = len(batch["modality"])
+    peer = _peer_deformable_detr(cfg, len(split.classes))
+    size = batch["images"].shape[-1]
+    peer_targets = _peer_targets(batch["boxes"], batch["labels"], size)
+    t_peer = _train_step_time(peer, lambda: peer(pixel_values=batch["images"], pixel_mask=(~batch["masks"]).long(),
+                                                 labels=peer_targets).loss, args.repeat, args.warmup)
     print(f"  tiny preset ({cfg.backbone}, {cfg.enc_layers}/{cfg.dec_layers} layers, {cfg.image_size} px, batch {n}): "
-          f"{t_tiny:.2f} s a step = {n / t_tiny:.2f} samples/s")
+          f"{t_tiny:.2f} s a step = {n / t_tiny:.2f} samples/s; transformers Deformable DETR of the same size "
+          f"{t_peer:.2f} s; ratio ours / peer {t_tiny / t_peer:.2f}")
 
     # paper size: ResNet-50, 6/6 layers, 300 queries, 800 px, batch 2, 20 objects an image
     B, size = 2, args.size
@@ -213,14 +250,20 @@ def bench_detr(args):
     model = babelrs.build_detector(**train.model_args(paper, [dict(sources[0], classes=[str(c) for c in range(15)])])).train()
     tg = [dict(boxes=b, labels=l, size=(size, size)) for b, l in zip(boxes, labels)]
     t_detr = _train_step_time(model, lambda: sum(model(images, masks, ["rgb"] * B, tg)["losses"].values()), args.repeat, args.warmup)
+    peer = _peer_deformable_detr(paper, 15)
+    ptg = _peer_targets(boxes, labels, size)
+    t_peer = _train_step_time(peer, lambda: peer(pixel_values=images, labels=ptg).loss, args.repeat, args.warmup)
+    print(f"  paper size ({paper.backbone}, {paper.enc_layers}/{paper.dec_layers} layers, {paper.num_queries} queries, "
+          f"{size} px, batch {B}, dropout {paper.dropout}): ours {t_detr:.2f} s; transformers Deformable DETR "
+          f"{t_peer:.2f} s; ratio ours / peer {t_detr / t_peer:.2f}")
+    if args.quick:
+        return
     frcnn = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None,
                                                                  min_size=size, max_size=size).train()
     ftg = [dict(boxes=ro.obb2hbb(b), labels=l + 1) for b, l in zip(boxes, labels)]
     t_ref = _train_step_time(frcnn, lambda: sum(frcnn(list(images), ftg).values()), args.repeat, args.warmup)
-    print(f"  paper size (resnet50, 6/6 layers, 300 queries, {size} px, batch {B}): forward+backward+step "
-          f"{t_detr:.2f} s")
-    print(f"  torchvision Faster R-CNN R50-FPN, same images:                  {t_ref:.2f} s")
-    print(f"  ratio ARS-DETR / Faster R-CNN: {t_detr / t_ref:.2f}")
+    print(f"  second reference: torchvision Faster R-CNN R50-FPN, same images {t_ref:.2f} s; ratio ours / Faster R-CNN "
+          f"{t_detr / t_ref:.2f}")
 
 
 def bench_vit(args):
