@@ -1288,6 +1288,8 @@ DATASET_IMAGES = {
     "dota-800": 25028,  # DOTA-v1.0 train in 800-px crops, gap 200 (SOI-Det's count of the same split)
     "dota-1024": 15749,  # DOTA-v1.0 trainval in 1024-px patches, gap 200 (our assumption: split_ss_dota1_0's count)
 }
+TRAINING_SET = {("mutdet", "paper"): "dota-800", ("finetune", "paper"): "dior-r",  # what each paper preset trains on
+                ("finetune", "ars-detr-dota"): "dota-1024", ("finetune", "babelrs"): "soi-det"}
 PAPER_CLASSES = {"sar": ("hbb", 6), "rgb": ("obb", 15), "ir": ("obb", 5)}  # SOI-Det's three parts
 OBJECTS_PER_IMAGE = 20  # synthetic ground truth of a measured step (DOTA averages about 20 a patch)
 
@@ -1519,9 +1521,7 @@ def run_cost(argv: list, scale: str, gpu_tflops: float, mfu: float) -> dict:
             steps = cfg.steps
         else:
             sources = len(cfg.source_ratio) if stage == "finetune" and cfg.source_ratio else 1
-            images = (TINY_IMAGES * sources if scale == "tiny" else
-                      DATASET_IMAGES[{"mutdet": "dota-800", "babelrs": "soi-det", "ars-detr-dota": "dota-1024"}.get(
-                          stage if stage == "mutdet" else preset, "dior-r")])
+            images = TINY_IMAGES * sources if scale == "tiny" else DATASET_IMAGES[TRAINING_SET[stage, preset]]
             images = max(1, math.ceil(images * getattr(cfg, "data_fraction", 1.0)))
             steps = cfg.epochs * max(1, images // cfg.global_batch)
         steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
