@@ -213,7 +213,7 @@ def bench_detr(args):
     print(f"rotated DETR training steps, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}")
     # tiny preset on SynthSOI-RGB, batches exactly as train.py builds them
-    cfg = train.FINETUNE_PRESETS["tiny"]
+    cfg = dataclasses.replace(train.FINETUNE_PRESETS["tiny"], resnet="")  # random weights: the same work
     if args.quick:  # 128 px: enough tokens for the peer's 100 two-stage proposals
         cfg = dataclasses.replace(cfg, image_size=128)
     root = datasets.make_synthetic(cfg.synth_root, **(QUICK_SYNTH if args.quick else {}))

@@ -946,11 +946,13 @@ def _render(modality, objects, rng, size):
     level = {"ship": 230, "plane": 200, "vehicle": 170, "tank": 250, "bridge": 150, "harbor": 190}
     for concept, box in objects:
         _draw_object(draw, concept, box, level[concept])
-    if modality == "ir":
-        grey = grey.filter(ImageFilter.GaussianBlur(1.5))  # heat spreads
-        a = np.asarray(grey, np.float64) + 40 + nrng.normal(0, 6, (size, size))
-    else:  # multiplicative speckle on a dark sea/land background
-        a = (np.asarray(grey, np.float64) + 25) * nrng.gamma(4.0, 1 / 4.0, (size, size))
+    if modality == "ir":  # heat spreads; objects only a little warmer than warm, noisy ground
+        grey = grey.filter(ImageFilter.GaussianBlur(2.5))
+        a = 0.5 * np.asarray(grey, np.float64) + 70 + nrng.normal(0, 14, (size, size))
+    else:  # 2-look speckle (gamma, shape 2), dimmer targets, and bright point clutter (sea, land scatterers)
+        clutter = Image.fromarray((nrng.random((size // 4, size // 4)) < 0.04).astype(np.uint8) * 255)
+        clutter = np.asarray(clutter.resize((size, size), Image.NEAREST).filter(ImageFilter.GaussianBlur(1)), np.float64)
+        a = (0.6 * np.asarray(grey, np.float64) + 40 + 0.5 * clutter) * nrng.gamma(2.0, 1 / 2.0, (size, size))
     a = np.clip(a, 0, 255).astype(np.uint8)
     return Image.fromarray(np.repeat(a[..., None], 3, axis=2))
 
@@ -977,6 +979,9 @@ def _instructions(objects, modality, image_rel, size):
                                                    {"from": "gpt", "value": a}]} for q, a in out]
 
 
+SYNTH_VERSION = 2  # 2: SAR and IR made harder than RGB (2-look speckle; low thermal contrast), as in SOI-Det
+
+
 def make_synthetic(root, n_train=48, n_test=16, size=256, max_objects=8, seed=0, modalities=("rgb", "sar", "ir")) -> Path:
     """Write SynthSOI, the embedded default data set, under `root` and return it.
 
@@ -991,7 +996,7 @@ def make_synthetic(root, n_train=48, n_test=16, size=256, max_objects=8, seed=0,
     """
     root = Path(root)
     marker = root / ".complete"
-    wanted = json.dumps(dict(n_train=n_train, n_test=n_test, size=size, max_objects=max_objects, seed=seed,
+    wanted = json.dumps(dict(version=SYNTH_VERSION, n_train=n_train, n_test=n_test, size=size, max_objects=max_objects, seed=seed,
                              modalities=list(modalities), root=str(root.resolve())))  # meta.json holds absolute paths
     if marker.exists() and marker.read_text() == wanted:
         return root
@@ -1031,3 +1036,107 @@ def make_synthetic(root, n_train=48, n_test=16, size=256, max_objects=8, seed=0,
     atomic_write_text(root / "instructions" / "meta.json", json.dumps(meta, indent=2))
     atomic_write_text(marker, wanted)
     return root
+
+
+# ---------------------------------------------------------------------------------------------
+# Formula-driven images: FractalDB-style iterated function systems (train.py --stage fractal)
+# ---------------------------------------------------------------------------------------------
+# Kataoka et al., "Pre-training without Natural Images" (ACCV 2020): a category is an iterated
+# function system (IFS) of N affine maps x -> A x + b drawn at random; its images are the attractor
+# drawn by the chaos game, each map chosen with probability proportional to |det A|. Instances of a
+# category jitter one parameter of one map (their "weight" augmentation, x0.8-1.2). Nothing here
+# looks at SynthSOI: the images owe nothing to the detection data, as ImageNet owes nothing to DOTA.
+
+def ifs_categories(n: int, seed: int = 0, maps: tuple = (2, 4), min_fill: float = 0.08) -> torch.Tensor:
+    """`n` random IFS categories, (n, max(maps), 2, 3): rows [A | b] per map; unused maps are all 0.
+
+    FractalDB draws every parameter from U(-1, 1) and keeps a system when its rendered points fill
+    enough of the image; we keep contractive systems only (every map with spectral norm < 1, so the
+    attractor exists and the chaos game cannot diverge) and then filter on the filled fraction."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.zeros(n, maps[1], 2, 3)
+    k = 0
+    while k < n:
+        m = int(torch.randint(maps[0], maps[1] + 1, (1,), generator=g))
+        sys_ = torch.rand(m, 2, 3, generator=g) * 2 - 1
+        if torch.linalg.matrix_norm(sys_[:, :, :2], ord=2).max() >= 1:
+            continue
+        cand = torch.zeros(maps[1], 2, 3)
+        cand[:m] = sys_
+        img = render_fractals(cand[None], torch.Generator().manual_seed(k), size=64, jitter=False, colour=False)
+        if (img[0, 0] > 0).float().mean() >= min_fill:
+            out[k] = cand
+            k += 1
+    return out
+
+
+def render_fractals(systems: torch.Tensor, g: torch.Generator, size: int = 64, walkers: int = 512, iters: int = 48,
+                    burn_in: int = 8, jitter: bool = True, colour: bool = True) -> torch.Tensor:
+    """One image of each system: (B, M, 2, 3) -> (B, 3, size, size) uint8.
+
+    The chaos game runs `walkers` points for `iters` steps (the first `burn_in` not drawn); the points
+    are scaled into a random square of 50-95 % of the image at a random place, randomly flipped, and
+    splatted as a density. With `jitter`, one parameter of one map is scaled by U(0.8, 1.2) first
+    (an instance of the category); with `colour`, a random colour on a random dark, noisy background."""
+    B = len(systems)
+    systems = systems.clone()
+    used = systems.abs().sum((2, 3)) > 0  # (B, M)
+    if jitter:
+        pick = torch.multinomial(used.float(), 1, generator=g)[:, 0]  # one used map each
+        param = torch.randint(0, 6, (B,), generator=g)
+        scale = torch.rand(B, generator=g) * 0.4 + 0.8
+        flat = systems.view(B, -1, 6)
+        flat[torch.arange(B), pick, param] *= scale
+    A, b = systems[..., :2], systems[..., 2]  # (B, M, 2, 2), (B, M, 2)
+    det = torch.linalg.det(A).abs() * used + 1e-3 * used  # FractalDB's p_i ∝ |det A_i| (no degenerate map left out)
+    choice = torch.multinomial(det, walkers * iters, replacement=True, generator=g).view(B, iters, walkers)
+    x = torch.rand(B, walkers, 2, generator=g) * 2 - 1
+    points = []
+    rows = torch.arange(B)[:, None]
+    for t in range(iters):
+        k = choice[:, t]  # (B, W)
+        x = (A[rows, k] @ x[..., None])[..., 0] + b[rows, k]
+        if t >= burn_in:
+            points.append(x)
+    p = torch.cat(points, 1)  # (B, P, 2)
+    lo, hi = p.amin(1, keepdim=True), p.amax(1, keepdim=True)
+    p = (p - lo) / (hi - lo).amax(2, keepdim=True).clamp_min(1e-6)  # [0, 1], aspect kept
+    if jitter:
+        side = (torch.rand(B, 1, 1, generator=g) * 0.45 + 0.5) * (size - 1)
+        flip = torch.rand(B, 1, 2, generator=g) < 0.5
+        p = torch.where(flip, 1 - p, p) * side
+        p = p + torch.rand(B, 1, 2, generator=g) * (size - 1 - p.amax(1, keepdim=True)).clamp_min(0)
+    else:
+        p = p * (size - 1)
+    pix = p.round().long().clamp(0, size - 1)
+    counts = torch.zeros(B, size * size)
+    counts.scatter_add_(1, pix[..., 1] * size + pix[..., 0], torch.ones(pix.shape[:2]))
+    density = (1 - torch.exp(-counts / 2)).view(B, 1, size, size)  # saturating: thin parts stay visible
+    if not colour:
+        return (density * 255).round().to(torch.uint8).expand(B, 3, size, size)
+    fg = torch.rand(B, 3, 1, 1, generator=g) * 0.7 + 0.3
+    bg = torch.rand(B, 3, 1, 1, generator=g) * 0.3
+    noise = torch.randn(B, 3, size, size, generator=g) * 0.04
+    img = bg + density * (fg - bg) + noise
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+class FractalImages(torch.utils.data.Dataset):
+    """Batch k of a FractalDB-style classification set: `batch` images of random categories, drawn
+    from (seed, k) alone, so a resumed run sees the same images. `split` "test" draws from another
+    stream: held-out instances of the same categories."""
+
+    def __init__(self, systems: torch.Tensor, batch: int, size: int, seed: int = 0, split: str = "train"):
+        self.systems, self.batch, self.size = systems, batch, size
+        self.seed = seed * 7919 + (10 ** 9 if split == "test" else 0)
+        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+    def __len__(self):
+        return 1 << 62
+
+    def __getitem__(self, k: int) -> dict:
+        g = torch.Generator().manual_seed(self.seed + k)
+        labels = torch.randint(0, len(self.systems), (self.batch,), generator=g)
+        images = render_fractals(self.systems[labels], g, self.size)
+        return dict(images=(images.float() - self.mean) / self.std, labels=labels)

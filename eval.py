@@ -23,6 +23,7 @@ files against a DOTA (or DIOR-R) annotation folder.
 import argparse
 import contextlib
 import io
+import re
 import sys
 from pathlib import Path
 
@@ -741,7 +742,7 @@ def run_facts(run) -> dict:
         raise datasets.DatasetError(f"{run}: a {_stage_of(run)} run; tables take fine-tuning runs (each one's --init "
                                     "names its pre-training)")
     steps = [r for r in read_log(run) if "loss" in r]
-    facts = dict(run=run.name, amp=cfg.get("amp", "off"), data_fraction=cfg.get("data_fraction", 1.0),
+    facts = dict(run=run.name, seed=cfg.get("seed", 0), row=seed_group(run.name), amp=cfg.get("amp", "off"), data_fraction=cfg.get("data_fraction", 1.0),
                  max_steps=cfg.get("max_steps", 0), backbone=cfg.get("backbone", ""),
                  steps=steps[-1]["step"] if steps else 0,
                  diverged=bool(steps) and not np.isfinite(steps[-1]["loss"]),
@@ -749,7 +750,11 @@ def run_facts(run) -> dict:
                  init="random", label="random init")
     init = cfg.get("init", "")
     init_cfg = Path(init) / "config.json"
-    if init and init_cfg.exists():
+    if init == "fractal" or (not init and cfg.get("backbone") != "vit" and cfg.get("resnet") == "fractal"):
+        facts.update(init="fractal", label="FractalDB stand-in")  # generic pre-training alone (train.standin)
+    if init == "fractal":
+        pass
+    elif init and init_cfg.exists():
         icfg = json.loads(init_cfg.read_text())
         if "merge" in icfg:  # a csia run
             facts.update(init="csia", merge=icfg["merge"], csia_steps=icfg["max_steps"] or icfg["steps"],
@@ -830,8 +835,53 @@ def _markdown(columns, rows, paired: bool) -> str:
     return "\n".join(lines)
 
 
+def seed_group(folder: str) -> str:
+    """The row a run folder belongs to: its name without the `-seed<k>` of `train.py --sweep --seeds`."""
+    return re.sub(r"-seed\d+$", "", folder)
+
+
+def row_key(name: str, f: dict) -> str:
+    """Which of the paper's rows a run stands for, in ORDERINGS's terms."""
+    if f["init"] == "csia":
+        return f["merge"] if name == "babelrs-table5" else "csia"
+    if f["init"] == "mutdet":
+        return f["label"]  # DETReg, MutDet; an ablation row is named by its switches and is not compared
+    return "none" if f["init"] in ("random", "fractal") else f["init"]
+
+
+# The papers' orderings each table tests: (better row, worse row, column). BabelRS Tab. 3: BabelRS is
+# above every generic pre-training; Tab. 5: (d) is best and every merge beats the last layer alone;
+# MutDet Tab. 2: MutDet > DETReg > no pre-training, in AP50 and AP75; 10 %: MutDet > DETReg (+6.1 AP50).
+ORDERINGS = {
+    "babelrs-table3": [("csia", "none", "H-mAP"), ("csia", "none", "Overall mAP")],
+    "babelrs-table5": [("lvsa", m, "H-mAP") for m in ("last", "concat", "sum", "per-layer")]
+                      + [(m, "last", "H-mAP") for m in ("concat", "sum", "per-layer")],
+    "mutdet-table2": [(a, b, c) for c in ("AP50", "AP75") for a, b in (("MutDet", "DETReg"), ("DETReg", "none"),
+                                                                        ("MutDet", "none"))],
+    "mutdet-10pct": [("MutDet", "DETReg", "AP50"), ("MutDet", "none", "AP50"), ("DETReg", "none", "AP50")],
+}
+
+
+def paired_verdict(a: dict, b: dict) -> dict:
+    """Does row a beat row b? `a`, `b`: {seed: value}. Paired over the seeds both have: the mean
+    difference is separable when it exceeds twice its standard error (std of the differences / sqrt n);
+    then the ordering holds (a > b) or is reversed. One common seed cannot separate anything."""
+    seeds = sorted(set(a) & set(b))
+    d = np.array([a[k] - b[k] for k in seeds], float)
+    d = d[np.isfinite(d)]
+    if len(d) < 2:
+        return dict(n=len(d), mean=float(d.mean()) if len(d) else NAN, se=NAN, verdict="not separable (one seed)")
+    mean, se = float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+    verdict = "not separable" if abs(mean) <= 2 * se else "holds" if mean > 0 else "reversed"
+    return dict(n=len(d), mean=mean, se=se, verdict=verdict)
+
+
 def format_table_runs(name: str, runs: list) -> dict:
-    """Table `name` over run folders, ours first, then the paper's rows: dict(markdown, csv)."""
+    """Table `name` over run folders, ours first, then the paper's rows: dict(markdown, csv, groups).
+
+    Runs of one row with several seeds (`<row>-seed<k>` folders) make one line: mean ± standard
+    deviation over the seeds in every cell. Under the table, each of the paper's orderings (ORDERINGS)
+    is marked holds / reversed / not separable (paired_verdict). The CSV keeps every seed's value."""
     if name not in PAPER:
         raise datasets.DatasetError(f"--table {name}: choose one of {', '.join(TABLES)}")
     facts = [run_facts(r) for r in runs]
@@ -840,26 +890,77 @@ def format_table_runs(name: str, runs: list) -> dict:
     if name == "mutdet-table2":
         done = [f["metrics"] for f in facts if f["metrics"]]
         classes = next(iter(done[0]["sources"].values()))["classes"] if done else ()
-    ours = []
+    columns = _columns(name, classes)
+    groups = {}  # row folder -> dict(label, key, seeds {seed: cells})
     for f in facts:
-        label = {"babelrs-table2": f["run"], "babelrs-table5": MERGE_NAMES.get(f.get("merge"), f["label"]),
+        label = {"babelrs-table2": f["row"], "babelrs-table5": MERGE_NAMES.get(f.get("merge"), f["label"]),
                  "babelrs-fig6": f"{f['label']}" + (" (AMP)" if f["amp"] != "off" else "")}.get(name, f["label"])
         if name.startswith("babelrs") and f["backbone"] in ("resnet18", "resnet50"):  # a ViT table: say so
             label += {"resnet18": ", ResNet-18", "resnet50": ", ResNet-50"}[f["backbone"]]
+        g = groups.setdefault(f["row"], dict(label=label, name=label, key=row_key(name, f), seeds={},
+                                             missing=[]))
         if f["metrics"] is None:
-            label += " (diverged)" if f["diverged"] else " (unfinished)"
-        ours.append((label, _cells(name, f, classes)))
+            g["missing"].append("diverged" if f["diverged"] else "unfinished")
+            if name != "babelrs-table4":  # Tab. 4 keeps a diverged run: its iterations are the result
+                continue
+        g["seeds"][f["seed"]] = _cells(name, f, classes)
+    for g in groups.values():  # say why a row is empty or has fewer seeds
+        if g["missing"] and (not g["seeds"] or name == "babelrs-table4"):
+            g["label"] += f" ({g['missing'][0]})"
+        elif g["missing"]:
+            g["label"] += f" ({len(g['missing'])} seed{'s' if len(g['missing']) > 1 else ''} not finished)"
+    seeds = sorted({k for g in groups.values() for k in g["seeds"]})
+    many = len(seeds) > 1
+    ours = []
+    for g in groups.values():
+        values = np.array(list(g["seeds"].values()), float) if g["seeds"] else np.full((1, len(columns)), NAN)
+        mean = values.mean(0)
+        if many:
+            std = values.std(0, ddof=1) if len(values) > 1 else np.full(len(columns), NAN)
+            cells = [_mean_std(m, sd, len(values)) for m, sd in zip(mean, std)]
+        else:  # one seed: the cells as they are (iterations and steps stay integers)
+            cells = next(iter(g["seeds"].values())) if g["seeds"] else [NAN] * len(columns)
+        label = g["label"] + (f" ({len(values)} seeds)" if many and len(values) != len(seeds) else "")
+        ours.append((label, cells))
     paper = PAPER[name]
-    text = [f"**{name}**, ours ({len(runs)} run{'s' if len(runs) != 1 else ''}; AP in %)", "",
-            _markdown(_columns(name, classes), ours, paired), "",
-            f"Paper: {paper['cite']}"]
+    head = f"**{name}**, ours ({len(runs)} run{'s' if len(runs) != 1 else ''}"
+    head += f"; mean ± std over {len(seeds)} seeds" if many else ""
+    text = [head + "; AP in %)", "", _markdown(columns, ours, paired), ""]
+    verdicts = []
+    by_key = {g["key"]: g for g in groups.values()}
+    for a, b, col in ORDERINGS.get(name, []):
+        if a not in by_key or b not in by_key or col not in columns:
+            continue
+        c = columns.index(col)
+        v = paired_verdict({k: x[c] for k, x in by_key[a]["seeds"].items()},
+                           {k: x[c] for k, x in by_key[b]["seeds"].items()})
+        v.update(better=by_key[a]["name"], worse=by_key[b]["name"], column=col)
+        verdicts.append(v)
+    if verdicts:
+        text += [f"The paper's orderings (paired over seeds; separable when the mean difference exceeds 2 standard "
+                 f"errors):", ""]
+        text += [f"- {v['better']} > {v['worse']} ({v['column']}): **{v['verdict']}**, difference "
+                 f"{v['mean']:+.2f}" + (f" ± {v['se']:.2f} (SE, {v['n']} seeds)" if np.isfinite(v["se"]) else "")
+                 for v in verdicts]
+        text += [""]
+    text += [f"Paper: {paper['cite']}"]
     if paper["rows"]:
         text += ["", _markdown(_columns(name, paper.get("classes", ())), list(paper["rows"].items()), paired)]
-    csv = ["source,row," + ",".join(_columns(name, classes))]
-    csv += [f"ours,{label},{','.join(f'{v:.4g}' for v in vals)}" for label, vals in ours]
+    csv = ["source,row,seed," + ",".join(columns)]
+    csv += [f"ours,{g['name']},{k},{','.join(f'{v:.4g}' for v in vals)}"
+            for g in groups.values() for k, vals in sorted(g["seeds"].items())]
     if "classes" not in paper:  # the same columns: the paper's rows go into the same file
-        csv += [f"paper,{label},{','.join(f'{v:.4g}' for v in vals)}" for label, vals in paper["rows"].items()]
-    return dict(markdown="\n".join(text) + "\n", csv="\n".join(csv) + "\n")
+        csv += [f"paper,{label},,{','.join(f'{v:.4g}' for v in vals)}" for label, vals in paper["rows"].items()]
+    return dict(markdown="\n".join(text) + "\n", csv="\n".join(csv) + "\n", groups=groups, verdicts=verdicts,
+                columns=columns)
+
+
+def _mean_std(mean: float, std: float, n: int) -> str:
+    if not np.isfinite(mean):
+        return "NaN"
+    if float(mean).is_integer() and abs(mean) >= 100 and (not np.isfinite(std) or std == 0):  # iterations, steps
+        return str(int(mean))
+    return f"{mean:.2f}" + (f" ± {std:.2f}" if n > 1 and np.isfinite(std) else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1046,6 +1147,56 @@ def plot_fig6(ours: dict, path) -> None:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     fig.suptitle("BabelRS Fig. 6: pre-training steps and annealing duration τ")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+# the column each table's bar figure shows, and the paper's row each of our rows stands for
+BAR_COLUMN = {"babelrs-table3": "H-mAP", "babelrs-table5": "H-mAP", "mutdet-table2": "AP50", "mutdet-10pct": "AP50"}
+PAPER_ROW = {"babelrs-table5": {k: v for k, v in MERGE_NAMES.items()},
+             "mutdet-table2": {"none": "-", "DETReg": "DETReg", "MutDet": "MutDet"}}
+
+
+def plot_table_bars(name: str, table: dict, path) -> None:
+    """One table as bars: ours (mean over seeds, error bar ± one standard deviation, each seed a dot)
+    on the left, the paper's rows on the right; its own axis each, as the scales differ."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    column = BAR_COLUMN[name]
+    c = table["columns"].index(column)
+    groups = list(table["groups"].values())
+    paper = PAPER[name]["rows"]
+    paper_cols = _columns(name, PAPER[name].get("classes", ()))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw=dict(width_ratios=[1, 1]))
+    ax = axes[0]
+    for i, g in enumerate(groups):
+        vals = np.array([v[c] for v in g["seeds"].values()], float)
+        vals = vals[np.isfinite(vals)]
+        if not len(vals):
+            continue
+        ax.bar(i, vals.mean(), yerr=vals.std(ddof=1) if len(vals) > 1 else 0, capsize=4, color="tab:blue", alpha=0.7)
+        ax.plot(np.full(len(vals), i) + np.linspace(-0.15, 0.15, len(vals)), vals, "k.", ms=5)
+    ax.set_xticks(range(len(groups)), [g["name"] for g in groups], rotation=20, ha="right", fontsize=8)
+    seeds = max((len(g["seeds"]) for g in groups), default=0)
+    ax.set_title(f"ours (tiny, {seeds} seed{'s' if seeds != 1 else ''}: mean ± std, dots = seeds)", fontsize=9)
+    ax.set_ylabel(f"{column} (%)")
+    ax.grid(axis="y", alpha=0.3)
+    ax = axes[1]
+    if paper and column in paper_cols:
+        wanted = [PAPER_ROW.get(name, {}).get(g["key"]) for g in groups]
+        rows = [r for r in wanted if r in paper] or list(paper)
+        ax.bar(range(len(rows)), [paper[r][paper_cols.index(column)] for r in rows], color="tab:gray", alpha=0.7)
+        ax.set_xticks(range(len(rows)), rows, rotation=20, ha="right", fontsize=8)
+        lo = min(paper[r][paper_cols.index(column)] for r in rows)
+        ax.set_ylim(max(0, lo - 5), None)
+        ax.set_title(f"paper ({PAPER[name]['cite'].split(',')[0]}; axis from {max(0, lo - 5):.0f})", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    else:
+        ax.text(0.5, 0.5, PAPER[name]["cite"], ha="center", va="center", wrap=True, fontsize=9, transform=ax.transAxes)
+        ax.set_axis_off()
+    fig.suptitle(f"{name}: {column}")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

@@ -70,7 +70,8 @@ class FinetuneConfig:
     # model (detection.build_detector)
     synth_modalities: list[str] = field(default_factory=lambda: ["rgb"])  # SynthSOI parts used without --data
     backbone: Literal["resnet50", "resnet18", "vit"] = "resnet18"  # MutDet: ResNet-50; BabelRS: the ViT
-    resnet: str = ""  # local torchvision ResNet weights (ImageNet); empty = random init
+    resnet: str = ""  # local torchvision ResNet weights (ImageNet); "fractal": the formula-driven stand-in
+    #   (tiny presets; built on first use, STANDINS); empty = random init
     vit_dim: int = 64  # the ViT backbone (BabelRS: InternViT-300M, 1024 / 24 / 16, patch 16 at 800 px)
     vit_depth: int = 4  # paper: 24
     vit_heads: int = 4  # paper: 16
@@ -96,7 +97,8 @@ class FinetuneConfig:
     match_costs: list[float] = field(default_factory=lambda: [2.0, 2.0, 5.0, 2.0])  # matcher (class, L1, GIoU, angle)
     match_l1: Literal["cxcywh", "official"] = "cxcywh"  # official: ARS-DETR's predicted-xyxy vs gt-cxcywh L1 cost
     init: str = ""  # a run of this project or .safetensors file: a detector (non-strict), or with the ViT
-    #                 backbone a csia run, the released BabelRS ViT or an InternVL folder (the ViT part)
+    #                 backbone a csia run, the released BabelRS ViT or an InternVL folder (the ViT part);
+    #                 "fractal": the ViT's formula-driven stand-in (babelrs-tiny); empty = random init
     init_strict: bool = False  # a detector --init must match every tensor (after the documented drops)
     # optimisation (MutDet base_settings_DIOR.py)
     lr: float = 2e-4  # paper: 1e-4
@@ -119,10 +121,11 @@ class FinetuneConfig:
 
 
 FINETUNE_PRESETS = {
-    "tiny": FinetuneConfig(),
+    "tiny": FinetuneConfig(resnet="fractal", frozen_bn=True),  # a pretrained backbone keeps its statistics (paper: True)
     # BabelRS joint fine-tuning on SynthSOI's three modalities, the ViT of a tiny csia run
     "babelrs-tiny": FinetuneConfig(synth_modalities=["sar", "rgb", "ir"], source_ratio=[2, 1, 1],
-                                   loss_weights=[1.0, 1.5, 1.0], backbone="vit", batch_size=4, global_batch=4, epochs=12,
+                                   loss_weights=[1.0, 1.5, 1.0], backbone="vit", init="fractal", batch_size=4,
+                                   global_batch=4, epochs=12,
                                    lr_steps=[8, 11], warmup=50, weight_decay=0.05),
     # BabelRS Sec. 4.3 / BabelRS_20kstep.py, with the DETR head sets of the detection module
     "babelrs": FinetuneConfig(source_ratio=[2, 1, 1], loss_weights=[1.0, 1.5, 1.0], image_size=800, backbone="vit",
@@ -164,7 +167,7 @@ class CSIAConfig:
     workers: int = 0  # data loading processes
     seed: int = 0  # data order and initialisation
     # ViT (InternViT-300M in the paper)
-    vit: str = ""  # local InternViT weights (.safetensors or folder); empty = random init
+    vit: str = ""  # local InternViT weights (.safetensors or folder); "fractal": the stand-in (tiny); empty = random
     vit_dim: int = 64  # paper: 1024
     vit_depth: int = 4  # paper: 24
     vit_heads: int = 4  # paper: 16
@@ -201,7 +204,7 @@ class CSIAConfig:
 
 
 CSIA_PRESETS = {
-    "tiny": CSIAConfig(),
+    "tiny": CSIAConfig(vit="fractal"),
     "paper": CSIAConfig(image_size=448, max_tiles=6, max_length=3072, batch_size=4, global_batch=128, workers=4,
                         vit_dim=1024, vit_depth=24, vit_heads=16, patch=14, drop_path=0.1, grad_checkpoint=True,
                         layers=list(babelrs.OFFICIAL_LAYERS), tau=6000.0, lr=2e-5, steps=20000, amp="bf16"),
@@ -224,7 +227,7 @@ class SAMConfig:
     max_boxes: int = 1000  # max_gt_num of the pre-training detector
     image_size: int = 256  # the image is resized to this longer side for the crops; paper: 1024
     embed_backbone: Literal["resnet50", "resnet18"] = "resnet18"  # paper: ResNet-50 (ImageNet, frozen)
-    resnet: str = ""  # its local weights
+    resnet: str = ""  # its local weights; "fractal": the formula-driven stand-in (tiny)
     crop: int = 64  # RoIAlign output side; paper: 224
     context: float = 1.5  # box enlargement for the crop
     pca_dim: int = 128  # paper: 256 (= the detector width, the embeddings enter it raw)
@@ -238,7 +241,7 @@ class SAMConfig:
 
 
 SAM_PRESETS = {
-    "tiny": SAMConfig(),
+    "tiny": SAMConfig(resnet="fractal"),
     "paper": SAMConfig(points_per_side=32, pred_iou_thresh=0.88, stability_score_thresh=0.95, box_nms_thresh=0.7,
                        image_size=1024,
                        embed_backbone="resnet50", crop=224, pca_dim=256, clusters=256),
@@ -267,7 +270,7 @@ class MutDetConfig:
     workers: int = 0  # data loading processes
     # detector (detection.build_detector)
     backbone: Literal["resnet50", "resnet18"] = "resnet18"  # paper: ResNet-50, ImageNet weights
-    resnet: str = ""  # local torchvision ResNet weights; empty = random init
+    resnet: str = ""  # local torchvision ResNet weights; "fractal": the formula-driven stand-in (tiny); empty = random
     freeze_backbone: bool = True  # frozen_stages=4 + frozen_parameters=['backbone']; the neck trains
     frozen_bn: bool = False  # paper: True
     dim: int = 128  # paper: 256 (= the embedding width: the embeddings enter the enhancement raw)
@@ -313,13 +316,12 @@ class MutDetConfig:
 
 
 MUTDET_PRESETS = {
-    "tiny": MutDetConfig(),
+    "tiny": MutDetConfig(resnet="fractal", frozen_bn=True),  # a pretrained frozen backbone keeps its statistics
     "paper": MutDetConfig(image_size=1024, batch_size=2, global_batch=16, backbone="resnet50", frozen_bn=True, dim=256, heads=8,
                           ffn=1024, dropout=0.1, num_queries=300, num_dn_queries=100, enhance_heads=8,
                           enhance_mlp=2048, lr=1e-4, lr_mult=0.1, warmup=500, epochs=36, lr_steps=[32], workers=4,
                           ckpt_every=2000),
 }
-PRESETS = {"finetune": FINETUNE_PRESETS, "csia": CSIA_PRESETS, "sam": SAM_PRESETS, "mutdet": MUTDET_PRESETS}
 
 
 def _parse_bool(s: str) -> bool:
@@ -389,6 +391,8 @@ def setup_distributed():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         return rank, world, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if not torch.cuda.is_available():  # CPU runs repeat bit for bit at a fixed thread count (tested)
+        torch.use_deterministic_algorithms(True, warn_only=True)
     return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -864,10 +868,26 @@ def param_groups(model, cfg) -> list:
 # The finetune stage
 # ---------------------------------------------------------------------------------------------
 
+def machine() -> dict:
+    """What a run's numbers depend on beyond its config: torch, threads (the order of float sums),
+    deterministic kernels, the CPU or GPU."""
+    import platform
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return dict(torch=torch.__version__, python=platform.python_version(), threads=torch.get_num_threads(),
+                deterministic=torch.are_deterministic_algorithms_enabled(), cpu=cpu,
+                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+
+
 def write_config(run: Path, cfg) -> None:
-    """config.json: the stage and the resolved config, so that `--resume RUN` needs nothing else."""
+    """config.json: the stage and the resolved config, so that `--resume RUN` needs nothing else, and
+    the machine it ran on (`machine`; the last session's, for a resumed run)."""
     stage = next(name for name, (cls, _) in STAGES.items() if isinstance(cfg, cls))
-    datasets.atomic_write_text(run / "config.json", json.dumps(dict(stage=stage, **dataclasses.asdict(cfg)), indent=2) + "\n")
+    datasets.atomic_write_text(run / "config.json", json.dumps(dict(stage=stage, **dataclasses.asdict(cfg),
+                                                                    machine=machine()), indent=2) + "\n")
 
 
 def accumulation(global_batch: int, micro: int, world: int) -> int:
@@ -910,28 +930,34 @@ def finetune(cfg: FinetuneConfig) -> int:
     end = min(total, cfg.max_steps) if cfg.max_steps else total
 
     margs = model_args(cfg, sources)
+    init = cfg.init
+    if not cfg.resume:  # "fractal": the formula-driven stand-in of the ResNet / the ViT (built on first use)
+        margs["resnet"] = standin(cfg.resnet, cfg.backbone) if cfg.backbone != "vit" else ""
+        init = standin(cfg.init, "vit") if cfg.backbone == "vit" else cfg.init
+        if init == "fractal":
+            raise datasets.DatasetError("--init fractal: the ViT backbone's stand-in; a ResNet takes --resnet fractal")
     try:
         model = babelrs.build_detector(**margs).to(device)
-        if cfg.init and not cfg.resume:
-            state = read_weights(cfg.init)
+        if init and not cfg.resume:
+            state = read_weights(init)
             if detection.is_mmrotate_state(state):  # a released ARS-DETR / MutDet checkpoint (mmrotate names)
-                load_official(model, cfg.init, state)
+                load_official(model, init, state)
             elif any(k.startswith("detector.") for k in state):  # a mutdet run: its detector, class heads afresh
                 state, dropped = mutdet.pretrained_detector(state, list(model.heads))
                 groups = {}
                 for k in dropped:
                     group = k.split(".")[0] if not k.startswith("detector.") else "class head (pseudo-classes)"
                     groups[group] = groups.get(group, 0) + 1
-                print(f"--init {cfg.init}: a MutDet pre-training run; dropped " +
+                print(f"--init {init}: a MutDet pre-training run; dropped " +
                       ", ".join(f"{g} ({n} tensors)" for g, n in groups.items()))
-                load_init(model, cfg.init, state, cfg.init_strict)
+                load_init(model, init, state, cfg.init_strict)
             elif cfg.backbone == "vit" and not any(k.startswith(("heads.", "backbone.")) for k in state):
                 # the ViT of a csia run, the BabelRS release, InternVL, or a transformers CLIP / DINOv2
-                babelrs.load_vit_weights(model.backbone.vit, cfg.init, family=cfg.vit_family)
-                print(f"--init {cfg.init}: loaded the ViT (patch and positions resized to {cfg.vit_patch} px, "
+                babelrs.load_vit_weights(model.backbone.vit, init, family=cfg.vit_family)
+                print(f"--init {init}: loaded the ViT (patch and positions resized to {cfg.vit_patch} px, "
                       f"{cfg.image_size // cfg.vit_patch}^2 grid)")
             else:
-                load_init(model, cfg.init, state, cfg.init_strict)
+                load_init(model, init, state, cfg.init_strict)
     except (ValueError, FileNotFoundError) as e:  # a weight file that is missing or of another model
         raise datasets.DatasetError(str(e)) from None
     run = run_folder(cfg, "finetune", rank)  # only now: a bad weight file leaves no empty run folder
@@ -1076,8 +1102,8 @@ def csia(cfg: CSIAConfig) -> int:
     try:
         vit = babelrs.ViT(cfg.vit_dim, cfg.vit_depth, cfg.vit_heads, cfg.patch, cfg.image_size,
                           drop_path=cfg.drop_path, grad_checkpoint=cfg.grad_checkpoint)
-        if cfg.vit:
-            babelrs.load_vit_weights(vit, cfg.vit)
+        if cfg.vit and not cfg.resume and not cfg.init:  # "fractal": the stand-in (built on first use)
+            babelrs.load_vit_weights(vit, standin(cfg.vit, "vit"))
         llm = babelrs.build_llm(cfg.llm, len(tokenizer), cfg.llm_dim, cfg.llm_layers, cfg.llm_heads, cfg.llm_kv_heads,
                                 cfg.llm_ffn)
     except (ValueError, OSError) as e:
@@ -1152,7 +1178,7 @@ def sam_stage(cfg: SAMConfig) -> int:
     write_config(run, cfg)
     try:
         sam = mutdet.build_sam(cfg.sam, cfg.sam_image_size) if cfg.masks == "sam" else None
-        trunk = mutdet.resnet_trunk(cfg.embed_backbone, cfg.resnet)
+        trunk = mutdet.resnet_trunk(cfg.embed_backbone, standin(cfg.resnet, cfg.embed_backbone))
     except (ValueError, OSError) as e:
         raise datasets.DatasetError(str(e)) from None
     norm = datasets.Normalize()
@@ -1238,7 +1264,8 @@ def mutdet_stage(cfg: MutDetConfig) -> int:
                                     f"{cfg.pseudo_classes}; rerun the sam stage with --clusters {cfg.pseudo_classes}")
     sources = [dict(modality=data.modality, classes=data.classes, box_type="obb")]
     try:
-        detector = detection.build_detector(sources, cfg.backbone, cfg.resnet, cfg.frozen_bn, cfg.dim, cfg.heads,
+        resnet = "" if cfg.resume else standin(cfg.resnet, cfg.backbone)  # a resumed run has its weights
+        detector = detection.build_detector(sources, cfg.backbone, resnet, cfg.frozen_bn, cfg.dim, cfg.heads,
                                             cfg.levels, cfg.points, cfg.enc_layers, cfg.dec_layers, cfg.ffn,
                                             cfg.dropout, cfg.num_queries, cfg.num_dn_queries, cfg.gn_groups,
                                             match_costs=cfg.match_costs, match_l1=cfg.match_l1)
@@ -1275,6 +1302,162 @@ def mutdet_stage(cfg: MutDetConfig) -> int:
                          find_unused=True)  # an ablation row leaves modules unused (no enhancement, no alignment)
     shutdown_distributed()
     return status
+
+
+# ---------------------------------------------------------------------------------------------
+# The fractal stage: formula-driven stand-ins for the papers' pretrained weights
+# ---------------------------------------------------------------------------------------------
+# Both papers start from pretrained knowledge (MutDet: a frozen ImageNet ResNet-50 and its object
+# embeddings; BabelRS: InternVL2.5). The hub is not reachable at run time, and random weights leave
+# pre-training nothing to transfer, so the tiny presets start from FractalDB-style pre-training
+# (datasets.render_fractals): generic visual features learned from formulas alone. Each tiny
+# preset's weight field holds "fractal" and resolves to STANDINS/<model>/<model>.safetensors, built on
+# first use (standin). An empty value is random init.
+
+STANDINS = "data/fractal"  # where the stand-ins are built and kept
+
+
+@dataclass
+class FractalConfig:
+    """FractalDB-style pre-training (Kataoka et al., ACCV 2020): classify images of random iterated
+    function systems; writes the backbone as an ordinary weight file (torchvision ResNet names, or
+    InternViT names) beside the run's own checkpoint."""
+    model: Literal["resnet18", "resnet50", "vit"] = "resnet18"  # the tiny presets' ResNet-18 / ViT
+    classes: int = 64  # IFS categories; FractalDB-1k: 1000
+    image_size: int = 48  # FractalDB: 362, cropped 224
+    batch_size: int = 128  # FractalDB (ResNet-50): 256
+    steps: int = 300  # optimizer steps; each draws a new batch (instances are never repeated)
+    lr: float = 2e-3  # AdamW, linear warm-up then cosine to 0
+    weight_decay: float = 0.05  # AdamW
+    warmup_ratio: float = 0.1  # fraction of the steps of linear warm-up from 0
+    label_smoothing: float = 0.1  # of the cross-entropy
+    clip: float = 5.0  # max L2 norm of all gradients
+    vit_dim: int = 64  # the ViT's width (= the tiny csia / babelrs-tiny ViT)
+    vit_depth: int = 4  # its blocks
+    vit_heads: int = 4  # its attention heads
+    vit_patch: int = 8  # its patch side
+    test_batches: int = 8  # held-out batches (new instances of the same categories) for the accuracy
+    seed: int = 0  # the categories and the image stream
+    amp: Literal["off", "bf16", "fp16"] = "off"  # autocast (FractalDB on a GPU: bf16)
+    max_steps: int = 0  # stop after this many steps (0 = the whole schedule)
+    workers: int = 0  # data loading processes
+    out: str = ""  # run folder; default data/fractal/<model>
+    resume: str = ""  # run folder to continue
+    ckpt_every: int = 100  # steps between checkpoints (and one at the end)
+
+
+FRACTAL_PRESETS = {
+    "tiny": FractalConfig(),  # ResNet-18: about 8.5 min here (STANDIN_PRESETS: the ViT, about 6 min)
+    # FractalDB-1k: 1000 categories, ResNet-50 at 224 px, 90 epochs of 1M images at batch 256
+    "paper": FractalConfig(model="resnet50", classes=1000, image_size=224, batch_size=256, steps=351_000, lr=1e-3,
+                           vit_dim=1024, vit_depth=24, vit_heads=16, vit_patch=14, ckpt_every=5000, workers=4),
+}
+# the tiny stand-in of each model: the ViT trains on 64-px images (8 x 8 patches) for more, cheaper steps
+STANDIN_PRESETS = {"resnet18": FRACTAL_PRESETS["tiny"],
+                   "vit": dataclasses.replace(FRACTAL_PRESETS["tiny"], model="vit", image_size=64, steps=500)}
+
+
+class ViTClassifier(torch.nn.Module):
+    """The InternViT-named ViT with a classification head on the mean patch token (pre-training only)."""
+
+    def __init__(self, cfg: FractalConfig):
+        super().__init__()
+        self.vit = babelrs.ViT(cfg.vit_dim, cfg.vit_depth, cfg.vit_heads, cfg.vit_patch, cfg.image_size)
+        self.norm = torch.nn.LayerNorm(cfg.vit_dim)
+        self.head = torch.nn.Linear(cfg.vit_dim, cfg.classes)
+
+    def forward(self, images):  # (B, 3, H, W) -> (B, classes)
+        return self.head(self.norm(self.vit(images)[-1][:, self.vit.num_prefix:].mean(1)))
+
+
+def fractal_model(cfg: FractalConfig) -> torch.nn.Module:
+    import torchvision
+    if cfg.model == "vit":
+        return ViTClassifier(cfg)
+    return getattr(torchvision.models, cfg.model)(weights=None, num_classes=cfg.classes)
+
+
+def standin_state(model: torch.nn.Module, cfg: FractalConfig) -> dict:
+    """The backbone's weights as its consumers load them: torchvision names without `fc`, or InternViT names."""
+    state = model.state_dict()
+    if cfg.model == "vit":
+        return {k.removeprefix("vit."): v for k, v in state.items() if k.startswith("vit.")}
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+
+@torch.no_grad()
+def fractal_accuracy(model, systems: torch.Tensor, cfg: FractalConfig, device) -> float:
+    """Top-1 accuracy on held-out instances (another image stream) of the training categories."""
+    model.eval()
+    test = datasets.FractalImages(systems, cfg.batch_size, cfg.image_size, cfg.seed, split="test")
+    right = total = 0
+    for k in range(cfg.test_batches):
+        b = test[k]
+        right += (model(b["images"].to(device)).argmax(1).cpu() == b["labels"]).sum().item()
+        total += len(b["labels"])
+    model.train()
+    return right / max(total, 1)
+
+
+def fractal_stage(cfg: FractalConfig) -> int:
+    rank, world, device = setup_distributed()
+    torch.manual_seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+    if not cfg.out and not cfg.resume:
+        cfg = dataclasses.replace(cfg, out=f"{STANDINS}/{cfg.model}")
+    run = run_folder(cfg, "fractal", rank)
+    systems = datasets.ifs_categories(cfg.classes, cfg.seed)  # (classes, maps, 2, 3), from the seed alone
+    model = fractal_model(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    start = resume(run, model, optimizer, scaler, rank) if cfg.resume else 0
+    if rank == 0:
+        write_config(run, cfg)
+        print(f"fractal: {cfg.model}, {cfg.classes} IFS categories, {cfg.image_size}-px images, "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+
+    def forward(net, batch, step):
+        logits = net(batch["images"].to(device))
+        return dict(loss_cls=F.cross_entropy(logits, batch["labels"].to(device), label_smoothing=cfg.label_smoothing)), {}
+
+    micro = cfg.batch_size // world  # each process renders its own share of batch k
+    batches = [datasets.FractalImages(systems, micro, cfg.image_size, cfg.seed * 1000 + rank)]
+    end = min(cfg.steps, cfg.max_steps) if cfg.max_steps else cfg.steps
+    status = train_steps(cfg, run, model, optimizer, scaler, batches[0], start, end, lambda step: cosine_lr(step, cfg),
+                         forward, cfg.batch_size, "fractal")
+    if status == 0 and rank == 0 and end == cfg.steps:
+        accuracy = fractal_accuracy(model, systems, cfg, device)
+        save_tensors_atomic(run / f"{cfg.model}.safetensors", standin_state(model, cfg))
+        datasets.atomic_write_text(run / "accuracy.json", json.dumps(dict(
+            held_out_top1=accuracy, chance=1 / cfg.classes, images=cfg.test_batches * cfg.batch_size)) + "\n")
+        print(f"fractal: held-out top-1 {100 * accuracy:.1f} % ({cfg.classes} categories, chance "
+              f"{100 / cfg.classes:.1f} %); weights {run / (cfg.model + '.safetensors')}")
+    shutdown_distributed()
+    return status
+
+
+def standin(value: str, model: str) -> str:
+    """A weight field's value: "fractal" -> the stand-in file of `model`, built now if it is not there
+    (minutes, once; every later run reuses it); anything else is returned as it is."""
+    if value != "fractal":
+        return value
+    path = Path(STANDINS) / model / f"{model}.safetensors"
+    if path.exists():
+        return str(path)
+    if model not in STANDIN_PRESETS:
+        raise datasets.DatasetError(f"'fractal': there is no tiny {model} stand-in; train one with python train.py "
+                                    f"--stage fractal --preset paper --model {model} and pass its .safetensors file")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # built by one process, before torchrun
+        raise datasets.DatasetError(f"{path}: the {model} stand-in is not built; run python train.py --stage fractal "
+                                    f"--model {model} once (one process), or pass an empty value for random init")
+    print(f"building the formula-driven stand-in of the {model} in {path.parent} (once, minutes; an empty value "
+          "instead of 'fractal' is random init)", flush=True)
+    run = path.parent
+    cfg = dataclasses.replace(STANDIN_PRESETS[model], out=str(run),
+                              resume=str(run) if checkpoint_pair(run) else "")
+    if fractal_stage(cfg) != 0 or not path.exists():
+        raise datasets.DatasetError(f"{path}: building the {model} stand-in stopped; rerun to continue it")
+    return str(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1368,7 +1551,7 @@ def measure_step(stage: str, cfg, tiles: int = 1, sam_points: int = 64) -> dict:
             ratios = cfg.source_ratio or [cfg.batch_size]
             sources = [dict(modality=m, classes=[str(i) for i in range(PAPER_CLASSES[m][1] if len(mods) > 1 else 20)],
                             box_type=PAPER_CLASSES[m][0] if len(mods) > 1 else "obb") for m in mods]
-            model = babelrs.build_detector(**model_args(cfg, sources)).train()
+            model = babelrs.build_detector(**dict(model_args(cfg, sources), resnet="")).train()  # weights cost nothing
             modalities = [m for m, r in zip(mods, ratios) for _ in range(r)]
             micro = len(modalities)
             targets = _synthetic_targets(micro, size, 5, g)
@@ -1395,7 +1578,15 @@ def measure_step(stage: str, cfg, tiles: int = 1, sam_points: int = 64) -> dict:
 # Sweeps: the runs behind one table or figure (python train.py --sweep NAME)
 # ---------------------------------------------------------------------------------------------
 
-TINY_FINETUNE_STEPS = 144  # fine-tuning steps of a tiny sweep row (4 of babelrs-tiny's 12 epochs; ~5 min)
+# The tiny protocol (docs/tiny-protocol.md, fixed before the runs): three seeds of a table in about an
+# hour on 2 CPU cores. Rows train on SynthSOI's 256-px images resized to TINY_IMAGE; every row of a
+# table gets the same steps; CSIA is shortened to TINY_CSIA_STEPS with τ at the same fraction (120/400).
+TINY_FINETUNE_STEPS = 144  # BabelRS fine-tuning steps (4 of babelrs-tiny's 12 epochs of 144 images)
+TINY_IMAGE = 192  # image side of the tiny sweep rows
+TINY_CSIA_STEPS, TINY_CSIA_TAU = 200, 60.0  # CSIA steps and τ of a tiny sweep
+TINY_MUTDET_STEPS = 200  # MutDet fine-tuning steps; pre-training: 17 epochs of 12 steps (lr step at 15)
+TINY_SEEDS, TINY_THREADS = 3, 2  # seeds a row and threads a run at tiny scale
+SHARED_RUNS = ("sam",)  # runs every seed shares (the SAM pseudo-label cache, as MutDet's released one)
 MERGES = ("last", "concat", "sum", "per-layer", "lvsa")  # BabelRS Tab. 5 rows: baseline, (a), (b), (c), (d)
 SWEEPS = ("babelrs-table3", "babelrs-table4", "babelrs-table5", "babelrs-fig6", "mutdet-table2", "mutdet-10pct",
           "mutdet-table3")
@@ -1429,11 +1620,12 @@ def sweep_runs(name: str, scale: str, extra: dict, amp: str = "fp16") -> list:
     tiny (this CPU), 1gpu (paper sizes, schedules cut by ONE_GPU) or paper."""
     tiny, one_gpu = scale == "tiny", scale == "1gpu"
     cut = ONE_GPU["csia_fraction"] if one_gpu else 1.0
-    csia_steps = round(CSIA_PRESETS["tiny" if tiny else "paper"].steps * cut)
-    csia_tau = CSIA_PRESETS["tiny" if tiny else "paper"].tau * cut
+    csia_steps = TINY_CSIA_STEPS if tiny else round(CSIA_PRESETS["paper"].steps * cut)
+    csia_tau = TINY_CSIA_TAU if tiny else CSIA_PRESETS["paper"].tau * cut
     ft_preset = ["--preset", "babelrs-tiny" if tiny else "babelrs"]
     # tiny rows checkpoint often: an interrupted 144-step row then resumes instead of starting over
-    ft_schedule = (["--max-steps", str(TINY_FINETUNE_STEPS), "--ckpt_every", "24"] if tiny else
+    ft_schedule = (["--max-steps", str(TINY_FINETUNE_STEPS), "--ckpt_every", "24", "--image_size", str(TINY_IMAGE)]
+                   if tiny else
                    _cut(ONE_GPU["babelrs_epochs"], 12, [8, 11]) if one_gpu else [])
     runs = []
 
@@ -1447,13 +1639,14 @@ def sweep_runs(name: str, scale: str, extra: dict, amp: str = "fp16") -> list:
                                                            "--merge", merge, "--steps", str(steps), "--tau", f"{tau:g}"]
                    + extra["csia"])
 
-    def babelrs_finetune(init, amp="off"):  # init: a csia folder or "random"
+    def babelrs_finetune(init, amp="off"):  # init: a csia folder, or "generic": the preset's ViT (tiny: the
+        #                                      FractalDB stand-in; paper: --finetune-args "--init PATH" or random)
         return add(f"ft-{init}-{amp}", ["--stage", "finetune"] + ft_preset + ft_schedule + ["--amp", amp]
-                   + ([] if init == "random" else ["--init", f"{{runs}}/{init}"]) + extra["finetune"])
+                   + ([] if init == "generic" else ["--init", f"{{runs}}/{init}"]) + extra["finetune"])
 
     if name in ("babelrs-table3", "babelrs-table4"):  # pre-training comparison, without / with AMP
         mode = amp if name == "babelrs-table4" else "off"
-        babelrs_finetune("random", mode)
+        babelrs_finetune("generic", mode)
         babelrs_finetune(csia_run(), mode)
         for family, path in extra["weights"]:  # --weights clip:PATH dinov2:PATH ... (transformers or InternViT)
             add(f"ft-{family}-{mode}", ["--stage", "finetune"] + ft_preset + ft_schedule
@@ -1462,15 +1655,16 @@ def sweep_runs(name: str, scale: str, extra: dict, amp: str = "fp16") -> list:
         for merge in MERGES:
             babelrs_finetune(csia_run(merge))
     elif name == "babelrs-fig6":  # left: pre-training steps; right: τ, fine-tuned with AMP (Sec. 4.9)
-        for steps in ((100, 200, 400, 600) if tiny else range(2000, 24001, 2000)):  # τ fixed (6k in the paper)
+        for steps in ((50, 100, 200, 400) if tiny else range(2000, 24001, 2000)):  # τ fixed (6k in the paper)
             babelrs_finetune(csia_run(steps=round(steps * cut)))
-        for tau in ((0, 40, 120, 200) if tiny else range(0, 10001, 2000)):
+        for tau in ((0, 20, 60, 100) if tiny else range(0, 10001, 2000)):
             babelrs_finetune(csia_run(tau=tau * cut), amp)
     elif name in ("mutdet-table2", "mutdet-10pct", "mutdet-table3"):
         preset = ["--preset", "tiny" if tiny else "paper"]
         # tiny: SAM stand-in (a random SAM's masks are noise; see mutdet.colour_components)
         sam = add("sam", ["--stage", "sam"] + preset + (["--masks", "components"] if tiny else []) + extra["sam"])
-        pre_schedule = _cut(ONE_GPU["mutdet_pretrain_epochs"], 36, [32]) if one_gpu else []
+        pre_schedule = (_cut(ONE_GPU["mutdet_pretrain_epochs"], 36, [32]) if one_gpu else
+                        ["--epochs", "17", "--lr_steps", "15", "--image_size", str(TINY_IMAGE)] if tiny else [])
         pre = {"-": None,
                "DETReg": add("pre-detreg", ["--stage", "mutdet"] + preset + pre_schedule + ["--data", f"{{runs}}/{sam}", "--no-enhance",
                                                                            "--embed-loss", "l1", "--pseudo-classes", "1",
@@ -1479,7 +1673,7 @@ def sweep_runs(name: str, scale: str, extra: dict, amp: str = "fp16") -> list:
                "MutDet": add("pre-mutdet", ["--stage", "mutdet"] + preset + pre_schedule + ["--data", f"{{runs}}/{sam}"]
                              + extra["mutdet"])}
         fraction = "0.1" if name == "mutdet-10pct" else "1.0"
-        schedule = (["--max-steps", "240"] if tiny else
+        schedule = (["--max-steps", str(TINY_MUTDET_STEPS), "--image_size", str(TINY_IMAGE)] if tiny else
                     _cut(ONE_GPU["mutdet_finetune_epochs"], 36, [32]) if one_gpu else [])
         if tiny and name == "mutdet-10pct":  # 5 images = 1 step an epoch: as many steps as with all the data
             schedule += ["--epochs", "480", "--lr_steps", "432"]
@@ -1531,6 +1725,22 @@ def run_cost(argv: list, scale: str, gpu_tflops: float, mfu: float) -> dict:
                 micro=measured["micro"])
 
 
+def seeded_runs(runs: list, seeds: int) -> list:
+    """Every run of a table once per seed, seed-major (all rows of seed 0 first, so a cut sweep has
+    whole paired seeds): folder `<run>-seed<k>`, `--seed k` (data order, augmentation, initialisation),
+    and its pre-training the run of the same seed. SHARED_RUNS are made once, for all seeds."""
+    out = []
+    for k in range(seeds):
+        for folder, argv in runs:
+            if folder in SHARED_RUNS:
+                if k == 0:
+                    out.append((folder, argv))
+                continue
+            argv = [a if not a.startswith("{runs}/") or a[7:] in SHARED_RUNS else f"{a}-seed{k}" for a in argv]
+            out.append((f"{folder}-seed{k}", argv + ["--seed", str(k)]))
+    return out
+
+
 def run_status(run: Path) -> str:
     """How far a run folder got: done, started (last logged step, checkpoint, ETA), or not started."""
     if (run / "finished.json").exists():
@@ -1562,6 +1772,11 @@ def run_sweep(argv) -> int:
                         "(ONE_GPU); paper: the papers' schedules")
     p.add_argument("--runs", default="", help="folder of the sweep's runs (default runs/<scale>)")
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun --nproc_per_node)")
+    p.add_argument("--seeds", type=int, default=0, help=f"runs of every row, seeds 0..N-1, in folders <run>-seed<k> "
+                   f"(default {TINY_SEEDS} at tiny scale, else 1); eval.py --table gives mean ± std and the orderings")
+    p.add_argument("--threads", type=int, default=-1, help=f"threads of every run (OMP_NUM_THREADS; default "
+                   f"{TINY_THREADS} at tiny scale, where the thread count changes the order of float sums and so "
+                   "the numbers; 0 = torch's default)")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.add_argument("--status", action="store_true", help="one line per run: done, started (step, ETA), not started")
     p.add_argument("--gpu-tflops", type=float, default=312.0,
@@ -1587,12 +1802,18 @@ def run_sweep(argv) -> int:
         weights.append((family, path))
     extra = {stage: shlex.split(getattr(args, f"{stage}_args")) for stage in ("csia", "finetune", "sam", "mutdet")}
     extra["weights"] = weights
-    runs = sweep_runs(args.sweep, args.scale, extra, args.amp)
+    runs = seeded_runs(sweep_runs(args.sweep, args.scale, extra, args.amp),
+                       args.seeds or (TINY_SEEDS if args.scale == "tiny" else 1))
+    threads = args.threads if args.threads >= 0 else TINY_THREADS if args.scale == "tiny" else 0
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}))
     if args.status:
         for folder, _ in runs:
             print(f"{folder:<36} {run_status(root / folder)}")
         return 0
     launch = [sys.executable] if args.nproc == 1 else ["torchrun", f"--nproc_per_node={args.nproc}"]
+    if args.scale == "tiny" and not args.dry_run:  # the stand-ins every seed starts from, built once (standin)
+        for model in ("vit",) if args.sweep.startswith("babelrs") else ("resnet18",):
+            standin("fractal", model)
     for folder, run_argv in runs:
         run = root / folder
         if (run / "finished.json").exists():
@@ -1609,7 +1830,7 @@ def run_sweep(argv) -> int:
         if args.dry_run:
             continue
         t0 = time.time()
-        status = subprocess.call(cmd)
+        status = subprocess.call(cmd, env=env)
         if status not in (0, EXIT_NONFINITE):  # a non-finite loss is a result (Tab. 4's NaN rows); a
             #                                      preempted run (EXIT_PREEMPTED) goes on when the sweep is rerun
             print(f"[sweep] {run}: exit status {status}; stopping the sweep (rerun the same command to go on)")
@@ -1652,6 +1873,8 @@ def run_sweep(argv) -> int:
     table = evaluation.format_table_runs(args.sweep, [root / f for f, _ in runs if f.startswith("ft-")])
     for suffix, text in (("md", table["markdown"]), ("csv", table["csv"])):
         datasets.atomic_write_text(root / f"{args.sweep}.{suffix}", text)
+    if args.sweep in evaluation.BAR_COLUMN:  # the table as bars with the seeds' spread, beside the paper's
+        evaluation.plot_table_bars(args.sweep, table, root / f"{args.sweep}.png")
     print(table["markdown"])
     print(f"[sweep] table written to {root / args.sweep}.md and .csv")
     return 0
@@ -1661,8 +1884,10 @@ def run_sweep(argv) -> int:
 # Command line
 # ---------------------------------------------------------------------------------------------
 
+PRESETS = {"finetune": FINETUNE_PRESETS, "csia": CSIA_PRESETS, "sam": SAM_PRESETS, "mutdet": MUTDET_PRESETS,
+           "fractal": FRACTAL_PRESETS}
 STAGES = {"finetune": (FinetuneConfig, finetune), "csia": (CSIAConfig, csia), "sam": (SAMConfig, sam_stage),
-          "mutdet": (MutDetConfig, mutdet_stage)}
+          "mutdet": (MutDetConfig, mutdet_stage), "fractal": (FractalConfig, fractal_stage)}
 
 
 def parse_config(argv=None, check_weights: bool = True):

@@ -79,6 +79,20 @@ def random_boxes(n, canvas=64.0, seed=0, min_side=1.0, max_side=120.0, dtype=tor
     return torch.cat([c, wh, t], 1).to(dtype)
 
 
+@pytest.fixture(autouse=True)
+def no_standin_builds(monkeypatch):
+    """Tests run from random init: a tiny preset's "fractal" weights would build a stand-in for minutes.
+    A test that needs one passes its own weights; one that forgets fails here instead of stalling."""
+    import train
+
+    def refuse(value, model):
+        if value == "fractal":
+            raise AssertionError(f"a test asked for the {model} stand-in; pass an empty weight flag (random init)")
+        return value
+    refuse.real = train.standin  # for the test of standin itself
+    monkeypatch.setattr(train, "standin", refuse)
+
+
 @pytest.fixture
 def tmp_root(tmp_path):
     return tmp_path

@@ -201,7 +201,7 @@ def test_layer_decay_groups():
     assert [tuple(f.shape[-2:]) for f in feats] == [(8, 12), (4, 6), (2, 3), (1, 1)]  # strides 8-64 from patch 16
 
 
-CSIA_SMALL = ["--stage", "csia", "--image_size", "32", "--batch_size", "4", "--global_batch", "4", "--steps", "10", "--vocab_size", "400",
+CSIA_SMALL = ["--stage", "csia", "--vit", "", "--image_size", "32", "--batch_size", "4", "--global_batch", "4", "--steps", "10", "--vocab_size", "400",
               "--llm_dim", "32", "--llm_layers", "1", "--llm_ffn", "64"]
 
 

@@ -10,7 +10,7 @@ import rotated_ops as ro
 import torch
 import train
 
-CSIA_SMALL = ["--stage", "csia", "--image_size", "32", "--batch_size", "4", "--global_batch", "4", "--steps", "3", "--vocab_size", "400",
+CSIA_SMALL = ["--stage", "csia", "--vit", "", "--image_size", "32", "--batch_size", "4", "--global_batch", "4", "--steps", "3", "--vocab_size", "400",
               "--llm_dim", "32", "--llm_layers", "1", "--llm_ffn", "64"]
 
 

@@ -191,7 +191,7 @@ def test_tables_label_rows_from_their_pre_training(tmp_path):
     t3 = ev.format_table_runs("babelrs-table3", [tuned])["markdown"]
     assert "| CSIA, (b) element-wise sum | 65.00 / 35.00 | 80.00 / 50.00 | 60.00 / 30.00 | 70.00 / 40.00 |" in t3
     f6 = ev.format_table_runs("babelrs-fig6", [tuned])["csv"].splitlines()
-    assert f6[1].startswith("ours,CSIA, (b) element-wise sum,400,120,35,")
+    assert f6[1].startswith("ours,CSIA, (b) element-wise sum,0,400,120,35,")  # seed 0
     with pytest.raises(ev.datasets.DatasetError, match="no config.json"):
         ev.format_table_runs("babelrs-table5", [tmp_path / "nowhere"])
 
@@ -288,3 +288,48 @@ def test_newcomer_errors_and_labels(tmp_path, capsys):
     amp = _fake_run(tmp_path, "amp", dict(init="", amp="fp16", max_steps=3))
     assert (tmp_path / "figs" / "loss_grad_norm.png") in ev.plot_runs([amp], tmp_path / "figs")
     assert ev.run_facts(amp)["max_steps"] == 3
+
+
+def test_paired_verdicts_by_hand():
+    # differences 10, 9, 13: mean 10.67, SE = std(ddof 1) 2.08 / sqrt 3 = 1.20 -> separable, holds
+    v = ev.paired_verdict({0: 40.0, 1: 42.0, 2: 44.0}, {0: 30.0, 1: 33.0, 2: 31.0})
+    assert v["verdict"] == "holds" and v["n"] == 3 and abs(v["mean"] - 32 / 3) < 1e-9
+    assert abs(v["se"] - np.std([10, 9, 13], ddof=1) / np.sqrt(3)) < 1e-9
+    assert ev.paired_verdict({0: 30.0, 1: 33.0, 2: 31.0}, {0: 40.0, 1: 42.0, 2: 44.0})["verdict"] == "reversed"
+    # differences +2, -1, +1: mean 0.67 < 2 SE (2 x 0.88)
+    assert ev.paired_verdict({0: 2.0, 1: 0.0, 2: 1.0}, {0: 0.0, 1: 1.0, 2: 0.0})["verdict"] == "not separable"
+    # pairs are by seed: seed 3 of one row alone does not count; one common seed separates nothing
+    assert ev.paired_verdict({0: 5.0, 3: 9.0}, {0: 1.0})["verdict"] == "not separable (one seed)"
+
+
+def test_tables_over_seeds(tmp_path):
+    def mutdet_metrics(ap50, ap75):
+        return dict(sources=dict(rgb=dict(classes=["ship"], voc07_ap50=ap50, voc07_ap75=ap75,
+                                          per_class=dict(voc07_ap50=dict(ship=ap50)))))
+    detreg = _fake_run(tmp_path, "pre-detreg", dict(enhance=False, siamese=True, align=True, embed_loss="l1",
+                                                    pseudo_classes=1, dn_align=False))
+    mut = _fake_run(tmp_path, "pre-mutdet", dict(enhance=True, siamese=True, align=True, embed_loss="infonce",
+                                                 pseudo_classes=0))
+    runs = []
+    for seed, (none, d, m) in enumerate(((0.40, 0.50, 0.45), (0.42, 0.53, 0.44), (0.41, 0.55, 0.47))):
+        runs += [_fake_run(tmp_path, f"ft-none-seed{seed}", dict(init="", resnet="fractal", seed=seed),
+                           mutdet_metrics(none, 0.1)),
+                 _fake_run(tmp_path, f"ft-detreg-seed{seed}", dict(init=str(detreg), seed=seed), mutdet_metrics(d, 0.1)),
+                 _fake_run(tmp_path, f"ft-mutdet-seed{seed}", dict(init=str(mut), seed=seed), mutdet_metrics(m, 0.1))]
+    runs.append(_fake_run(tmp_path, "ft-mutdet-seed3", dict(init=str(mut), seed=3)))  # not finished
+    table = ev.format_table_runs("mutdet-table2", runs)
+    md = table["markdown"]
+    assert "mean ± std over 3 seeds" in md
+    assert "| FractalDB stand-in | 41.00 ± 1.00 | 41.00 ± 1.00 | 10.00 ± 0.00 |" in md  # 40, 42, 41
+    assert "| MutDet (1 seed not finished) | 45.33 ± 1.53 |" in md
+    # MutDet - DETReg: -5, -9, -8 -> reversed; DETReg - none: 10, 11, 14 -> holds; MutDet - none: 5, 2, 6
+    # (mean 4.33, SE 1.20) -> holds; AP75 all equal -> difference 0, not separable
+    assert "- MutDet > DETReg (AP50): **reversed**, difference -7.33" in md
+    assert "- DETReg > FractalDB stand-in (AP50): **holds**" in md
+    assert "- MutDet > FractalDB stand-in (AP50): **holds**, difference +4.33 ± 1.20 (SE, 3 seeds)" in md
+    assert "- MutDet > DETReg (AP75): **not separable**" in md
+    csv = table["csv"].splitlines()
+    assert csv[0] == "source,row,seed,ship,AP50,AP75" and len(csv) == 1 + 9  # every finished seed, one line each
+    assert "ours,MutDet,2,47,47,10" in csv
+    ev.plot_table_bars("mutdet-table2", table, tmp_path / "bars.png")
+    assert (tmp_path / "bars.png").stat().st_size > 5000

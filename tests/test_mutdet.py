@@ -285,7 +285,7 @@ def test_sam_stage_caches_and_resumes(tmp_path):
     import datasets
     import train
     synth = datasets.make_synthetic(tmp_path / "synth", n_train=3, n_test=1, size=64, max_objects=2, modalities=("rgb",))
-    argv = ["--stage", "sam", "--data", f"rgb:{synth / 'rgb'}", "--points_per_side", "3", "--sam_image_size", "64",
+    argv = ["--stage", "sam", "--resnet", "", "--data", f"rgb:{synth / 'rgb'}", "--points_per_side", "3", "--sam_image_size", "64",
             "--image_size", "64", "--crop", "16", "--pca_dim", "8", "--clusters", "2", "--out", str(tmp_path / "cache")]
     assert train.main(argv + ["--max-steps", "2"]) == 0
     first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "raw").iterdir()}
@@ -309,7 +309,7 @@ def test_sam_stage_caches_and_resumes(tmp_path):
 # train.py --stage mutdet and fine-tuning from it
 # ---------------------------------------------------------------------------------------------
 
-MODEL = ["--dim", "16", "--heads", "2", "--enc_layers", "1", "--dec_layers", "1", "--ffn", "16",
+MODEL = ["--resnet", "", "--dim", "16", "--heads", "2", "--enc_layers", "1", "--dec_layers", "1", "--ffn", "16",
          "--num_queries", "8", "--num_dn_queries", "4", "--gn_groups", "4"]
 
 
@@ -319,7 +319,7 @@ def sam_cache(tmp_path_factory):
     import train
     root = tmp_path_factory.mktemp("mutdet")
     synth = datasets.make_synthetic(root / "synth", n_train=4, n_test=2, size=64, max_objects=2, modalities=("rgb",))
-    assert train.main(["--stage", "sam", "--data", f"rgb:{synth / 'rgb'}", "--points_per_side", "3",
+    assert train.main(["--stage", "sam", "--resnet", "", "--data", f"rgb:{synth / 'rgb'}", "--points_per_side", "3",
                        "--sam_image_size", "64", "--image_size", "64", "--crop", "16", "--pca_dim", "16",
                        "--clusters", "3", "--out", str(root / "cache")]) == 0
     return root
