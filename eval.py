@@ -846,7 +846,7 @@ def row_key(name: str, f: dict) -> str:
         return f["merge"] if name == "babelrs-table5" else "csia"
     if f["init"] == "mutdet":
         return f["label"]  # DETReg, MutDet; an ablation row is named by its switches and is not compared
-    return "none" if f["init"] in ("random", "fractal") else f["init"]
+    return {"fractal": "none", "random": "random"}.get(f["init"], f["init"])  # generic pre-training is "none"
 
 
 # The papers' orderings each table tests: (better row, worse row, column). BabelRS Tab. 3: BabelRS is
@@ -909,6 +909,11 @@ def format_table_runs(name: str, runs: list) -> dict:
             g["label"] += f" ({g['missing'][0]})"
         elif g["missing"]:
             g["label"] += f" ({len(g['missing'])} seed{'s' if len(g['missing']) > 1 else ''} not finished)"
+    names = [g["name"] for g in groups.values()]
+    for row, g in groups.items():  # two rows of one kind (a longer schedule, say): tell them apart by folder
+        if names.count(g["name"]) > 1:
+            g["label"] = g["label"].replace(g["name"], f"{g['name']} [{row}]", 1)
+            g["name"] = f"{g['name']} [{row}]"
     seeds = sorted({k for g in groups.values() for k in g["seeds"]})
     many = len(seeds) > 1
     ours = []
@@ -953,6 +958,40 @@ def format_table_runs(name: str, runs: list) -> dict:
         csv += [f"paper,{label},,{','.join(f'{v:.4g}' for v in vals)}" for label, vals in paper["rows"].items()]
     return dict(markdown="\n".join(text) + "\n", csv="\n".join(csv) + "\n", groups=groups, verdicts=verdicts,
                 columns=columns)
+
+
+def format_tiny_checks(runs: list) -> str:
+    """`train.py --sweep tiny-checks`: what the stand-ins give over random init, and whether doubling
+    the fine-tuning steps moves a row more than its seeds do (docs/tiny-protocol.md)."""
+    vit = format_table_runs("babelrs-table3", [r for r in runs if Path(r).name.startswith(("ft-generic", "ft-random-off"))])
+    r18 = format_table_runs("mutdet-table2", [r for r in runs if "-data" in Path(r).name])
+    text = ["**tiny-checks**: the stand-ins against random init on the same steps, and a doubled schedule", "",
+            "ViT (babelrs-tiny, SAR + RGB + IR, AP in %):", "", vit["markdown"].split("\n\n")[1], "",
+            "ResNet-18 (the tiny finetune preset on SynthSOI-RGB, VOC07 AP in %):", "",
+            r18["markdown"].split("\n\n")[1], ""]
+
+    def per_seed(table, row, column):
+        g = table["groups"].get(row)
+        c = table["columns"].index(column)
+        return {} if g is None else {k: v[c] for k, v in g["seeds"].items()}
+
+    lines = []
+    for table, better, worse, column, what in (
+            (vit, "ft-generic-off", "ft-random-off", "H-mAP", "ViT: stand-in > random init"),
+            (vit, "ft-generic-off", "ft-random-off", "Overall AP50", "ViT: stand-in > random init"),
+            (r18, "ft-none-data1.0", "ft-random-data1.0", "AP50", "ResNet-18: stand-in > random init")):
+        v = paired_verdict(per_seed(table, better, column), per_seed(table, worse, column))
+        lines.append(f"- {what} ({column}): **{v['verdict']}**, difference {v['mean']:+.2f}"
+                     + (f" ± {v['se']:.2f} (SE, {v['n']} seeds)" if np.isfinite(v["se"]) else ""))
+    for column in ("Overall AP50", "H-mAP"):
+        short, long = per_seed(vit, "ft-generic-off", column), per_seed(vit, "ft-generic-off-long", column)
+        if short and long:
+            v = paired_verdict(long, short)
+            spread = float(np.std(list(short.values()), ddof=1)) if len(short) > 1 else NAN
+            moved = "less" if abs(v["mean"]) < spread else "more"
+            lines.append(f"- ViT stand-in row, 2x the fine-tuning steps ({column}): moves it by {v['mean']:+.2f} "
+                         f"({v['verdict']}), {moved} than the seed spread (std {spread:.2f})")
+    return "\n".join(text + lines) + "\n"
 
 
 def _mean_std(mean: float, std: float, n: int) -> str:

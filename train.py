@@ -1589,7 +1589,7 @@ TINY_SEEDS, TINY_THREADS = 3, 2  # seeds a row and threads a run at tiny scale
 SHARED_RUNS = ("sam",)  # runs every seed shares (the SAM pseudo-label cache, as MutDet's released one)
 MERGES = ("last", "concat", "sum", "per-layer", "lvsa")  # BabelRS Tab. 5 rows: baseline, (a), (b), (c), (d)
 SWEEPS = ("babelrs-table3", "babelrs-table4", "babelrs-table5", "babelrs-fig6", "mutdet-table2", "mutdet-10pct",
-          "mutdet-table3")
+          "mutdet-table3", "tiny-checks")
 # MutDet Tab. 3 is scored by the DOTA-v1.0 server: its fine-tuned rows predict on the full test scenes
 SUBMISSION = "dota-test"  # folder of each fine-tuned row holding drawings, Task1 files and submission.zip
 
@@ -1684,6 +1684,16 @@ def sweep_runs(name: str, scale: str, extra: dict, amp: str = "fp16") -> list:
             add(f"ft-{(init or 'none').removeprefix('pre-')}-data{fraction}{dota}",
                 ["--stage", "finetune"] + ft_preset + schedule + ["--data_fraction", fraction]
                 + (["--init", f"{{runs}}/{init}"] if init else []) + extra["finetune"])
+    elif name == "tiny-checks":  # the stand-ins against random init; the ViT row with twice the steps
+        if not tiny:
+            raise SystemExit("--sweep tiny-checks: a check of the tiny protocol (--scale tiny)")
+        vit = dict(sweep_runs("babelrs-table3", scale, extra, amp))["ft-generic-off"]
+        r18 = dict(sweep_runs("mutdet-table2", scale, extra, amp))["ft-none-data1.0"]
+        add("ft-generic-off", vit)  # shared with Tab. 3
+        add("ft-random-off", vit + ["--init", ""])
+        add("ft-generic-off-long", vit + ["--max-steps", str(2 * TINY_FINETUNE_STEPS)])
+        add("ft-none-data1.0", r18)  # shared with MutDet Tab. 2
+        add("ft-random-data1.0", r18 + ["--resnet", ""])
     else:
         raise SystemExit(f"--sweep {name}: choose one of {', '.join(SWEEPS)}")
     return runs
@@ -1812,7 +1822,7 @@ def run_sweep(argv) -> int:
         return 0
     launch = [sys.executable] if args.nproc == 1 else ["torchrun", f"--nproc_per_node={args.nproc}"]
     if args.scale == "tiny" and not args.dry_run:  # the stand-ins every seed starts from, built once (standin)
-        for model in ("vit",) if args.sweep.startswith("babelrs") else ("resnet18",):
+        for model in {"babelrs": ("vit",), "mutdet": ("resnet18",)}.get(args.sweep.split("-")[0], ("vit", "resnet18")):
             standin("fractal", model)
     for folder, run_argv in runs:
         run = root / folder
@@ -1869,6 +1879,11 @@ def run_sweep(argv) -> int:
                   "(upload each to the evaluation server; Tab. 3 reports its mAP)")
         return 0
     if args.dry_run:
+        return 0
+    if args.sweep == "tiny-checks":
+        text = evaluation.format_tiny_checks([root / f for f, _ in runs])
+        datasets.atomic_write_text(root / f"{args.sweep}.md", text)
+        print(text)
         return 0
     table = evaluation.format_table_runs(args.sweep, [root / f for f, _ in runs if f.startswith("ft-")])
     for suffix, text in (("md", table["markdown"]), ("csv", table["csv"])):
