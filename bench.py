@@ -44,6 +44,7 @@ def _best_of(fn, repeat):
 
 def bench_iou(args):
     import shapely
+    import torchvision
 
     print(f"rotated IoU, {args.n} x {args.n} boxes, torch {torch.__version__}, shapely {shapely.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
@@ -73,12 +74,22 @@ def bench_iou(args):
             print(f"  shapely vectorised intersection     {t_dense:8.3f} s")
         for dtype in (torch.float64, torch.float32):
             x1, x2 = b1.to(dtype), b2.to(dtype)
+            # the peer: torchvision's compiled C++ kernel; degrees (the sign convention does not matter:
+            # a reflection of both boxes keeps their IoU)
+            d1, d2 = (torch.cat([x[:, :4], torch.rad2deg(x[:, 4:])], 1) for x in (x1, x2))
+            t_tv, tv = _best_of(lambda: torchvision.ops.box_iou(d1, d2, fmt="cxcywhr"), args.repeat)
             t_ours, ours = _best_of(lambda: ro.box_iou_rotated(x1, x2), args.repeat)
-            err = np.abs(ours.double().numpy() - ref).max()
-            line = f"  box_iou_rotated {str(dtype)[6:]:<8}            {t_ours:8.3f} s   {t_tree / t_ours:6.1f}x vs STRtree"
+            ro.box_iou_rotated(x1, x2, compiled=True)  # compiles (not timed)
+            t_comp, comp = _best_of(lambda: ro.box_iou_rotated(x1, x2, compiled=True), args.repeat)
+            name = str(dtype)[6:]
+            err = lambda r: np.abs(r.double().numpy() - ref).max()  # noqa: E731
+            line = f"  box_iou_rotated {name:<8}            {t_ours:8.3f} s   {t_tree / t_ours:6.1f}x vs STRtree"
             if scene == "dense":
                 line += f"   {t_dense / t_ours:6.1f}x vs vectorised"
-            print(line + f"   max |err| {err:.1e}")
+            print(line + f"   max |err| {err(ours):.1e}")
+            print(f"  box_iou_rotated {name:<8} compiled=True{t_comp:8.3f} s   max |err| {err(comp):.1e}")
+            print(f"  torchvision {torchvision.__version__} box_iou(fmt='cxcywhr') {name} {t_tv:8.3f} s   max |err| "
+                  f"{err(tv):.1e};  ours / torchvision: {t_ours / t_tv:.2f} eager, {t_comp / t_tv:.2f} compiled")
 
 
 def _dota_like_workload(n_images, n_classes, dets_per_image, seed=0):
@@ -173,9 +184,10 @@ def _train_step_time(model, forward, repeat, warmup=1):
 def _peer_deformable_detr(cfg, num_classes: int):
     """The like-for-like peer of our rotated DETR: transformers' `DeformableDetrForObjectDetection`,
     two-stage with box refinement, of the same width, depths, heads, queries, levels, points, FFN and
-    dropout, on a randomly initialised transformers ResNet of the same depth with the stem and the
-    first stage frozen (its BatchNorm is frozen, as ours at the paper preset). It has no denoising
-    queries and no angle head, which ours adds."""
+    dropout (also in the FFN's hidden layer and the decoder's attention weights, as mmcv's), on a
+    randomly initialised transformers ResNet of the same depth whose stem and first stage are frozen
+    and the rest trained, as ours (its BatchNorm is frozen, as ours). It has no denoising queries and
+    no angle head, which ours adds."""
     from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection, ResNetConfig
     deep = cfg.backbone == "resnet50"
     backbone = ResNetConfig(depths=[3, 4, 6, 3] if deep else [2, 2, 2, 2],
@@ -187,10 +199,13 @@ def _peer_deformable_detr(cfg, num_classes: int):
         encoder_ffn_dim=cfg.ffn, decoder_ffn_dim=cfg.ffn, encoder_attention_heads=cfg.heads,
         decoder_attention_heads=cfg.heads, num_queries=cfg.num_queries, two_stage_num_proposals=cfg.num_queries,
         num_feature_levels=cfg.levels, encoder_n_points=cfg.points, decoder_n_points=cfg.points,
-        num_labels=num_classes, dropout=cfg.dropout, attention_dropout=0.0, activation_dropout=0.0))
+        # dropout where ours (mmcv) has it: residuals, the FFN's hidden layer, the decoder's attention weights
+        num_labels=num_classes, dropout=cfg.dropout, attention_dropout=cfg.dropout, activation_dropout=cfg.dropout))
+    # transformers means to train ResNet stages 2-4 but matches "stage.1" against names "stages.1", so
+    # it freezes the whole backbone; train what ours trains: all but the stem and the first stage
     for name, p in peer.named_parameters():
-        if ".backbone." in name and (".embedder." in name or ".stages.0." in name):
-            p.requires_grad_(False)
+        if ".backbone." in name:
+            p.requires_grad_(".embedder." not in name and ".stages.0." not in name)
     return peer.train()
 
 
@@ -198,6 +213,16 @@ def _peer_targets(boxes: list, labels: list, size: int) -> list:
     """Our le90 boxes in pixels -> the peer's horizontal (cx, cy, w, h) / size and labels."""
     return [dict(class_labels=l, boxes=ro.hbb_xyxy_to_cxcywh(ro.obb2hbb(b)).float().clamp(0, size) / size)
             for b, l in zip(boxes, labels)]
+
+
+def _report_compiled(model, forward, t_eager: float, t_peer: float, args) -> None:
+    """The same training step after `train.compile_layers` (in place), beside the eager time."""
+    import train
+    t0 = time.perf_counter()
+    layers = train.compile_layers(model)
+    t_compiled = _train_step_time(model, forward, args.repeat, args.warmup + 1)  # the first step compiles
+    print(f"    --compile ({layers} layers, inductor; {time.perf_counter() - t0:.0f} s with compilation): "
+          f"{t_compiled:.2f} s a step; compiled / eager {t_compiled / t_eager:.2f}; ratio ours / peer {t_compiled / t_peer:.2f}")
 
 
 def bench_detr(args):
@@ -236,6 +261,8 @@ def bench_detr(args):
     print(f"  tiny preset ({cfg.backbone}, {cfg.enc_layers}/{cfg.dec_layers} layers, {cfg.image_size} px, batch {n}): "
           f"{t_tiny:.2f} s a step = {n / t_tiny:.2f} samples/s; transformers Deformable DETR of the same size "
           f"{t_peer:.2f} s; ratio ours / peer {t_tiny / t_peer:.2f}")
+    if args.compile:
+        _report_compiled(model, tiny_forward, t_tiny, t_peer, args)
 
     # paper size: ResNet-50, 6/6 layers, 300 queries, 800 px, batch 2, 20 objects an image
     B, size = 2, args.size
@@ -256,6 +283,8 @@ def bench_detr(args):
     print(f"  paper size ({paper.backbone}, {paper.enc_layers}/{paper.dec_layers} layers, {paper.num_queries} queries, "
           f"{size} px, batch {B}, dropout {paper.dropout}): ours {t_detr:.2f} s; transformers Deformable DETR "
           f"{t_peer:.2f} s; ratio ours / peer {t_detr / t_peer:.2f}")
+    if args.compile:
+        _report_compiled(model, lambda: sum(model(images, masks, ["rgb"] * B, tg)["losses"].values()), t_detr, t_peer, args)
     if args.quick:
         return
     frcnn = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None,
@@ -268,8 +297,8 @@ def bench_detr(args):
 
 def bench_vit(args):
     """CSIA training speed of the tiny preset, and forward+backward of the paper-size ViT
-    (InternViT-300M, 448 px). Reference: PyTorch's nn.TransformerEncoder of the same width, depth
-    and token count, in the same run."""
+    (InternViT-300M, 448 px). References, in the same run: transformers' InternVL vision tower of the
+    same size (`_peer_internvit`), and PyTorch's nn.TransformerEncoder on the same tokens."""
     import babelrs
     import datasets
     import train
@@ -312,9 +341,32 @@ def bench_vit(args):
         ref.zero_grad()
         ref(tokens).sum().backward()
     t_ref = _best_of(ref_fwd_bwd, args.repeat)[0]
+    peer = _peer_internvit(paper)
+
+    def peer_fwd_bwd():
+        peer.zero_grad()
+        hidden = peer(pixel_values=x, output_hidden_states=True).hidden_states
+        babelrs.merge_layers(list(hidden), tuple(paper.layers), 0.5).sum().backward()
+    t_peer = _best_of(peer_fwd_bwd, args.repeat)[0]
     print(f"  InternViT-300M ({paper.vit_dim}x{paper.vit_depth}, {paper.image_size} px, batch {args.batch}) "
-          f"forward+backward: {t_ours:.2f} s; torch.nn.TransformerEncoder of the same size: {t_ref:.2f} s "
-          f"(ratio ours / torch {t_ours / t_ref:.2f})")
+          f"forward+backward with the LVSA merge: ours {t_ours:.2f} s; transformers InternVLVisionModel of the same "
+          f"size {t_peer:.2f} s (ratio ours / peer {t_ours / t_peer:.2f}); torch.nn.TransformerEncoder on the same "
+          f"tokens {t_ref:.2f} s (ratio ours / torch {t_ours / t_ref:.2f})")
+
+
+def _peer_internvit(cfg):
+    """The like-for-like peer of our ViT: transformers' InternVL vision tower (InternViT: pre-norm,
+    layer scale 0.1, qkv bias, GELU MLP 4x, absolute positions), randomly initialised, same size."""
+    import transformers
+    from transformers import InternVLVisionConfig, InternVLVisionModel
+    peer = InternVLVisionModel(InternVLVisionConfig(
+        hidden_size=cfg.vit_dim, num_hidden_layers=cfg.vit_depth, num_attention_heads=cfg.vit_heads,
+        intermediate_size=4 * cfg.vit_dim, attention_bias=True, image_size=[cfg.image_size] * 2,
+        patch_size=[cfg.patch] * 2, layer_scale_init_value=0.1, norm_type="layer_norm", layer_norm_eps=1e-6,
+        use_mean_pooling=True))
+    print(f"    peer: transformers {transformers.__version__} InternVLVisionModel, attention "
+          f"{peer.config._attn_implementation}")
+    return peer.train()
 
 
 def bench_sam(args):
@@ -484,6 +536,8 @@ def main(argv=None):
     q = sub.add_parser("detr", parents=[common], help="rotated DETR training speed vs torchvision Faster R-CNN")
     q.add_argument("--size", type=int, default=800)
     q.add_argument("--repeat", type=int, default=2)
+    q.add_argument("--compile", action="store_true", help="also time ours with --compile (train.compile_layers; "
+                   "the first step compiles and is not timed)")
     q.set_defaults(fn=bench_detr)
     q = sub.add_parser("sam", parents=[common], help="sam stage images/s and SAM ViT-B mask generation time")
     q.add_argument("--images", type=int, default=3)

@@ -122,11 +122,31 @@ def _mean_over_ranks(x: float, device) -> float:
 # Backbone and neck
 # ---------------------------------------------------------------------------------------------
 
+class FrozenBatchNorm(nn.Module):
+    """BatchNorm with frozen statistics and affine parameters (mmcv `norm_eval=True,
+    requires_grad=False`): torchvision's FrozenBatchNorm2d buffers (weight, bias, running_mean,
+    running_var, so its state dicts load), computed by one native eval-mode batch_norm instead of
+    two elementwise passes, which matters on the large early feature maps."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        for name, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
+            self.register_buffer(name, torch.full((num_features,), value))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.pop(prefix + "num_batches_tracked", None)  # a trainable BatchNorm's counter
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
 class ResNetBackbone(nn.Module):
     """torchvision ResNet returning C3, C4, C5 (strides 8, 16, 32), MutDet's `out_indices=(1, 2, 3)`.
 
     `frozen_stages=1`: the stem and the first stage get no gradient; `frozen_bn`: BatchNorm is
-    replaced by torchvision's FrozenBatchNorm2d (ARS-DETR `norm_eval=True, requires_grad=False`).
+    replaced by FrozenBatchNorm (ARS-DETR `norm_eval=True, requires_grad=False`).
     Weights load from a local file (`weights`: a torchvision state dict, .pth or .safetensors);
     without one the network is randomly initialised.
     """
@@ -135,10 +155,9 @@ class ResNetBackbone(nn.Module):
                  frozen_bn: bool = True, frozen_stages: int = 1):
         super().__init__()
         import torchvision
-        from torchvision.ops.misc import FrozenBatchNorm2d
         if depth not in ("resnet50", "resnet18"):
             raise ValueError(f"unknown backbone {depth!r}; choose resnet50 or resnet18")
-        net = getattr(torchvision.models, depth)(weights=None, norm_layer=FrozenBatchNorm2d if frozen_bn else None)
+        net = getattr(torchvision.models, depth)(weights=None, norm_layer=FrozenBatchNorm if frozen_bn else None)
         if weights:
             state = load_state_file(weights)
             state = {k: v for k, v in state.items() if not k.startswith("fc.")}
@@ -302,14 +321,14 @@ def ms_deform_attn_core(value: torch.Tensor, shapes: list, locations: torch.Tens
     B, S, nh, dh = value.shape
     _, Q, _, L, P, _ = locations.shape
     values = value.split([h * w for h, w in shapes], dim=1)
-    grids = 2 * locations - 1  # grid_sample wants [-1, 1]
-    sampled = []
-    for l, (h, w) in enumerate(shapes):
+    # one copy into level-major layouts, so each level's grid and weights are contiguous
+    grids = (2 * locations - 1).permute(3, 0, 2, 1, 4, 5).reshape(L, B * nh, Q, P, 2)  # grid_sample wants [-1, 1]
+    a = weights.permute(3, 0, 2, 1, 4).reshape(L, B * nh, 1, Q, P)
+    out = 0
+    for l, (h, w) in enumerate(shapes):  # level by level: no (B·H, Dh, Q, L·P) stack of every sample
         v = values[l].flatten(2).transpose(1, 2).reshape(B * nh, dh, h, w)  # (B·H, Dh, H_l, W_l)
-        g = grids[:, :, :, l].transpose(1, 2).flatten(0, 1)  # (B·H, Q, P, 2)
-        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))  # (B·H, Dh, Q, P)
-    a = weights.transpose(1, 2).reshape(B * nh, 1, Q, L * P)
-    out = (torch.stack(sampled, dim=-2).flatten(-2) * a).sum(-1)  # (B·H, Dh, Q)
+        sampled = F.grid_sample(v, grids[l], mode="bilinear", padding_mode="zeros", align_corners=False)  # (B·H, Dh, Q, P)
+        out = out + (sampled * a[l]).sum(-1)  # (B·H, Dh, Q)
     return out.view(B, nh * dh, Q).transpose(1, 2)  # (B, Q, H·Dh)
 
 

@@ -925,7 +925,8 @@ def format_table_runs(name: str, runs: list) -> dict:
             cells = [_mean_std(m, sd, len(values)) for m, sd in zip(mean, std)]
         else:  # one seed: the cells as they are (iterations and steps stay integers)
             cells = next(iter(g["seeds"].values())) if g["seeds"] else [NAN] * len(columns)
-        label = g["label"] + (f" ({len(values)} seeds)" if many and len(values) != len(seeds) else "")
+        label = g["label"] + (f" ({len(values)} seed{'s' if len(values) != 1 else ''})"
+                              if many and len(values) != len(seeds) else "")
         ours.append((label, cells))
     paper = PAPER[name]
     head = f"**{name}**, ours ({len(runs)} run{'s' if len(runs) != 1 else ''}"

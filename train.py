@@ -111,6 +111,7 @@ class FinetuneConfig:
     epochs: int = 40  # paper: 36
     lr_steps: list[float] = field(default_factory=lambda: [36])  # epochs where lr *= 0.1; paper: [32]
     amp: Literal["off", "bf16", "fp16"] = "off"  # fp16 uses dynamic loss scaling
+    compile: bool = False  # torch.compile (inductor) the transformer layers, in place (compile_layers); opt-in
     max_steps: int = 0  # stop after this many steps (0 = the whole schedule); the schedule is unchanged
     # run
     out: str = ""  # run folder; default runs/finetune-<time>
@@ -196,6 +197,7 @@ class CSIAConfig:
     clip: float = 1.0  # HF Trainer's max_grad_norm
     steps: int = 400  # length of the schedule; paper: 20000
     amp: Literal["off", "bf16", "fp16"] = "off"  # paper: bf16
+    compile: bool = False  # torch.compile (inductor) the transformer layers, in place (compile_layers); opt-in
     max_steps: int = 0  # stop after this many steps (0 = the whole schedule)
     # run
     out: str = ""  # run folder; default runs/csia-<time>
@@ -308,6 +310,7 @@ class MutDetConfig:
     epochs: int = 20  # paper: 36
     lr_steps: list[float] = field(default_factory=lambda: [18])  # epochs where lr *= 0.1; paper: [32]
     amp: Literal["off", "bf16", "fp16"] = "off"  # fp16 uses dynamic loss scaling
+    compile: bool = False  # torch.compile (inductor) the transformer layers, in place (compile_layers); opt-in
     max_steps: int = 0  # stop after this many steps (0 = the whole schedule); the schedule is unchanged
     # run
     out: str = ""  # run folder; default runs/mutdet-<time>
@@ -609,6 +612,20 @@ class Preemption:
             signal.signal(sig, handler)
 
 
+def compile_layers(model: torch.nn.Module) -> int:
+    """`--compile`: torch.compile (inductor) each layer whose shapes are fixed by the image size, in
+    place: the DETR's encoder layers (multi-scale deformable attention over every token: where fused
+    sampling comes from on a GPU) and the ViT's blocks. In place (`nn.Module.compile`), so weight
+    names and checkpoints are unchanged. The decoder and MutDet's enhancement see a query count that
+    changes with the objects of each batch (denoising groups, SAM boxes) and would recompile, so they
+    stay eager, with the matcher and the losses. Returns the number of layers compiled."""
+    kinds = (detection.EncoderLayer, babelrs.Block)
+    layers = [m for m in model.modules() if isinstance(m, kinds)]
+    for m in layers:
+        m.compile()
+    return len(layers)
+
+
 def train_steps(cfg, run: Path, model, optimizer, scaler, batches, start: int, end: int, lr_fn, forward,
                 per_step: int, desc: str, after_step=None, find_unused: bool = False) -> int:
     """Steps start..end-1: set the lr, run `forward(net, micro_batch, step) -> (losses, extras)` on
@@ -618,6 +635,10 @@ def train_steps(cfg, run: Path, model, optimizer, scaler, batches, start: int, e
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     device = next(model.parameters()).device
+    if getattr(cfg, "compile", False) and rank == 0:
+        print(f"{desc}: --compile: {compile_layers(model)} layers compiled (the first steps include compilation)")
+    elif getattr(cfg, "compile", False):
+        compile_layers(model)
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,

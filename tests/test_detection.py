@@ -348,7 +348,25 @@ def test_resnet_loads_local_torchvision_weights(tmp_path):
     torch.save(net.state_dict(), tmp_path / "r18.pth")
     backbone = detection.ResNetBackbone("resnet18", str(tmp_path / "r18.pth"), frozen_bn=True)
     assert torch.equal(backbone.layer3[1].conv2.weight, net.layer3[1].conv2.weight)
-    assert torch.equal(backbone.stem[1].running_var, net.bn1.running_var)  # into FrozenBatchNorm2d
+    assert torch.equal(backbone.stem[1].running_var, net.bn1.running_var)  # into the frozen BatchNorm
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="not a torchvision resnet18"):
         detection.ResNetBackbone("resnet18", str(tmp_path / "bad.pth"))
+
+
+def test_frozen_batchnorm_is_torchvisions():
+    from torchvision.ops.misc import FrozenBatchNorm2d
+    g = torch.Generator().manual_seed(0)
+    ours, ref = detection.FrozenBatchNorm(6), FrozenBatchNorm2d(6)
+    bn = torch.nn.BatchNorm2d(6)
+    for t in (bn.weight, bn.bias, bn.running_mean):
+        t.data = torch.randn(6, generator=g)
+    bn.running_var.data = torch.rand(6, generator=g) + 0.5
+    ours.load_state_dict(bn.state_dict())  # a trainable BatchNorm's state (with num_batches_tracked)
+    ref.load_state_dict(bn.state_dict())
+    x = torch.randn(2, 6, 5, 7, generator=g, requires_grad=True)
+    y1, y2 = ours(x), ref(x)
+    assert torch.allclose(y1, y2, atol=1e-5)
+    g1, = torch.autograd.grad(y1.square().sum(), x)
+    g2, = torch.autograd.grad(y2.square().sum(), x)
+    assert torch.allclose(g1, g2, atol=1e-4) and not any(p.requires_grad for p in ours.parameters())

@@ -226,3 +226,14 @@ def test_dry_run_prints_what_each_run_costs(tmp_path, capsys):
     one = dict(train.sweep_runs("babelrs-table3", "1gpu", dict(csia=[], finetune=[], sam=[], mutdet=[], weights=[])))
     assert one["csia-lvsa-s2000-tau600"][-4:] == ["--steps", "2000", "--tau", "600"]  # τ cut with the steps
     assert "--lr_steps" in one["ft-generic-off"] and "2.75" in one["ft-generic-off"]  # lr steps at 8/12 and 11/12
+
+
+def test_compiled_run_matches_eager(synth, tmp_path):
+    """--compile (inductor, the encoder layer) trains the same tiny run as eager, to float tolerance."""
+    argv = SMALL + ["--data", f"rgb:{synth / 'rgb'}", "--max-steps", "2"]
+    assert train.main(argv + ["--out", str(tmp_path / "eager")]) == 0
+    assert train.main(argv + ["--compile", "true", "--out", str(tmp_path / "compiled")]) == 0
+    eager, compiled = read_log(tmp_path / "eager"), read_log(tmp_path / "compiled")
+    assert len(eager) == len(compiled) == 2
+    for a, b in zip(eager, compiled):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
