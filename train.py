@@ -1442,9 +1442,9 @@ def fractal_stage(cfg: FractalConfig) -> int:
         return dict(loss_cls=F.cross_entropy(logits, batch["labels"].to(device), label_smoothing=cfg.label_smoothing)), {}
 
     micro = cfg.batch_size // world  # each process renders its own share of batch k
-    batches = [datasets.FractalImages(systems, micro, cfg.image_size, cfg.seed * 1000 + rank)]
+    batches = datasets.FractalImages(systems, micro, cfg.image_size, cfg.seed * 1000 + rank)
     end = min(cfg.steps, cfg.max_steps) if cfg.max_steps else cfg.steps
-    status = train_steps(cfg, run, model, optimizer, scaler, batches[0], start, end, lambda step: cosine_lr(step, cfg),
+    status = train_steps(cfg, run, model, optimizer, scaler, batches, start, end, lambda step: cosine_lr(step, cfg),
                          forward, cfg.batch_size, "fractal")
     if status == 0 and rank == 0 and end == cfg.steps:
         accuracy = fractal_accuracy(model, systems, cfg, device)
