@@ -635,10 +635,10 @@ def train_steps(cfg, run: Path, model, optimizer, scaler, batches, start: int, e
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     device = next(model.parameters()).device
-    if getattr(cfg, "compile", False) and rank == 0:
-        print(f"{desc}: --compile: {compile_layers(model)} layers compiled (the first steps include compilation)")
-    elif getattr(cfg, "compile", False):
-        compile_layers(model)
+    if getattr(cfg, "compile", False):
+        compiled = compile_layers(model)
+        if rank == 0:
+            print(f"{desc}: --compile: {compiled} layers compiled (the first steps include compilation)")
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
