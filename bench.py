@@ -33,6 +33,18 @@ def _boxes(n, canvas, seed, dtype=torch.float64):
     return ro.regularize_obb(torch.cat([c, wh, t], 1)).to(dtype)
 
 
+def _interleaved(fns, repeat):
+    """Min time and last output of each function, the repeats taken in turn (fn1, fn2, fn1, ...) so
+    that a slow spell of the machine falls on both."""
+    best, outs = [math.inf] * len(fns), [None] * len(fns)
+    for _ in range(repeat):
+        for k, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            outs[k] = fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return list(zip(best, outs))
+
+
 def _best_of(fn, repeat):
     times = []
     for _ in range(repeat):
@@ -77,19 +89,16 @@ def bench_iou(args):
             # the peer: torchvision's compiled C++ kernel, degrees counter-clockwise: -θ of our le90
             # clockwise radians (with +θ it scores other boxes: IoU errors up to 0.4)
             d1, d2 = (torch.cat([x[:, :4], -torch.rad2deg(x[:, 4:])], 1) for x in (x1, x2))
-            t_tv, tv = _best_of(lambda: torchvision.ops.box_iou(d1, d2, fmt="cxcywhr"), args.repeat)
-            t_ours, ours = _best_of(lambda: ro.box_iou_rotated(x1, x2), args.repeat)
-            ro.box_iou_rotated(x1, x2, compiled=True)  # compiles (not timed)
-            t_comp, comp = _best_of(lambda: ro.box_iou_rotated(x1, x2, compiled=True), args.repeat)
+            (t_tv, tv), (t_ours, ours) = _interleaved([lambda: torchvision.ops.box_iou(d1, d2, fmt="cxcywhr"),
+                                                       lambda: ro.box_iou_rotated(x1, x2)], args.repeat)
             name = str(dtype)[6:]
             err = lambda r: np.abs(r.double().numpy() - ref).max()  # noqa: E731
             line = f"  box_iou_rotated {name:<8}            {t_ours:8.3f} s   {t_tree / t_ours:6.1f}x vs STRtree"
             if scene == "dense":
                 line += f"   {t_dense / t_ours:6.1f}x vs vectorised"
             print(line + f"   max |err| {err(ours):.1e}")
-            print(f"  box_iou_rotated {name:<8} compiled=True{t_comp:8.3f} s   max |err| {err(comp):.1e}")
             print(f"  torchvision {torchvision.__version__} box_iou(fmt='cxcywhr') {name} {t_tv:8.3f} s   max |err| "
-                  f"{err(tv):.1e};  ours / torchvision: {t_ours / t_tv:.2f} eager, {t_comp / t_tv:.2f} compiled")
+                  f"{err(tv):.1e};  ours / torchvision: {t_ours / t_tv:.2f}")
 
 
 def _dota_like_workload(n_images, n_classes, dets_per_image, seed=0):
@@ -167,18 +176,26 @@ def bench_eval(args):
     print(f"  speed-up {t_ref_full / t_ours:.1f}x; budget: {t_ours:.1f} s of 60 s")
 
 
-def _train_step_time(model, forward, repeat, warmup=1):
-    """Best-of-`repeat` seconds of forward + backward + AdamW step."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+def _train_step_times(runs, repeat: int, warmup: int) -> list:
+    """Best-of-`repeat` seconds of forward + backward + AdamW step of each (model, forward) in `runs`,
+    the repeats taken in turn (`_interleaved`), after `warmup` steps of each."""
+    steps = []
+    for model, forward in runs:
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
-    def step():
-        loss = forward()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    for _ in range(warmup):
-        step()
-    return _best_of(step, repeat)[0]
+        def step(model=model, forward=forward, opt=opt):
+            loss = forward()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        for _ in range(warmup):
+            step()
+        steps.append(step)
+    return [t for t, _ in _interleaved(steps, repeat)]
+
+
+def _train_step_time(model, forward, repeat: int, warmup: int = 1) -> float:
+    return _train_step_times([(model, forward)], repeat, warmup)[0]
 
 
 def _peer_deformable_detr(cfg, num_classes: int):
@@ -251,13 +268,14 @@ def bench_detr(args):
 
     def tiny_forward():
         return sum(model(batch["images"], batch["masks"], batch["modality"], targets)["losses"].values())
-    t_tiny = _train_step_time(model, tiny_forward, args.repeat, args.warmup)
     n = len(batch["modality"])
     peer = _peer_deformable_detr(cfg, len(split.classes))
     size = batch["images"].shape[-1]
     peer_targets = _peer_targets(batch["boxes"], batch["labels"], size)
-    t_peer = _train_step_time(peer, lambda: peer(pixel_values=batch["images"], pixel_mask=(~batch["masks"]).long(),
-                                                 labels=peer_targets).loss, args.repeat, args.warmup)
+    t_tiny, t_peer = _train_step_times(
+        [(model, tiny_forward),
+         (peer, lambda: peer(pixel_values=batch["images"], pixel_mask=(~batch["masks"]).long(), labels=peer_targets).loss)],
+        args.repeat, args.warmup)
     print(f"  tiny preset ({cfg.backbone}, {cfg.enc_layers}/{cfg.dec_layers} layers, {cfg.image_size} px, batch {n}): "
           f"{t_tiny:.2f} s a step = {n / t_tiny:.2f} samples/s; transformers Deformable DETR of the same size "
           f"{t_peer:.2f} s; ratio ours / peer {t_tiny / t_peer:.2f}")
@@ -276,10 +294,10 @@ def bench_detr(args):
     paper = train.FINETUNE_PRESETS["paper"]
     model = babelrs.build_detector(**train.model_args(paper, [dict(sources[0], classes=[str(c) for c in range(15)])])).train()
     tg = [dict(boxes=b, labels=l, size=(size, size)) for b, l in zip(boxes, labels)]
-    t_detr = _train_step_time(model, lambda: sum(model(images, masks, ["rgb"] * B, tg)["losses"].values()), args.repeat, args.warmup)
     peer = _peer_deformable_detr(paper, 15)
     ptg = _peer_targets(boxes, labels, size)
-    t_peer = _train_step_time(peer, lambda: peer(pixel_values=images, labels=ptg).loss, args.repeat, args.warmup)
+    t_detr, t_peer = _train_step_times([(model, lambda: sum(model(images, masks, ["rgb"] * B, tg)["losses"].values())),
+                                        (peer, lambda: peer(pixel_values=images, labels=ptg).loss)], args.repeat, args.warmup)
     print(f"  paper size ({paper.backbone}, {paper.enc_layers}/{paper.dec_layers} layers, {paper.num_queries} queries, "
           f"{size} px, batch {B}, dropout {paper.dropout}): ours {t_detr:.2f} s; transformers Deformable DETR "
           f"{t_peer:.2f} s; ratio ours / peer {t_detr / t_peer:.2f}")
@@ -329,7 +347,6 @@ def bench_vit(args):
         vit.zero_grad()
         hidden = vit(x)
         babelrs.merge_layers(hidden, tuple(paper.layers), 0.5).sum().backward()
-    t_ours = _best_of(fwd_bwd, args.repeat)[0]
 
     # reference: PyTorch's own pre-norm transformer encoder of the same size on the same tokens
     ref = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(
@@ -340,14 +357,13 @@ def bench_vit(args):
     def ref_fwd_bwd():
         ref.zero_grad()
         ref(tokens).sum().backward()
-    t_ref = _best_of(ref_fwd_bwd, args.repeat)[0]
     peer = _peer_internvit(paper)
 
     def peer_fwd_bwd():
         peer.zero_grad()
         hidden = peer(pixel_values=x, output_hidden_states=True).hidden_states
         babelrs.merge_layers(list(hidden), tuple(paper.layers), 0.5).sum().backward()
-    t_peer = _best_of(peer_fwd_bwd, args.repeat)[0]
+    (t_ours, _), (t_ref, _), (t_peer, _) = _interleaved([fwd_bwd, ref_fwd_bwd, peer_fwd_bwd], args.repeat)
     print(f"  InternViT-300M ({paper.vit_dim}x{paper.vit_depth}, {paper.image_size} px, batch {args.batch}) "
           f"forward+backward with the LVSA merge: ours {t_ours:.2f} s; transformers InternVLVisionModel of the same "
           f"size {t_peer:.2f} s (ratio ours / peer {t_ours / t_peer:.2f}); torch.nn.TransformerEncoder on the same "
