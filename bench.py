@@ -46,12 +46,7 @@ def _interleaved(fns, repeat):
 
 
 def _best_of(fn, repeat):
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), out
+    return _interleaved([fn], repeat)[0]
 
 
 def bench_iou(args):

@@ -1911,6 +1911,9 @@ def run_sweep(argv) -> int:
         datasets.atomic_write_text(root / f"{args.sweep}.{suffix}", text)
     if args.sweep in evaluation.BAR_COLUMN:  # the table as bars with the seeds' spread, beside the paper's
         evaluation.plot_table_bars(args.sweep, table, root / f"{args.sweep}.png")
+    if args.sweep == "babelrs-fig6":  # the figure's two curves, ours above the paper's
+        facts = [evaluation.run_facts(root / f) for f, _ in runs if f.startswith("ft-")]
+        evaluation.plot_fig6(evaluation.fig6_series(facts), root / f"{args.sweep}.png")
     print(table["markdown"])
     print(f"[sweep] table written to {root / args.sweep}.md and .csv")
     return 0
