@@ -949,6 +949,8 @@ def format_table_runs(name: str, runs: list) -> dict:
                  f"{v['mean']:+.2f}" + (f" ± {v['se']:.2f} (SE, {v['n']} seeds)" if np.isfinite(v["se"]) else "")
                  for v in verdicts]
         text += [""]
+    if len(seeds) == 1:
+        text += [f"One seed ({seeds[0]}): no spread, and no verdicts on the paper's orderings.", ""]
     text += [f"Paper: {paper['cite']}"]
     if paper["rows"]:
         text += ["", _markdown(_columns(name, paper.get("classes", ())), list(paper["rows"].items()), paired)]
