@@ -207,6 +207,20 @@ VIT_FAMILIES = {  # ViT options of each weight family (Tab. 3 baselines through 
 }
 
 
+class ViTClassifier(nn.Module):
+    """The InternViT-named ViT with a classification head on the mean patch token: the formula-driven
+    stand-in's pre-training (train.py --stage fractal)."""
+
+    def __init__(self, dim: int, depth: int, heads: int, patch: int, image_size: int, classes: int):
+        super().__init__()
+        self.vit = ViT(dim, depth, heads, patch, image_size)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, images):  # (B, 3, H, W) -> (B, classes)
+        return self.head(self.norm(self.vit(images)[-1][:, self.vit.num_prefix:].mean(1)))
+
+
 def convert_hf_vit(state: dict, family: str) -> dict:
     """A `transformers` CLIP vision tower or DINOv2 state dict -> InternViT names (q, k, v stacked
     into qkv; CLIP's missing patch bias set to 0 and its absent layer scale to 1). Final norms
@@ -500,6 +514,39 @@ def collate_instructions(items: list, pad_id: int) -> dict:
         ids[b, :n], labels[b, :n], mask[b, :n] = it["input_ids"], it["labels"], 1
     return dict(pixels=torch.cat([it["pixels"] for it in items]), input_ids=ids, labels=labels, attention_mask=mask,
                 modality=[it["modality"] for it in items])
+
+
+class InstructionBatches(torch.utils.data.Dataset):
+    """Step k's `accum` micro-batches, determined by k alone (sampler draws k·accum + a)."""
+
+    def __init__(self, data, sampler, accum: int, pad_id: int):  # sampler: datasets.MultiSourceSampler
+        self.data, self.sampler, self.accum, self.pad_id = data, sampler, accum, pad_id
+
+    def __len__(self):
+        return 1 << 62
+
+    def __getitem__(self, k: int) -> list:
+        return [collate_instructions([self.data[i] for _, i in self.sampler.batch(k * self.accum + a)],
+                                     self.pad_id) for a in range(self.accum)]
+
+
+def load_tokenizer(run_dir, records: list, llm: str = "", vocab_size: int = 1024):
+    """The LLM's own tokenizer (`llm`: its folder; InternVL's tokens added), or one trained on the
+    instruction `records` (tiny preset, `vocab_size` tokens); either is stored in `run_dir/tokenizer`
+    and reloaded from there on resume."""
+    from transformers import AutoTokenizer
+    stored = Path(run_dir) / "tokenizer"
+    if (stored / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(str(stored), local_files_only=True)
+    if llm:
+        tok = AutoTokenizer.from_pretrained(llm, local_files_only=True)
+        tok.add_special_tokens({"additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]})
+    else:
+        # the system message opens every sample: weigh it so, and the tokenizer learns it as a few tokens
+        texts = [SYSTEM_MESSAGE] * len(records) + [t["value"] for r in records for t in r["conversations"]]
+        tok = build_tokenizer(texts, vocab_size)
+    tok.save_pretrained(str(stored))
+    return tok
 
 
 # ---------------------------------------------------------------------------------------------

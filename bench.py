@@ -257,7 +257,7 @@ def bench_detr(args):
     split = datasets.load_detection_split(root / "rgb" / "train", "rgb")
     sources = [dict(modality="rgb", root=str(root / "rgb"), classes=split.classes, box_type="obb")]
     model = babelrs.build_detector(**train.model_args(cfg, sources)).train()
-    batches = train.StepBatches([split], datasets.MultiSourceSampler([len(split)], [cfg.batch_size]), cfg, 0)
+    batches = datasets.StepBatches([split], datasets.MultiSourceSampler([len(split)], [cfg.batch_size]), cfg, 0)
     batch = batches[0]
     targets = [dict(boxes=b, labels=l, size=s) for b, l, s in zip(batch["boxes"], batch["labels"], batch["size"])]
 
@@ -454,7 +454,7 @@ def bench_mutdet(args):
     if not args.quick:  # tiny preset on the SynthSOI sam cache (minutes to build), batches as train.py builds them
         cfg = train.MUTDET_PRESETS["tiny"]
         data = mutdet.PseudoLabels(train.synth_sam_cache(cfg, 0))
-        batch = train.StepBatches([data], datasets.MultiSourceSampler([len(data)], [cfg.batch_size]), cfg, 0)[0]
+        batch = datasets.StepBatches([data], datasets.MultiSourceSampler([len(data)], [cfg.batch_size]), cfg, 0)[0]
         report("tiny preset", cfg, batch, data.classes)
     # paper size: 1024 px, batch 2, 256 pseudo-classes, `--boxes` SAM boxes an image
     cfg = train.MUTDET_PRESETS["paper"]
@@ -477,23 +477,25 @@ TINY_STEPS = (("csia", "tiny"), ("mutdet", "tiny"), ("finetune", "tiny"), ("fine
 
 def bench_paper(args):
     """One optimizer step of every stage at its paper preset, random weights and synthetic inputs of
-    paper size (`train.measure_step`; sam: the ViT-H image encoder and one batch of 64 point
+    paper size (`tables.measure_step`; sam: the ViT-H image encoder and one batch of 64 point
     prompts), each in a fresh process so that its peak memory is its own. Prints time, peak memory,
     parameters and FLOPs, and writes them to `results/paper_step.json`, which
-    `train.py --sweep NAME --dry-run` reads to estimate what a table costs."""
+    `tables.py --sweep NAME --dry-run` reads to estimate what a table costs."""
     import json
     import subprocess
     import sys
     if args.quick:  # one tiny stage, in this process, nothing written
+        import tables
         import train
-        r = train.measure_step("csia", train.CSIA_PRESETS["tiny"])
+        r = tables.measure_step("csia", train.CSIA_PRESETS["tiny"])
         print(f"  csia tiny (quick): {r['seconds']:.1f} s, {r['flops'] / 1e9:.1f} GFLOP, {r['params'] / 1e6:.1f}M parameters")
         return
     if args.one:
+        import tables
         import train
         stage, preset = args.one.split(":")
         torch.manual_seed(0)
-        r = train.measure_step(stage, train.PRESETS[stage][preset], tiles=args.tiles)
+        r = tables.measure_step(stage, train.PRESETS[stage][preset], tiles=args.tiles)
         print("RESULT " + json.dumps(dict(r, preset=preset, threads=torch.get_num_threads())))
         return
     print(f"one step of each stage at its {'tiny' if args.tiny else 'paper'} preset, torch {torch.__version__}, "

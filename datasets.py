@@ -14,6 +14,7 @@ Boxes follow rotated_ops: (cx, cy, w, h, θ) le90, θ in radians, clockwise on s
 raises `DatasetError` with a one-line message naming the file (and line); `train.py` turns it into
 a clean exit. Objects with a side under `MIN_SIDE` px are dropped and counted, as mmrotate does.
 """
+import dataclasses
 import json
 import math
 import os
@@ -58,6 +59,15 @@ def atomic_write_text(path, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_tensors_atomic(path, tensors: dict) -> None:
+    """A safetensors file written in full under a temporary name, then renamed into place."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -736,6 +746,80 @@ class MultiSourceSampler:
 
 
 # ---------------------------------------------------------------------------------------------
+# Training batches: a step's micro-batches, determined by the step alone (train.py's stages)
+# ---------------------------------------------------------------------------------------------
+
+def subset(ds, fraction: float, seed: int):
+    """A random `fraction` of a split (at least one image), the same for every process."""
+    if fraction >= 1.0:
+        return ds
+    if not 0 < fraction:
+        raise ValueError(f"data_fraction must be in (0, 1], got {fraction}")
+    g = torch.Generator().manual_seed(seed)
+    keep = sorted(torch.randperm(len(ds), generator=g)[:max(1, math.ceil(fraction * len(ds)))].tolist())
+    return dataclasses.replace(ds, samples=[ds.samples[i] for i in keep])
+
+
+RECT_CLASSES = ("roundabout", "storage-tank", "tank")  # turned by multiples of 90° only (mmrotate's DOTA
+#   rect_classes; SOI-Det's `rect_classes=[..., 16, 18]`); "tank" is SynthSOI's round storage tank
+
+
+def detection_transform(image_size: int, augment: bool, rotate_p: float, generator: random.Random,
+                        modality: str = "rgb", classes: list = ()):
+    """Resize -> augmentation per source, as the official SOI-Det pipelines (`SOI_Det.py`) -> Normalize.
+    SAR: a horizontal flip with p = 0.5 only (mmdet RandomFlip). RGB and IR: a horizontal, vertical
+    or diagonal flip with p = 0.25 each (RRandomFlip), then with `rotate_p` a rotation by any angle,
+    or by a multiple of 90° when the image holds a RECT_CLASSES object (PolyRandomRotate)."""
+    steps = [Resize(image_size)]
+    if augment and modality == "sar":
+        steps.append(RandomFlip(0.5, generator, directions=("horizontal",)))
+    elif augment:
+        steps.append(RandomFlip(0.25, generator))
+        if rotate_p > 0:
+            rect = tuple(i for i, c in enumerate(classes) if c.lower() in RECT_CLASSES)
+            steps.append(RandomRotate(rotate_p, rect_classes=rect, generator=generator))
+    return Compose(steps + [Normalize()])
+
+
+def pad_batch(batch: dict, multiple: int = 32) -> dict:
+    """Pad a collated batch to a multiple of the largest stride (mmdet Pad(size_divisor=32))."""
+    h, w = batch["images"].shape[-2:]
+    ph, pw = -h % multiple, -w % multiple
+    if ph or pw:
+        batch["images"] = torch.nn.functional.pad(batch["images"], (0, pw, 0, ph))
+        batch["masks"] = torch.nn.functional.pad(batch["masks"], (0, pw, 0, ph), value=True)
+    return batch
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Step k's `accum` micro-batches, determined by k alone: the sampler's draws k·accum + a, each
+    augmented with a generator seeded by the draw's global batch number. Resuming at step k, and
+    any number of processes or loader workers with the same global batch, see exactly the batches
+    of an uninterrupted single-process run."""
+
+    def __init__(self, splits: list, sampler: MultiSourceSampler, cfg, rank: int, accum: int = 1):
+        self.splits, self.sampler, self.cfg, self.rank, self.accum = splits, sampler, cfg, rank, accum
+
+    def __len__(self):
+        return 1 << 62
+
+    def micro_batch(self, draw: int) -> dict:
+        gen = random.Random(f"{self.cfg.seed}-{self.sampler.global_batch(draw)}")
+        items = []
+        for source, index in self.sampler.batch(draw):
+            ds = self.splits[source]
+            item = detection_transform(self.cfg.image_size, self.cfg.augment, self.cfg.rotate_p, gen, ds.modality,
+                                       ds.classes)(ds[index])
+            item["size"] = tuple(item["image"].shape[-2:])
+            items.append(item)
+        return pad_batch(collate(items))
+
+    def __getitem__(self, k: int):
+        micro = [self.micro_batch(k * self.accum + a) for a in range(self.accum)]
+        return micro if self.accum > 1 else micro[0]
+
+
+# ---------------------------------------------------------------------------------------------
 # CSIA instruction corpus from detection sets (BabelRS App. D task types)
 # ---------------------------------------------------------------------------------------------
 
@@ -832,6 +916,20 @@ def detection_instructions(image: str, width: int, height: int, concepts: list, 
         "Answer with the categories present.",
         (", ".join(present) + ".") if present else "None of them.")
     return rows
+
+
+def instruction_sources(entries: list) -> list:
+    """`--data MODALITY:PATH ...` of the csia stage -> [(modality, train split folder)], checked."""
+    sources = []
+    for e in entries:
+        modality, sep, path = e.partition(":")
+        if not sep or modality not in ("rgb", "sar", "ir"):
+            raise DatasetError(f"--data {e!r}: expected one meta .json, or MODALITY:PATH detection folders "
+                                        "with MODALITY one of rgb, sar, ir")
+        if not Path(path).is_dir():
+            raise DatasetError(f"{path}: no such folder (from --data {e})")
+        sources.append((modality, find_split(path, "train")))
+    return sources
 
 
 def build_instruction_corpus(sources: list, out_dir, rates: dict = None, concept_map: dict = None, seed: int = 0,

@@ -1,4 +1,5 @@
-"""Metrics of both papers, DOTA result files, and a command line.
+"""Scoring and prediction: the metrics of both papers, DOTA result files, scoring a run, scene
+prediction and drawings, and a command line.
 
 - `eval_rbbox_map`: rotated VOC AP (area or 11-point) at any list of IoU thresholds, with the DOTA
   devkit's greedy matching and difficult handling (MutDet: VOC07 11-point AP50 / AP75; BabelRS:
@@ -7,18 +8,18 @@
 - `h_map`, `overall_map`: BabelRS Sec. 3.4: the harmonic mean of the per-modality mAPs and the mean
   over the union of all modalities' categories.
 - DOTA Task1 result files (`Task1_<class>.txt`), written and read.
-
 - `evaluate_run`: scores a train.py run folder on the test split of each of its sources.
+- `predict_images`: detection on any images (large scenes cut into patches and merged), drawn and
+  written as Task1 files; `plot_detections`: a run's detections on one image.
 
-- `format_table_runs`: the papers' tables (BabelRS Tab. 2-5, Fig. 6; MutDet Tab. 2, 10 % data) over
-  run folders, beside the published numbers (`PAPER`); `plot_runs`: the figures (BabelRS Fig. 2, 4,
-  7; MutDet's loss terms; detections drawn on an image).
+The papers' tables and figures over run folders are in tables.py.
 
 Command line: `python eval.py --run DIR` scores a run and writes `DIR/metrics.json`;
-`python eval.py --table NAME RUN... [--out FILE]` prints a table as Markdown (and writes FILE.md,
-FILE.csv); `python eval.py --plot RUN... [--out DIR] [--image PATH]` draws the figures;
+`python eval.py --run DIR --predict PATH... [--out DIR]` detects on images;
 `python eval.py --dets DIR --ann DIR [--metric 11point|area] [--iou 0.5 0.75]` scores DOTA Task1
 files against a DOTA (or DIOR-R) annotation folder.
+
+May import: detection, babelrs, mutdet, datasets, rotated_ops (DESIGN.md); never train or tables.
 """
 import argparse
 import contextlib
@@ -342,7 +343,7 @@ def config_stage(cfg: dict) -> str:
     return "csia" if "merge" in cfg else "mutdet" if "enhance" in cfg else "sam" if "points_per_side" in cfg else "finetune"
 
 
-def _stage_of(run: Path) -> str:
+def run_stage(run: Path) -> str:
     """The stage that wrote a run folder, "" without a config.json."""
     import json
     path = Path(run) / "config.json"
@@ -358,7 +359,7 @@ def build_run_model(run: Path, device="cpu"):
 
     import babelrs
     run = Path(run)
-    stage = _stage_of(run)
+    stage = run_stage(run)
     if stage in ("csia", "mutdet", "sam"):
         what = {"csia": "a csia run (a ViT and a language model)", "mutdet": "a mutdet pre-training run",
                 "sam": "a sam cache"}[stage]
@@ -636,472 +637,6 @@ def predict_images(run, paths: list, out, modality: str = "", score_thr: float =
     return summary
 
 
-def format_run_metrics(metrics: dict) -> str:
-    """Per class and per modality AP50 / AP75 / mAP (and the VOC07 11-point numbers), then the summary."""
-    cols = ("ap50", "ap75", "map", "voc07_ap50", "voc07_ap75")
-    header = f"{'AP in %':<26}" + "".join(f"{c:>11}" for c in cols)
-    lines = []
-    for m, r in metrics["sources"].items():
-        lines += [f"{m} ({r['box_type']}, {r['images']} test images)", header]
-        for name in r["classes"]:
-            vals = [r["per_class"][c][name] for c in cols]
-            lines.append(f"  {name:<24}" + "".join(f"{v * 100:11.2f}" if v is not None else f"{'-':>11}" for v in vals))
-        lines.append(f"  {'mean':<24}" + "".join(f"{r[c] * 100:11.2f}" for c in cols))
-    if "h_map" in metrics:  # BabelRS Tab. 2: AP@50 / mAP overall and per modality, then H-mAP
-        mods = list(metrics["sources"])
-        lines.append("")
-        lines.append(f"{'Overall':>15}" + "".join(f"{m:>15}" for m in mods) + f"{'H-mAP':>9}")
-        cells = [f"{metrics['overall_ap50'] * 100:.2f} / {metrics['overall_map'] * 100:.2f}"]
-        cells += [f"{metrics['sources'][m]['ap50'] * 100:.2f} / {metrics['sources'][m]['map'] * 100:.2f}" for m in mods]
-        lines.append("".join(f"{c:>15}" for c in cells) + f"{metrics['h_map'] * 100:9.2f}")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# The papers' tables (eval.py --table NAME RUN...): our runs beside the published numbers
-# ---------------------------------------------------------------------------------------------
-
-# Published numbers, in percent, in each table's column order. Sources: BabelRS (arXiv 2603.01758)
-# Tab. 2-5 and Fig. 6 (read off the vector figure); MutDet (arXiv 2407.09920) Tab. 2, from the
-# official repository's .github/images/Results_on_DIOR_DOTA.png. NaN: the run diverged under AMP.
-NAN = float("nan")
-PAPER = {
-    "babelrs-table2": dict(cite="BabelRS Tab. 2, SOI-Det test (ConvNeXt-T baselines from SM3Det; BabelRS ViT-L)", rows={
-        "Simple Joint Training": (77.56, 47.05, 84.11, 53.46, 76.37, 45.18, 73.28, 44.99, 47.57),
-        "DA": (79.76, 48.37, 84.93, 53.86, 78.47, 46.23, 77.43, 48.21, 49.23),
-        "UniDet": (79.55, 48.47, 84.70, 53.81, 78.28, 46.49, 77.17, 47.99, 49.24),
-        "Uncertainty loss": (79.99, 48.79, 84.81, 53.43, 78.73, 46.94, 77.96, 48.78, 49.57),
-        "SM3Det": (80.68, 50.20, 89.94, 60.64, 77.88, 46.47, 77.99, 48.87, 51.31),
-        "BabelRS": (81.32, 51.57, 91.70, 63.30, 77.73, 46.96, 79.63, 51.32, 53.02)}),
-    "babelrs-table3": dict(cite="BabelRS Tab. 3, SOI-Det test, ViT-L pre-trainings, same fine-tuning", rows={
-        "CLIP": (65.21, 36.12, 72.70, 42.00, 62.67, 33.56, 63.83, 36.74, 37.12),
-        "MAE": (72.36, 42.84, 70.64, 39.48, 73.35, 43.43, 71.46, 45.11, 42.54),
-        "BEiT": (76.50, 44.59, 81.90, 50.10, 76.39, 43.14, 70.34, 42.35, 44.94),
-        "BEiTv2": (77.63, 44.67, 78.50, 46.70, 78.01, 43.36, 75.48, 46.14, 45.35),
-        "DINOv2": (74.79, 45.02, 72.74, 41.38, 76.53, 46.23, 72.04, 45.74, 44.34),
-        "RemoteCLIP": (66.37, 37.17, 73.90, 43.30, 63.57, 34.36, 65.74, 38.27, 38.30),
-        "SatMAE": (74.49, 42.51, 79.70, 47.90, 73.86, 40.84, 70.12, 41.07, 43.03),
-        "ScaleMAE": (74.09, 42.52, 78.80, 46.50, 73.22, 41.01, 71.07, 42.30, 43.15),
-        "BabelRS": (81.32, 51.57, 91.70, 63.30, 77.73, 46.96, 79.63, 51.32, 53.02)}),
-    # iterations: where each run exploded in Fig. 2 (MAE: Fig. 7, 16.8 % of its 33,468-iteration axis);
-    # runs that finished the schedule have all 33,468 (Fig. 7)
-    "babelrs-table4": dict(cite="BabelRS Tab. 4 (AMP fine-tuning), iterations from Fig. 2 / Fig. 7", rows={
-        "MAE": (NAN, NAN, NAN, 5600), "BEiTv2": (NAN, NAN, NAN, 10400), "DINOv2": (NAN, NAN, NAN, 17100),
-        "ScaleMAE": (NAN, NAN, NAN, 4300), "CLIP": (64.58, 35.62, 36.68, 33468),
-        "RemoteCLIP": (65.97, 36.82, 37.72, 33468), "SatMAE": (70.49, 39.45, 40.00, 33468),
-        "BEiT": (75.74, 43.82, 44.35, 33468), "BabelRS": (79.13, 50.17, 51.52, 33468)}),
-    "babelrs-table5": dict(cite="BabelRS Tab. 5, merge strategies (Fig. 5), SOI-Det", rows={
-        "Baseline (last layer only)": (49.33, 50.67), "(a) concat": (50.25, 51.60), "(b) element-wise sum": (50.31, 51.55),
-        "(c) per-layer projectors + LVSA": (49.88, 50.92), "(d) LVSA + shared projector": (51.57, 53.02)}),
-    "babelrs-fig6": dict(cite="BabelRS Fig. 6 (read off the figure): left pre-training steps (τ 6k), right τ (20k steps, AMP)",
-                         rows={**{f"steps {k}k": (k * 1000, 6000, m, h) for k, m, h in (
-                             (2, 50.98, 52.39), (4, 51.18, 52.63), (6, 50.40, 51.63), (8, 50.70, 51.81), (10, 51.01, 52.11),
-                             (12, 51.23, 52.66), (14, 51.20, 52.70), (16, 51.22, 52.74), (18, 51.35, 52.83),
-                             (20, 51.57, 53.02), (22, 51.58, 52.88), (24, 51.25, 52.79))},
-                               **{f"τ {t}k (AMP)": (20000, t * 1000, m, h) for t, m, h in (
-                                   (0, 48.69, 50.03), (2, 49.23, 50.67), (4, 49.47, 50.81), (6, 49.61, 50.95),
-                                   (8, 49.55, 50.89), (10, 49.69, 50.83))}}),
-    "mutdet-table2": dict(cite="MutDet Tab. 2, DIOR-R test, ARS-DETR R-50 (VOC07 11-point AP)", classes=(
-        "APL", "APO", "BF", "BC", "BR", "CH", "DAM", "ESA", "ETS", "GF", "GTF", "HA", "OP", "SH", "STA", "STO", "TC",
-        "TS", "VE", "WM"), rows={
-        "-": (67.3, 52.0, 75.7, 81.7, 41.6, 77.1, 36.2, 80.8, 71.7, 73.8, 78.2, 35.5, 56.7, 84.5, 66.0, 72.9, 81.3, 59.0,
-              50.2, 71.8, 65.7, 45.7),
-        "UP-DETR": (68.1, 54.7, 77.6, 81.9, 42.5, 78.5, 33.9, 82.9, 73.8, 78.5, 78.3, 43.4, 55.4, 85.6, 69.1, 73.3, 81.0,
-                    61.0, 50.5, 71.7, 67.1, 48.4),
-        "AlignDet": (67.6, 53.4, 73.4, 81.2, 40.4, 77.1, 38.4, 81.1, 71.6, 73.4, 78.1, 35.8, 54.7, 84.6, 69.7, 73.2, 80.7,
-                     59.7, 49.6, 71.5, 65.8, 45.8),
-        "DETReg": (69.0, 55.5, 75.7, 82.4, 45.4, 78.6, 35.6, 81.7, 72.4, 78.8, 78.2, 46.1, 57.7, 87.6, 71.5, 76.0, 81.3,
-                   60.6, 52.9, 72.1, 67.9, 49.1),
-        "MutDet": (75.1, 60.5, 78.8, 84.7, 45.4, 81.2, 39.6, 85.7, 77.0, 78.0, 81.9, 52.1, 57.8, 88.2, 78.8, 77.4, 84.7,
-                   60.2, 54.2, 72.4, 70.7, 51.2)}),
-    "mutdet-10pct": dict(cite="MutDet abstract: with 10% of DIOR-R, MutDet is +6.1 AP50 above DETReg (absolute "
-                              "values not published)", rows={}),
-}
-TABLES = tuple(PAPER)
-MERGE_NAMES = {"last": "Baseline (last layer only)", "concat": "(a) concat", "sum": "(b) element-wise sum",
-               "per-layer": "(c) per-layer projectors + LVSA", "lvsa": "(d) LVSA + shared projector"}
-
-
-def read_log(run) -> list:
-    """log.jsonl of a run as a list of dicts (a non-finite loss is stored as NaN)."""
-    import json
-    path = Path(run) / "log.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def run_facts(run) -> dict:
-    """What a table needs to know about a fine-tuning run: its metrics (None when it did not
-    finish), the steps it trained, whether it diverged, and what it started from, read from its
-    config.json and that of its --init run (a csia or mutdet run, or other ViT weights)."""
-    import json
-    run = Path(run)
-    if not (run / "config.json").exists():
-        raise datasets.DatasetError(f"{run}: not a run folder (no config.json)")
-    cfg = json.loads((run / "config.json").read_text())
-    if _stage_of(run) != "finetune":
-        raise datasets.DatasetError(f"{run}: a {_stage_of(run)} run; tables take fine-tuning runs (each one's --init "
-                                    "names its pre-training)")
-    steps = [r for r in read_log(run) if "loss" in r]
-    facts = dict(run=run.name, seed=cfg.get("seed", 0), row=seed_group(run.name), amp=cfg.get("amp", "off"), data_fraction=cfg.get("data_fraction", 1.0),
-                 max_steps=cfg.get("max_steps", 0), backbone=cfg.get("backbone", ""),
-                 steps=steps[-1]["step"] if steps else 0,
-                 diverged=bool(steps) and not np.isfinite(steps[-1]["loss"]),
-                 metrics=json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else None,
-                 init="random", label="random init")
-    init = cfg.get("init", "")
-    init_cfg = Path(init) / "config.json"
-    if init == "fractal" or (not init and cfg.get("backbone") != "vit" and cfg.get("resnet") == "fractal"):
-        facts.update(init="fractal", label="FractalDB stand-in")  # generic pre-training alone (train.standin)
-    if init == "fractal":
-        pass
-    elif init and init_cfg.exists():
-        icfg = json.loads(init_cfg.read_text())
-        if "merge" in icfg:  # a csia run
-            facts.update(init="csia", merge=icfg["merge"], csia_steps=icfg["max_steps"] or icfg["steps"],
-                         tau=icfg["tau"], label="BabelRS (CSIA + LVSA)" if icfg["merge"] == "lvsa" else
-                         f"CSIA, {MERGE_NAMES[icfg['merge']]}")
-        elif "enhance" in icfg:  # a mutdet run: DETReg's row or MutDet (with its switches)
-            detreg = not icfg["enhance"] and icfg["embed_loss"] == "l1" and icfg["pseudo_classes"] == 1
-            off = [n for n in ("enhance", "siamese", "align") if not icfg[n]]
-            label = "DETReg" if detreg else "MutDet" + (f" (no {', no '.join(off)})" if off else "") + \
-                (", L1" if icfg["embed_loss"] == "l1" and not detreg else "")
-            if detreg and icfg.get("dn_align", True):  # runs before the DN switch existed aligned their DN queries
-                label += " + DN alignment"
-            facts.update(init="mutdet", label=label)
-    elif init:
-        facts.update(init=cfg.get("vit_family", "weights"), label={"clip": "CLIP", "dinov2": "DINOv2"}.get(
-            cfg.get("vit_family"), Path(init).name))
-    return facts
-
-
-def _cells(name: str, f: dict, classes=()) -> list:
-    """Our numbers (percent) of one run in the column order of table `name`."""
-    m = f["metrics"]
-    if name in ("babelrs-table2", "babelrs-table3"):
-        if m is None:
-            return [NAN] * 9
-        src = m["sources"]
-        per = [src[mod][k] if mod in src else NAN for mod in ("sar", "rgb", "ir") for k in ("ap50", "map")]
-        return [100 * v for v in [m.get("overall_ap50", NAN), m.get("overall_map", NAN)] + per + [m.get("h_map", NAN)]]
-    if name == "babelrs-table4":
-        vals = [NAN] * 3 if m is None else [100 * m.get(k, NAN) for k in ("overall_ap50", "overall_map", "h_map")]
-        return vals + [f["steps"]]
-    if name == "babelrs-table5":
-        return [NAN] * 2 if m is None else [100 * m.get(k, NAN) for k in ("overall_map", "h_map")]
-    if name == "babelrs-fig6":
-        scores = [NAN] * 2 if m is None else [100 * m.get(k, NAN) for k in ("overall_map", "h_map")]
-        tau = f.get("tau", NAN)
-        return [f.get("csia_steps", NAN), int(tau) if float(tau).is_integer() else tau] + scores
-    # MutDet: VOC07 11-point AP50 per class, then AP50 and AP75 (one source)
-    r = next(iter(m["sources"].values())) if m else None
-    if name == "mutdet-10pct":
-        return [100 * f["data_fraction"]] + ([NAN] * 2 if r is None else [100 * r["voc07_ap50"], 100 * r["voc07_ap75"]])
-    ap = {} if r is None else r["per_class"]["voc07_ap50"]
-    per = [100 * ap[c] if ap.get(c) is not None else NAN for c in classes]
-    return per + ([NAN] * 2 if r is None else [100 * r["voc07_ap50"], 100 * r["voc07_ap75"]])
-
-
-def _columns(name: str, classes=()) -> list:
-    """Column headers of table `name`; in Tab. 2/3 pairs of columns are shown as "AP50 / mAP" cells."""
-    if name in ("babelrs-table2", "babelrs-table3"):
-        return [f"{d} {k}" for d in ("Overall", "SAR", "RGB", "IR") for k in ("AP50", "mAP")] + ["H-mAP"]
-    if name == "babelrs-table4":
-        return ["AP50", "mAP", "H-mAP", "iterations"]
-    if name == "babelrs-table5":
-        return ["mAP", "H-mAP"]
-    if name == "babelrs-fig6":
-        return ["CSIA steps", "τ", "mAP", "H-mAP"]
-    if name == "mutdet-10pct":
-        return ["data %", "AP50", "AP75"]
-    return list(classes) + ["AP50", "AP75"]
-
-
-def _markdown(columns, rows, paired: bool) -> str:
-    def fmt(v):
-        if isinstance(v, str):
-            return v
-        if isinstance(v, int):  # iterations, steps, τ
-            return str(v)
-        if not np.isfinite(v):
-            return "NaN"
-        return f"{v:.0f}" if float(v).is_integer() and abs(v) >= 100 else f"{v:.2f}"
-    if paired:  # "AP50 / mAP" cells as in BabelRS Tab. 2/3
-        heads = [columns[i].rsplit(" ", 1)[0] for i in range(0, len(columns) - 1, 2)] + [columns[-1]]
-        rows = [(label, [f"{fmt(v[i])} / {fmt(v[i + 1])}" for i in range(0, len(v) - 1, 2)] + [fmt(v[-1])])
-                for label, v in rows]
-        columns = [h + (" AP50 / mAP" if h != "H-mAP" else "") for h in heads]
-    lines = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    lines += ["| " + label + " | " + " | ".join(fmt(v) for v in vals) + " |" for label, vals in rows]
-    return "\n".join(lines)
-
-
-def seed_group(folder: str) -> str:
-    """The row a run folder belongs to: its name without the `-seed<k>` of `train.py --sweep --seeds`."""
-    return re.sub(r"-seed\d+$", "", folder)
-
-
-def row_key(name: str, f: dict) -> str:
-    """Which of the paper's rows a run stands for, in ORDERINGS's terms."""
-    if f["init"] == "csia":
-        return f["merge"] if name == "babelrs-table5" else "csia"
-    if f["init"] == "mutdet":
-        return f["label"]  # DETReg, MutDet; an ablation row is named by its switches and is not compared
-    return {"fractal": "none", "random": "random"}.get(f["init"], f["init"])  # generic pre-training is "none"
-
-
-# The papers' orderings each table tests: (better row, worse row, column). BabelRS Tab. 3: BabelRS is
-# above every generic pre-training; Tab. 5: (d) is best and every merge beats the last layer alone;
-# MutDet Tab. 2: MutDet > DETReg > no pre-training, in AP50 and AP75; 10 %: MutDet > DETReg (+6.1 AP50).
-ORDERINGS = {
-    "babelrs-table3": [("csia", "none", "H-mAP"), ("csia", "none", "Overall mAP")],
-    "babelrs-table5": [("lvsa", m, "H-mAP") for m in ("last", "concat", "sum", "per-layer")]
-                      + [(m, "last", "H-mAP") for m in ("concat", "sum", "per-layer")],
-    "mutdet-table2": [(a, b, c) for c in ("AP50", "AP75") for a, b in (("MutDet", "DETReg"), ("DETReg", "none"),
-                                                                        ("MutDet", "none"))],
-    "mutdet-10pct": [("MutDet", "DETReg", "AP50"), ("MutDet", "none", "AP50"), ("DETReg", "none", "AP50")],
-}
-
-
-def paired_verdict(a: dict, b: dict) -> dict:
-    """Does row a beat row b? `a`, `b`: {seed: value}. Paired over the seeds both have: the mean
-    difference is separable when it exceeds twice its standard error (std of the differences / sqrt n);
-    then the ordering holds (a > b) or is reversed. One common seed cannot separate anything."""
-    seeds = sorted(set(a) & set(b))
-    d = np.array([a[k] - b[k] for k in seeds], float)
-    d = d[np.isfinite(d)]
-    if len(d) < 2:
-        return dict(n=len(d), mean=float(d.mean()) if len(d) else NAN, se=NAN, verdict="not separable (one seed)")
-    mean, se = float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
-    verdict = "not separable" if abs(mean) <= 2 * se else "holds" if mean > 0 else "reversed"
-    return dict(n=len(d), mean=mean, se=se, verdict=verdict)
-
-
-def format_table_runs(name: str, runs: list) -> dict:
-    """Table `name` over run folders, ours first, then the paper's rows: dict(markdown, csv, groups).
-
-    Runs of one row with several seeds (`<row>-seed<k>` folders) make one line: mean ± standard
-    deviation over the seeds in every cell. Under the table, each of the paper's orderings (ORDERINGS)
-    is marked holds / reversed / not separable (paired_verdict). The CSV keeps every seed's value."""
-    if name not in PAPER:
-        raise datasets.DatasetError(f"--table {name}: choose one of {', '.join(TABLES)}")
-    facts = [run_facts(r) for r in runs]
-    paired = name in ("babelrs-table2", "babelrs-table3")
-    classes = ()
-    if name == "mutdet-table2":
-        done = [f["metrics"] for f in facts if f["metrics"]]
-        classes = next(iter(done[0]["sources"].values()))["classes"] if done else ()
-    columns = _columns(name, classes)
-    groups = {}  # row folder -> dict(label, key, seeds {seed: cells})
-    for f in facts:
-        label = {"babelrs-table2": f["row"], "babelrs-table5": MERGE_NAMES.get(f.get("merge"), f["label"]),
-                 "babelrs-fig6": f"{f['label']}" + (" (AMP)" if f["amp"] != "off" else "")}.get(name, f["label"])
-        if name.startswith("babelrs") and f["backbone"] in ("resnet18", "resnet50"):  # a ViT table: say so
-            label += {"resnet18": ", ResNet-18", "resnet50": ", ResNet-50"}[f["backbone"]]
-        g = groups.setdefault(f["row"], dict(label=label, name=label, key=row_key(name, f), seeds={},
-                                             missing=[]))
-        if f["metrics"] is None:
-            g["missing"].append("diverged" if f["diverged"] else "unfinished")
-            if name != "babelrs-table4":  # Tab. 4 keeps a diverged run: its iterations are the result
-                continue
-        g["seeds"][f["seed"]] = _cells(name, f, classes)
-    for g in groups.values():  # say why a row is empty or has fewer seeds
-        if g["missing"] and (not g["seeds"] or name == "babelrs-table4"):
-            g["label"] += f" ({g['missing'][0]})"
-        elif g["missing"]:
-            g["label"] += f" ({len(g['missing'])} seed{'s' if len(g['missing']) > 1 else ''} not finished)"
-    names = [g["name"] for g in groups.values()]
-    for row, g in groups.items():  # two rows of one kind (a longer schedule, say): tell them apart by folder
-        if names.count(g["name"]) > 1:
-            g["label"] = g["label"].replace(g["name"], f"{g['name']} [{row}]", 1)
-            g["name"] = f"{g['name']} [{row}]"
-    seeds = sorted({k for g in groups.values() for k in g["seeds"]})
-    many = len(seeds) > 1
-    ours = []
-    for g in groups.values():
-        values = np.array(list(g["seeds"].values()), float) if g["seeds"] else np.full((1, len(columns)), NAN)
-        mean = values.mean(0)
-        if many:
-            std = values.std(0, ddof=1) if len(values) > 1 else np.full(len(columns), NAN)
-            cells = [_mean_std(m, sd, len(values)) for m, sd in zip(mean, std)]
-        else:  # one seed: the cells as they are (iterations and steps stay integers)
-            cells = next(iter(g["seeds"].values())) if g["seeds"] else [NAN] * len(columns)
-        label = g["label"] + (f" ({len(values)} seed{'s' if len(values) != 1 else ''})"
-                              if many and len(values) != len(seeds) else "")
-        ours.append((label, cells))
-    paper = PAPER[name]
-    head = f"**{name}**, ours ({len(runs)} run{'s' if len(runs) != 1 else ''}"
-    head += f"; mean ± std over {len(seeds)} seeds" if many else ""
-    text = [head + "; AP in %)", "", _markdown(columns, ours, paired), ""]
-    verdicts = []
-    by_key = {g["key"]: g for g in groups.values()}
-    for a, b, col in ORDERINGS.get(name, []):
-        if a not in by_key or b not in by_key or col not in columns:
-            continue
-        c = columns.index(col)
-        v = paired_verdict({k: x[c] for k, x in by_key[a]["seeds"].items()},
-                           {k: x[c] for k, x in by_key[b]["seeds"].items()})
-        v.update(better=by_key[a]["name"], worse=by_key[b]["name"], column=col)
-        verdicts.append(v)
-    if verdicts:
-        text += [f"The paper's orderings (paired over seeds; separable when the mean difference exceeds 2 standard "
-                 f"errors):", ""]
-        text += [f"- {v['better']} > {v['worse']} ({v['column']}): **{v['verdict']}**, difference "
-                 f"{v['mean']:+.2f}" + (f" ± {v['se']:.2f} (SE, {v['n']} seeds)" if np.isfinite(v["se"]) else "")
-                 for v in verdicts]
-        text += [""]
-    if len(seeds) == 1:
-        text += [f"One seed ({seeds[0]}): no spread, and no verdicts on the paper's orderings.", ""]
-    text += [f"Paper: {paper['cite']}"]
-    if paper["rows"]:
-        text += ["", _markdown(_columns(name, paper.get("classes", ())), list(paper["rows"].items()), paired)]
-    csv = ["source,row,seed," + ",".join(columns)]
-    csv += [f"ours,{g['name']},{k},{','.join(f'{v:.4g}' for v in vals)}"
-            for g in groups.values() for k, vals in sorted(g["seeds"].items())]
-    if "classes" not in paper:  # the same columns: the paper's rows go into the same file
-        csv += [f"paper,{label},,{','.join(f'{v:.4g}' for v in vals)}" for label, vals in paper["rows"].items()]
-    return dict(markdown="\n".join(text) + "\n", csv="\n".join(csv) + "\n", groups=groups, verdicts=verdicts,
-                columns=columns)
-
-
-def format_tiny_checks(runs: list) -> str:
-    """`train.py --sweep tiny-checks`: what the stand-ins give over random init, and whether doubling
-    the fine-tuning steps moves a row more than its seeds do (docs/tiny-protocol.md)."""
-    vit = format_table_runs("babelrs-table3", [r for r in runs if Path(r).name.startswith(("ft-generic", "ft-random-off"))])
-    r18 = format_table_runs("mutdet-table2", [r for r in runs if "-data" in Path(r).name])
-    text = ["**tiny-checks**: the stand-ins against random init on the same steps, and a doubled schedule", "",
-            "ViT (babelrs-tiny, SAR + RGB + IR, AP in %):", "", vit["markdown"].split("\n\n")[1], "",
-            "ResNet-18 (the tiny finetune preset on SynthSOI-RGB, VOC07 AP in %):", "",
-            r18["markdown"].split("\n\n")[1], ""]
-
-    def per_seed(table, row, column):
-        g = table["groups"].get(row)
-        c = table["columns"].index(column)
-        return {} if g is None else {k: v[c] for k, v in g["seeds"].items()}
-
-    lines = []
-    for table, better, worse, column, what in (
-            (vit, "ft-generic-off", "ft-random-off", "H-mAP", "ViT: stand-in > random init"),
-            (vit, "ft-generic-off", "ft-random-off", "Overall AP50", "ViT: stand-in > random init"),
-            (r18, "ft-none-data1.0", "ft-random-data1.0", "AP50", "ResNet-18: stand-in > random init")):
-        v = paired_verdict(per_seed(table, better, column), per_seed(table, worse, column))
-        lines.append(f"- {what} ({column}): **{v['verdict']}**, difference {v['mean']:+.2f}"
-                     + (f" ± {v['se']:.2f} (SE, {v['n']} seeds)" if np.isfinite(v["se"]) else ""))
-    for column in ("Overall AP50", "H-mAP"):
-        short, long = per_seed(vit, "ft-generic-off", column), per_seed(vit, "ft-generic-off-long", column)
-        if short and long:
-            v = paired_verdict(long, short)
-            spread = float(np.std(list(short.values()), ddof=1)) if len(short) > 1 else NAN
-            moved = "less" if abs(v["mean"]) < spread else "more"
-            lines.append(f"- ViT stand-in row, 2x the fine-tuning steps ({column}): moves it by {v['mean']:+.2f} "
-                         f"({v['verdict']}), {moved} than the seed spread (std {spread:.2f})")
-    return "\n".join(text + lines) + "\n"
-
-
-def _mean_std(mean: float, std: float, n: int) -> str:
-    if not np.isfinite(mean):
-        return "NaN"
-    if float(mean).is_integer() and abs(mean) >= 100 and (not np.isfinite(std) or std == 0):  # iterations, steps
-        return str(int(mean))
-    return f"{mean:.2f}" + (f" ± {std:.2f}" if n > 1 and np.isfinite(std) else "")
-
-
-# ---------------------------------------------------------------------------------------------
-# Figures (eval.py --plot RUN...)
-# ---------------------------------------------------------------------------------------------
-
-def _smooth(y: np.ndarray, window: int) -> np.ndarray:
-    """Moving average that keeps a trailing NaN (a run that diverged ends in NaN)."""
-    if len(y) < window or window <= 1:
-        return y
-    kernel = np.ones(window) / window
-    return np.concatenate([y[:window - 1], np.convolve(y, kernel, mode="valid")])
-
-
-def plot_curves(runs: list, path, keys=("loss",), window: int = 10, title: str = "") -> None:
-    """One panel per log key (training loss: BabelRS Fig. 4; loss and grad_norm under AMP: Fig. 7),
-    one line per run; a run that diverged ends with a cross at its last finite step."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 3.8), squeeze=False)
-    for run in runs:
-        log = [r for r in read_log(run) if "loss" in r]
-        steps = np.array([r["step"] for r in log])
-        for ax, key in zip(axes[0], keys):
-            y = np.array([r.get(key, np.nan) for r in log], dtype=float)
-            finite = np.isfinite(y)
-            line, = ax.plot(steps[finite], _smooth(y[finite], window), lw=1.2, label=Path(run).name)
-            if len(y) and not finite[-1] and finite.any():
-                ax.plot(steps[finite][-1], _smooth(y[finite], window)[-1], "x", color=line.get_color(), ms=9, mew=2)
-    for ax, key in zip(axes[0], keys):
-        ax.set_xlabel("iteration")
-        ax.set_ylabel(key.replace("_", " ") + (f" ({window}-step moving average)" if window > 1 else ""))
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-
-
-def plot_survival(runs: list, path, facts=None) -> None:
-    """BabelRS Fig. 2: the iterations each run trained before its loss went non-finite (a cross)
-    or the schedule ended. `facts`: the runs' `run_facts`, when the caller has them already."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    facts = facts or [run_facts(r) for r in runs]
-    fig, ax = plt.subplots(figsize=(8, 0.5 * len(facts) + 1.6))
-    for i, f in enumerate(facts):
-        stopped = not f["diverged"] and f["max_steps"] and f["steps"] >= f["max_steps"]  # cut, not survived
-        ax.barh(i, f["steps"], color="tab:red" if f["diverged"] else "tab:gray" if stopped else "tab:blue",
-                alpha=0.8, hatch="//" if stopped else None)
-        if f["diverged"]:
-            ax.plot(f["steps"], i, "x", color="black", ms=10, mew=2)
-    ax.set_yticks(range(len(facts)), [f"{f['label']}, {f['amp'] if f['amp'] != 'off' else 'fp32'} ({f['run']})"
-                                      for f in facts], fontsize=8)
-    ax.set_xlabel("fine-tuning iterations")
-    amp = {f["amp"] for f in facts} - {"off"}
-    fig.suptitle(("iterations survived under " + "/".join(sorted(amp)) if amp else "iterations trained (no AMP)")
-                 + "\nx: non-finite loss; hatched grey: stopped by --max-steps, not a survival",
-                 fontsize=10)  # over the labels too
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-
-
-MUTDET_TERMS = {"classification": "loss_cls", "L1 box": "loss_bbox", "GIoU": "loss_giou", "angle": "loss_angle",
-                "alignment (decoder)": "loss_embed", "alignment (DN)": "dn_loss_embed"}
-
-
-def plot_mutdet_terms(run, path, window: int = 10) -> None:
-    """MutDet's pre-training loss terms (its Fig. 4): one panel per term, the enhanced branch (`p_`)
-    beside the auxiliary siamese branch, last decoder layer; the enhanced encoder's alignment too."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    log = [r for r in read_log(run) if "loss" in r]
-    steps = np.array([r["step"] for r in log])
-    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
-    for ax, (title, key) in zip(axes.flat, MUTDET_TERMS.items()):
-        for prefix, name in (("p_", "enhanced"), ("", "siamese")):
-            y = np.array([r.get(prefix + key, np.nan) for r in log], dtype=float)
-            if np.isfinite(y).any():
-                ax.plot(steps, _smooth(y, window), lw=1.2, label=name)
-        if key == "loss_embed" and any("p_enc_loss_embed" in r for r in log):
-            ax.plot(steps, _smooth(np.array([r["p_enc_loss_embed"] for r in log]), window), lw=1.2, label="enhanced encoder")
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("iteration")
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
-    fig.suptitle(f"MutDet pre-training loss terms: {Path(run).name}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-
-
 def plot_detections(run, path, image: str = "", modality: str = "", score_thr: float = 0.3, device="cpu") -> None:
     """A run's oriented detections (score >= score_thr, solid) drawn on an image with class names:
     `image` a file, or by default the first test image of the run's first (or `modality`) source,
@@ -1145,146 +680,25 @@ def plot_detections(run, path, image: str = "", modality: str = "", score_thr: f
     plt.close(fig)
 
 
-def fig6_series(facts: list) -> dict:
-    """BabelRS Fig. 6's two sweeps among scored runs fine-tuned from LVSA csia runs: "steps" holds
-    (CSIA steps, mAP, H-mAP) at the τ shared by most step counts, "tau" holds (τ, mAP, H-mAP) at the
-    step count shared by most τ values; each sorted, in percent; a sweep of fewer than 2 points is left out."""
-    pts = {(f["csia_steps"], f["tau"]): (100 * f["metrics"]["overall_map"], 100 * f["metrics"]["h_map"])
-           for f in facts if f.get("merge") == "lvsa" and f["metrics"]}
-    series = {}
-    for name, fixed, varied in (("steps", 1, 0), ("tau", 0, 1)):
-        groups = {}
-        for key, (m, h) in pts.items():
-            groups.setdefault(key[fixed], []).append((key[varied], m, h))
-        if groups:
-            at, rows = max(groups.items(), key=lambda g: len(g[1]))
-            if len(rows) >= 2:
-                series[name] = (at, sorted(rows))
-    return series
-
-
-def plot_fig6(ours: dict, path) -> None:
-    """BabelRS Fig. 6: mAP and H-mAP against the CSIA steps (left) and against τ (right); ours
-    (`fig6_series` of our runs) on top, the paper's (eval.PAPER, read off the figure) below, as the
-    scales differ by 40 points."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    paper = {"steps": (6000, [(v[0], v[2], v[3]) for k, v in PAPER["babelrs-fig6"]["rows"].items() if k.startswith("steps")]),
-             "tau": (20000, [(v[1], v[2], v[3]) for k, v in PAPER["babelrs-fig6"]["rows"].items() if k.startswith("τ")])}
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
-    for row, (who, series) in enumerate((("ours", ours), ("paper", paper))):
-        for col, (name, xlabel, fixed) in enumerate((("steps", "CSIA steps", "τ"), ("tau", "τ (annealing steps)", "steps"))):
-            ax = axes[row][col]
-            if name not in series:
-                ax.text(0.5, 0.5, "no sweep among the runs", ha="center", va="center", transform=ax.transAxes)
-                ax.set_axis_off()
-                continue
-            at, pts = series[name]
-            x, m, h = zip(*pts)
-            ax.plot(x, m, "o-", label="mAP")
-            ax.plot(x, h, "s-", label="H-mAP")
-            ax.set_title(f"{who}: {fixed} = {at:g}" + (", AMP" if who == "paper" and name == "tau" else ""), fontsize=10)
-            ax.set_xlabel(xlabel)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-    fig.suptitle("BabelRS Fig. 6: pre-training steps and annealing duration τ")
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-
-
-# the column each table's bar figure shows, and the paper's row each of our rows stands for
-BAR_COLUMN = {"babelrs-table3": "H-mAP", "babelrs-table5": "H-mAP", "mutdet-table2": "AP50", "mutdet-10pct": "AP50"}
-PAPER_ROW = {"babelrs-table5": {k: v for k, v in MERGE_NAMES.items()},
-             "mutdet-table2": {"none": "-", "DETReg": "DETReg", "MutDet": "MutDet"}}
-
-
-def plot_table_bars(name: str, table: dict, path) -> None:
-    """One table as bars: ours (mean over seeds, error bar ± one standard deviation, each seed a dot)
-    on the left, the paper's rows on the right; its own axis each, as the scales differ."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    column = BAR_COLUMN[name]
-    c = table["columns"].index(column)
-    groups = list(table["groups"].values())
-    paper = PAPER[name]["rows"]
-    paper_cols = _columns(name, PAPER[name].get("classes", ()))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw=dict(width_ratios=[1, 1]))
-    ax = axes[0]
-    for i, g in enumerate(groups):
-        vals = np.array([v[c] for v in g["seeds"].values()], float)
-        vals = vals[np.isfinite(vals)]
-        if not len(vals):
-            continue
-        ax.bar(i, vals.mean(), yerr=vals.std(ddof=1) if len(vals) > 1 else 0, capsize=4, color="tab:blue", alpha=0.7)
-        ax.plot(np.full(len(vals), i) + np.linspace(-0.15, 0.15, len(vals)), vals, "k.", ms=5)
-    ax.set_xticks(range(len(groups)), [g["name"] for g in groups], rotation=20, ha="right", fontsize=8)
-    seeds = max((len(g["seeds"]) for g in groups), default=0)
-    ax.set_title(f"ours (tiny, {seeds} seed{'s' if seeds != 1 else ''}: mean ± std, dots = seeds)", fontsize=9)
-    ax.set_ylabel(f"{column} (%)")
-    ax.grid(axis="y", alpha=0.3)
-    ax = axes[1]
-    if paper and column in paper_cols:
-        wanted = [PAPER_ROW.get(name, {}).get(g["key"]) for g in groups]
-        rows = [r for r in wanted if r in paper] or list(paper)
-        ax.bar(range(len(rows)), [paper[r][paper_cols.index(column)] for r in rows], color="tab:gray", alpha=0.7)
-        ax.set_xticks(range(len(rows)), rows, rotation=20, ha="right", fontsize=8)
-        lo = min(paper[r][paper_cols.index(column)] for r in rows)
-        ax.set_ylim(max(0, lo - 5), None)
-        ax.set_title(f"paper ({PAPER[name]['cite'].split(',')[0]}; axis from {max(0, lo - 5):.0f})", fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-    else:
-        ax.text(0.5, 0.5, PAPER[name]["cite"], ha="center", va="center", wrap=True, fontsize=9, transform=ax.transAxes)
-        ax.set_axis_off()
-    fig.suptitle(f"{name}: {column}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-
-
-def plot_runs(runs: list, out, image: str = "", device="cpu", score_thr: float = 0.3) -> list:
-    """Every figure that applies to the runs given, into folder `out`: training-loss curves (BabelRS
-    Fig. 4), loss and gradient norm (Fig. 7) and iterations survived (Fig. 2) for fine-tuning runs,
-    Fig. 6 when they sweep the CSIA steps or τ,
-    MutDet's loss terms for each mutdet run, and detections for each scored run."""
-    import json
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    kinds = {}
-    for r in runs:
-        if not (Path(r) / "config.json").exists():
-            raise datasets.DatasetError(f"{r}: not a run folder (no config.json)")
-        kinds[r] = _stage_of(r)
-    amp = {r: json.loads((Path(r) / "config.json").read_text()).get("amp", "off") != "off" for r in runs}
-    for kind, prefix in (("finetune", ""), ("csia", "csia_")):  # loss scales differ: one figure per stage
-        group = [r for r in runs if kinds[r] == kind]
-        if group:
-            written.append(out / f"{prefix}loss.png")
-            plot_curves(group, written[-1], ("loss",), title=f"{kind} training loss")
-        if any(amp[r] for r in group):  # Fig. 7: loss and gradient norm of runs trained with AMP
-            written.append(out / f"{prefix}loss_grad_norm.png")
-            plot_curves(group, written[-1], ("loss", "grad_norm"), title=f"{kind} loss and gradient norm (AMP runs: "
-                        + ", ".join(Path(r).name for r in group if amp[r]) + ")")
-    tuned = [r for r in runs if kinds[r] == "finetune"]
-    facts = [run_facts(r) for r in tuned]
-    if tuned:
-        plot_survival(tuned, out / "iterations.png", facts)
-        written.append(out / "iterations.png")
-    fig6 = fig6_series(facts)
-    if fig6:  # a steps or τ sweep of CSIA among the runs
-        plot_fig6(fig6, out / "fig6.png")
-        written.append(out / "fig6.png")
-    for r in runs:
-        if kinds[r] == "mutdet":
-            written.append(out / f"mutdet_terms_{Path(r).name}.png")
-            plot_mutdet_terms(r, written[-1])
-        if kinds[r] == "finetune" and (Path(r) / "model.safetensors").exists():
-            written.append(out / f"detections_{Path(r).name}.png")
-            plot_detections(r, written[-1], image, score_thr=score_thr, device=device)
-    return written
+def format_run_metrics(metrics: dict) -> str:
+    """Per class and per modality AP50 / AP75 / mAP (and the VOC07 11-point numbers), then the summary."""
+    cols = ("ap50", "ap75", "map", "voc07_ap50", "voc07_ap75")
+    header = f"{'AP in %':<26}" + "".join(f"{c:>11}" for c in cols)
+    lines = []
+    for m, r in metrics["sources"].items():
+        lines += [f"{m} ({r['box_type']}, {r['images']} test images)", header]
+        for name in r["classes"]:
+            vals = [r["per_class"][c][name] for c in cols]
+            lines.append(f"  {name:<24}" + "".join(f"{v * 100:11.2f}" if v is not None else f"{'-':>11}" for v in vals))
+        lines.append(f"  {'mean':<24}" + "".join(f"{r[c] * 100:11.2f}" for c in cols))
+    if "h_map" in metrics:  # BabelRS Tab. 2: AP@50 / mAP overall and per modality, then H-mAP
+        mods = list(metrics["sources"])
+        lines.append("")
+        lines.append(f"{'Overall':>15}" + "".join(f"{m:>15}" for m in mods) + f"{'H-mAP':>9}")
+        cells = [f"{metrics['overall_ap50'] * 100:.2f} / {metrics['overall_map'] * 100:.2f}"]
+        cells += [f"{metrics['sources'][m]['ap50'] * 100:.2f} / {metrics['sources'][m]['map'] * 100:.2f}" for m in mods]
+        lines.append("".join(f"{c:>15}" for c in cells) + f"{metrics['h_map'] * 100:9.2f}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1310,16 +724,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="VOC area AP or VOC07 11-point AP (DOTA Task1, MutDet); default 11point")
     p.add_argument("--iou", type=float, nargs="+", default=[0.5], help="IoU thresholds (default 0.5)")
     p.add_argument("--strict", action="store_true", help="match when IoU > thr, as the DOTA devkit (default >=)")
-    p.add_argument("--table", choices=TABLES, help="collect the metrics.json of RUN folders into a paper's table")
-    p.add_argument("--plot", action="store_true", help="draw the figures of the RUN folders into --out")
-    p.add_argument("runs", nargs="*", metavar="RUN", help="run folders for --table / --plot")
-    p.add_argument("--out", default="", help="--table: also write OUT.md and OUT.csv; --plot: folder (default figures)")
-    p.add_argument("--image", default="", help="--plot: draw detections on this image (default the first test image)")
+    p.add_argument("--out", default="", help="--predict: folder of the drawings and Task1 files (default predictions)")
     p.add_argument("--predict", nargs="+", metavar="PATH", help="with --run: detect on these images or folders of "
                    "images (any size; large scenes are cut into patches and merged); writes drawings and DOTA "
                    "Task1 files into --out (default predictions)")
     p.add_argument("--modality", default="", help="--predict: the head set of a multi-modal run (rgb, sar or ir)")
-    p.add_argument("--score", type=float, default=0.3, help="--predict, --plot: score threshold of the drawn "
+    p.add_argument("--score", type=float, default=0.3, help="--predict: score threshold of the drawn "
                    "detections (default 0.3)")
     p.add_argument("--patch", type=int, default=0, help="--predict: patch size (default the run's training size)")
     p.add_argument("--gap", type=int, default=200, help="--predict: overlap of patches in px (default 200, DOTA)")
@@ -1329,6 +739,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--table" in argv or "--plot" in argv:  # moved; no import of tables.py from here (DESIGN.md)
+        print("error: the tables and figures moved to tables.py: python tables.py --table NAME RUN... | "
+              "--plot RUN...", file=sys.stderr)
+        return 2
     p = build_parser()
     args = p.parse_args(argv)
     if args.predict:
@@ -1343,24 +758,6 @@ def main(argv=None) -> int:
         print(f"{summary['images']} images, {summary['detections']} detections (score >= {TASK1_SCORE}) in "
               f"{len(summary['task1'])} Task1 files, {summary['drawn']} drawn (score >= {args.score}) in "
               f"{args.out or 'predictions'}" + (f"; {summary['zip']}" if "zip" in summary else ""))
-        return 0
-    if args.table or args.plot:
-        if not args.runs:
-            p.error("give the run folders after --table NAME / --plot")
-        try:
-            if args.table:
-                table = format_table_runs(args.table, args.runs)
-                print(table["markdown"])
-                if args.out:
-                    stem = args.out.removesuffix(".md").removesuffix(".csv")
-                    datasets.atomic_write_text(f"{stem}.md", table["markdown"])
-                    datasets.atomic_write_text(f"{stem}.csv", table["csv"])
-            else:
-                for path in plot_runs(args.runs, args.out or "figures", args.image, args.device, args.score):
-                    print(f"wrote {path}")
-        except datasets.DatasetError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
         return 0
     if args.run:
         try:

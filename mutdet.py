@@ -621,3 +621,41 @@ def pretrained_detector(state: dict, modalities: list) -> tuple:
         else:
             out[key] = value
     return out, dropped
+
+
+def load_official(model, path: str, state: dict) -> None:
+    """An mmrotate checkpoint (`state_dict` with mmrotate / mmcv names) into our detector through
+    `detection.mmrotate_to_ours`. A fine-tuned ARS-DETR must match tensor for tensor (any missing,
+    unexpected or mismatched tensor is an error naming it). A MutDet / DETReg-row pre-training
+    checkpoint loads as the official `load_from` does: its pre-training modules and class branches
+    are dropped, and what the fine-tuning model has beyond it (deeper layers) starts fresh; both
+    are listed by name."""
+    ours, unused = detection.mmrotate_to_ours(state)
+    pretraining = any(k.startswith(("enhancement.", "patch_enc", "feature_embed.")) for k in ours)
+    modalities = list(model.heads)
+    if pretraining:  # our pre-trainer's names, then the fine-tuning load of a mutdet run
+        wrapped = {("detector." + k.replace("H.", "heads.pre.", 1) if k.startswith(("backbone.", "neck.", "H.")) else k): v
+                   for k, v in ours.items()}
+        state, dropped = pretrained_detector(wrapped, modalities)
+    else:
+        state, dropped = {}, []
+        for k, v in ours.items():
+            state.update({f"heads.{m}.{k[2:]}": v for m in modalities} if k.startswith("H.") else {k: v})
+    own = model.state_dict()
+    bad = [f"unexpected {k}" for k in state if k not in own]
+    bad += [f"shape {k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here"
+            for k in state if k in own and own[k].shape != state[k].shape]
+    missing = [k for k in own if k not in state]
+    if not pretraining:
+        bad += [f"missing {k}" for k in missing]
+    if bad:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise ValueError(f"--init {path}: an mmrotate checkpoint that does not fit this model: "
+                         + "; ".join(bad[:5]) + more)
+    model.load_state_dict(state, strict=False)
+    kind = "MutDet / DETReg-row pre-training" if pretraining else "ARS-DETR"
+    print(f"--init {path}: an mmrotate {kind} checkpoint; loaded {len(state)} tensors, dropped {len(unused)} unused "
+          f"by the official forward and {len(dropped)} of pre-training / class branches; {len(missing)} start fresh")
+    for name, keys in (("dropped (unused officially)", unused), ("dropped", dropped), ("start fresh", missing)):
+        for k in keys:
+            print(f"  {name}: {k}")

@@ -11,8 +11,7 @@ printed and stored in the run folder `runs/<stage>-<time>/` (or `--out DIR`) wit
 
 `--resume DIR` continues a run exactly where it stopped, in the same folder. Under
 `torchrun --nproc_per_node N` the same command trains with DDP (gloo on CPU, nccl on GPU).
-`python train.py --sweep TABLE [--scale tiny|paper]` runs (or resumes) the runs behind one of the
-papers' tables, skipping finished ones, then writes the table (eval.py's `--table`).
+The runs behind the papers' tables (sweeps), their costs and the tables themselves are in tables.py.
 Bad data stops with the data set's one-line message and exit status 2; a non-finite loss or
 gradient norm is logged with its step and stops the run with exit status 3.
 """
@@ -44,8 +43,76 @@ PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")  # what cluster schedulers send before 
 
 
 # ---------------------------------------------------------------------------------------------
-# Configs and presets
+# Configs and presets (one dataclass per stage, in the order of the stages below)
 # ---------------------------------------------------------------------------------------------
+
+@dataclass
+class CSIAConfig:
+    """BabelRS CSIA pre-training with LVSA (Sec. 3.1-3.2): ViT + projector + causal LM on the
+    instruction data of all modalities, cross-entropy on the answer tokens."""
+    # data
+    data: list[str] = field(default_factory=list)  # an instruction meta json (the official
+    #   BabelRS_ft_data_instruct.json layout), or MODALITY:PATH detection sets (DOTA, DIOR-R, SARDet COCO,
+    #   DroneVehicle) turned into App. D instructions (cached in the run folder); default SynthSOI's
+    rate_rgb: float = 1.0  # sample rate (repeat_time) of a corpus built from detections, per modality
+    rate_sar: float = 0.6  # Tab. 1: SARLang 0.6
+    rate_ir: float = 1.0  # Tab. 1: MMRS-1M IR 1 (the public meta json repeats it x3)
+    concept_map: str = ""  # json {class name: shared concept} on top of datasets.CONCEPT_MAP
+    synth_root: str = "data/synthsoi"  # where SynthSOI is written
+    image_size: int = 128  # tile side; paper: 448 (force_image_size)
+    max_tiles: int = 1  # dynamic tiles per image (+ a thumbnail when > 1); paper: 6 (max_dynamic_patch)
+    max_length: int = 512  # tokens; paper: 3072
+    batch_size: int = 8  # samples per process and micro-batch; paper: 4
+    global_batch: int = 8  # samples per optimizer step over all processes (accumulation makes up the rest); paper:
+    #   128 = 4 x 4 accumulation x 8 GPUs (Sec. 4.3)
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"  # opt in: scale lr by global_batch / the preset's
+    workers: int = 0  # data loading processes
+    seed: int = 0  # data order and initialisation
+    # ViT (InternViT-300M in the paper)
+    vit: str = ""  # local InternViT weights (.safetensors or folder); "fractal": the stand-in (tiny); empty = random
+    vit_dim: int = 64  # paper: 1024
+    vit_depth: int = 4  # paper: 24
+    vit_heads: int = 4  # paper: 16
+    patch: int = 8  # paper: 14
+    drop_path: float = 0.0  # paper: 0.1 (--drop_path_rate)
+    grad_checkpoint: bool = False  # paper: True
+    # LLM (Qwen2.5-0.5B-Instruct in the paper)
+    llm: str = ""  # local transformers causal-LM folder (with its tokenizer); empty = a small random Qwen2
+    llm_dim: int = 128  # width of the random Qwen2 (without --llm); Qwen2.5-0.5B: 896
+    llm_layers: int = 2  # its layers; Qwen2.5-0.5B: 24
+    llm_heads: int = 4  # its attention heads; Qwen2.5-0.5B: 14
+    llm_kv_heads: int = 2  # its key/value heads; Qwen2.5-0.5B: 2
+    llm_ffn: int = 256  # its MLP width; Qwen2.5-0.5B: 4864
+    vocab_size: int = 1024  # of the tokenizer trained on the instruction corpus
+    init: str = ""  # a csia run or an InternVL2.5-1B folder (vision_model, mlp1, language_model)
+    init_strict: bool = False  # --init must match every tensor (else a one-line error); default: skip and list
+    # LVSA (Sec. 3.2)
+    merge: Literal["lvsa", "last", "concat", "sum", "per-layer"] = "lvsa"  # Tab. 5 rows
+    layers: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # hidden-state indices; paper: [2, 8, 17, 23]
+    #   tiny: every block of the 4, so CSIA aligns each block the tiny detector's pyramid reads
+    tau: float = 120.0  # annealing steps of α(t); paper: 6000 of 20000 (Sec. 4.9)
+    # optimisation (BabelRS_internvl_1b_20ksteps.sh)
+    lr: float = 1e-3  # paper: 2e-5
+    weight_decay: float = 0.01  # AdamW (BabelRS_internvl_1b_20ksteps.sh: 0.01)
+    warmup_ratio: float = 0.1  # linear warm-up, then cosine to 0
+    clip: float = 1.0  # HF Trainer's max_grad_norm
+    steps: int = 400  # length of the schedule; paper: 20000
+    amp: Literal["off", "bf16", "fp16"] = "off"  # paper: bf16
+    compile: bool = False  # torch.compile (inductor) the transformer layers, in place (compile_layers); opt-in
+    max_steps: int = 0  # stop after this many steps (0 = the whole schedule)
+    # run
+    out: str = ""  # run folder; default runs/csia-<time>
+    resume: str = ""  # run folder to continue
+    ckpt_every: int = 1000  # steps between checkpoints (and one at the end)
+
+
+CSIA_PRESETS = {
+    "tiny": CSIAConfig(vit="fractal"),
+    "paper": CSIAConfig(image_size=448, max_tiles=6, max_length=3072, batch_size=4, global_batch=128, workers=4,
+                        vit_dim=1024, vit_depth=24, vit_heads=16, patch=14, drop_path=0.1, grad_checkpoint=True,
+                        layers=list(babelrs.OFFICIAL_LAYERS), tau=6000.0, lr=2e-5, steps=20000, amp="bf16"),
+}
+
 
 @dataclass
 class FinetuneConfig:
@@ -63,7 +130,7 @@ class FinetuneConfig:
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"  # opt in: scale lr by global_batch / the preset's
     source_ratio: list[int] = field(default_factory=list)  # images of each source per batch (BabelRS: 2 SAR : 1 RGB : 1 IR)
     loss_weights: list[float] = field(default_factory=list)  # per source (BabelRS: RGB 1.5); default 1 each
-    augment: bool = True  # per source as SOI-Det (detection_transform): SAR h-flip 0.5; RGB/IR h/v/diagonal
+    augment: bool = True  # per source as SOI-Det (datasets.detection_transform): SAR h-flip 0.5; RGB/IR h/v/diagonal
     #                       flips 0.25 each (ARS-DETR, MutDet) and rotation with --rotate_p
     rotate_p: float = 0.0  # PolyRandomRotate probability (BabelRS: 0.5; MutDet: none)
     workers: int = 0  # data loading processes
@@ -145,72 +212,8 @@ FINETUNE_PRESETS = {
 # ARS-DETR on DOTA-v1.0 (MutDet Tab. 3): the same detector on 1024-px trainval patches (gap 200),
 # RResize(1024, 1024) (ARS-DETR `dn_arw_arm_arcsl_rdetr_r50_dota.py` and its bases); else as "paper"
 FINETUNE_PRESETS["ars-detr-dota"] = dataclasses.replace(FINETUNE_PRESETS["paper"], image_size=1024)
-@dataclass
-class CSIAConfig:
-    """BabelRS CSIA pre-training with LVSA (Sec. 3.1-3.2): ViT + projector + causal LM on the
-    instruction data of all modalities, cross-entropy on the answer tokens."""
-    # data
-    data: list[str] = field(default_factory=list)  # an instruction meta json (the official
-    #   BabelRS_ft_data_instruct.json layout), or MODALITY:PATH detection sets (DOTA, DIOR-R, SARDet COCO,
-    #   DroneVehicle) turned into App. D instructions (cached in the run folder); default SynthSOI's
-    rate_rgb: float = 1.0  # sample rate (repeat_time) of a corpus built from detections, per modality
-    rate_sar: float = 0.6  # Tab. 1: SARLang 0.6
-    rate_ir: float = 1.0  # Tab. 1: MMRS-1M IR 1 (the public meta json repeats it x3)
-    concept_map: str = ""  # json {class name: shared concept} on top of datasets.CONCEPT_MAP
-    synth_root: str = "data/synthsoi"  # where SynthSOI is written
-    image_size: int = 128  # tile side; paper: 448 (force_image_size)
-    max_tiles: int = 1  # dynamic tiles per image (+ a thumbnail when > 1); paper: 6 (max_dynamic_patch)
-    max_length: int = 512  # tokens; paper: 3072
-    batch_size: int = 8  # samples per process and micro-batch; paper: 4
-    global_batch: int = 8  # samples per optimizer step over all processes (accumulation makes up the rest); paper:
-    #   128 = 4 x 4 accumulation x 8 GPUs (Sec. 4.3)
-    lr_scaling: Literal["none", "linear", "sqrt"] = "none"  # opt in: scale lr by global_batch / the preset's
-    workers: int = 0  # data loading processes
-    seed: int = 0  # data order and initialisation
-    # ViT (InternViT-300M in the paper)
-    vit: str = ""  # local InternViT weights (.safetensors or folder); "fractal": the stand-in (tiny); empty = random
-    vit_dim: int = 64  # paper: 1024
-    vit_depth: int = 4  # paper: 24
-    vit_heads: int = 4  # paper: 16
-    patch: int = 8  # paper: 14
-    drop_path: float = 0.0  # paper: 0.1 (--drop_path_rate)
-    grad_checkpoint: bool = False  # paper: True
-    # LLM (Qwen2.5-0.5B-Instruct in the paper)
-    llm: str = ""  # local transformers causal-LM folder (with its tokenizer); empty = a small random Qwen2
-    llm_dim: int = 128  # width of the random Qwen2 (without --llm); Qwen2.5-0.5B: 896
-    llm_layers: int = 2  # its layers; Qwen2.5-0.5B: 24
-    llm_heads: int = 4  # its attention heads; Qwen2.5-0.5B: 14
-    llm_kv_heads: int = 2  # its key/value heads; Qwen2.5-0.5B: 2
-    llm_ffn: int = 256  # its MLP width; Qwen2.5-0.5B: 4864
-    vocab_size: int = 1024  # of the tokenizer trained on the instruction corpus
-    init: str = ""  # a csia run or an InternVL2.5-1B folder (vision_model, mlp1, language_model)
-    init_strict: bool = False  # --init must match every tensor (else a one-line error); default: skip and list
-    # LVSA (Sec. 3.2)
-    merge: Literal["lvsa", "last", "concat", "sum", "per-layer"] = "lvsa"  # Tab. 5 rows
-    layers: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # hidden-state indices; paper: [2, 8, 17, 23]
-    #   tiny: every block of the 4, so CSIA aligns each block the tiny detector's pyramid reads
-    tau: float = 120.0  # annealing steps of α(t); paper: 6000 of 20000 (Sec. 4.9)
-    # optimisation (BabelRS_internvl_1b_20ksteps.sh)
-    lr: float = 1e-3  # paper: 2e-5
-    weight_decay: float = 0.01  # AdamW (BabelRS_internvl_1b_20ksteps.sh: 0.01)
-    warmup_ratio: float = 0.1  # linear warm-up, then cosine to 0
-    clip: float = 1.0  # HF Trainer's max_grad_norm
-    steps: int = 400  # length of the schedule; paper: 20000
-    amp: Literal["off", "bf16", "fp16"] = "off"  # paper: bf16
-    compile: bool = False  # torch.compile (inductor) the transformer layers, in place (compile_layers); opt-in
-    max_steps: int = 0  # stop after this many steps (0 = the whole schedule)
-    # run
-    out: str = ""  # run folder; default runs/csia-<time>
-    resume: str = ""  # run folder to continue
-    ckpt_every: int = 1000  # steps between checkpoints (and one at the end)
 
 
-CSIA_PRESETS = {
-    "tiny": CSIAConfig(vit="fractal"),
-    "paper": CSIAConfig(image_size=448, max_tiles=6, max_length=3072, batch_size=4, global_batch=128, workers=4,
-                        vit_dim=1024, vit_depth=24, vit_heads=16, patch=14, drop_path=0.1, grad_checkpoint=True,
-                        layers=list(babelrs.OFFICIAL_LAYERS), tau=6000.0, lr=2e-5, steps=20000, amp="bf16"),
-}
 @dataclass
 class SAMConfig:
     """MutDet's pseudo-labels: SAM masks -> le90 boxes -> object embeddings -> PCA -> k-means classes."""
@@ -326,6 +329,10 @@ MUTDET_PRESETS = {
                           ckpt_every=2000),
 }
 
+
+# ---------------------------------------------------------------------------------------------
+# Flags: one per config field
+# ---------------------------------------------------------------------------------------------
 
 def _parse_bool(s: str) -> bool:
     if s.lower() in ("1", "true", "yes", "on"):
@@ -491,47 +498,9 @@ def load_init(model, path: str, state: dict = None, strict: bool = False) -> Non
             print(f"  {name}: {k}")
 
 
-def load_official(model, path: str, state: dict) -> None:
-    """An mmrotate checkpoint (`state_dict` with mmrotate / mmcv names) into our detector through
-    `detection.mmrotate_to_ours`. A fine-tuned ARS-DETR must match tensor for tensor (any missing,
-    unexpected or mismatched tensor is an error naming it). A MutDet / DETReg-row pre-training
-    checkpoint loads as the official `load_from` does: its pre-training modules and class branches
-    are dropped, and what the fine-tuning model has beyond it (deeper layers) starts fresh; both
-    are listed by name."""
-    ours, unused = detection.mmrotate_to_ours(state)
-    pretraining = any(k.startswith(("enhancement.", "patch_enc", "feature_embed.")) for k in ours)
-    modalities = list(model.heads)
-    if pretraining:  # our pre-trainer's names, then the fine-tuning load of a mutdet run
-        wrapped = {("detector." + k.replace("H.", "heads.pre.", 1) if k.startswith(("backbone.", "neck.", "H.")) else k): v
-                   for k, v in ours.items()}
-        state, dropped = mutdet.pretrained_detector(wrapped, modalities)
-    else:
-        state, dropped = {}, []
-        for k, v in ours.items():
-            state.update({f"heads.{m}.{k[2:]}": v for m in modalities} if k.startswith("H.") else {k: v})
-    own = model.state_dict()
-    bad = [f"unexpected {k}" for k in state if k not in own]
-    bad += [f"shape {k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here"
-            for k in state if k in own and own[k].shape != state[k].shape]
-    missing = [k for k in own if k not in state]
-    if not pretraining:
-        bad += [f"missing {k}" for k in missing]
-    if bad:
-        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
-        raise ValueError(f"--init {path}: an mmrotate checkpoint that does not fit this model: "
-                         + "; ".join(bad[:5]) + more)
-    model.load_state_dict(state, strict=False)
-    kind = "MutDet / DETReg-row pre-training" if pretraining else "ARS-DETR"
-    print(f"--init {path}: an mmrotate {kind} checkpoint; loaded {len(state)} tensors, dropped {len(unused)} unused "
-          f"by the official forward and {len(dropped)} of pre-training / class branches; {len(missing)} start fresh")
-    for name, keys in (("dropped (unused officially)", unused), ("dropped", dropped), ("start fresh", missing)):
-        for k in keys:
-            print(f"  {name}: {k}")
-
-
 def rng_state() -> dict:
     """The generators a step draws from: torch (denoising noise, dropout) and Python's `random`.
-    (Augmentation has its own per-step generator, see StepBatches.)"""
+    (Augmentation has its own per-step generator, see datasets.StepBatches.)"""
     state = dict(torch=torch.get_rng_state(), python=random.getstate())
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -754,139 +723,7 @@ def shutdown_distributed():
 
 
 # ---------------------------------------------------------------------------------------------
-# Data for the finetune stage
-# ---------------------------------------------------------------------------------------------
-
-def resolve_sources(cfg: FinetuneConfig, rank: int) -> list:
-    """--data MODALITY:PATH entries (or SynthSOI-RGB) -> list of dict(modality, root, train, test)."""
-    entries = list(cfg.data)
-    if not entries:
-        root = Path(cfg.synth_root)
-        if rank == 0:
-            datasets.make_synthetic(root)
-        barrier()
-        entries = [f"{m}:{root / m}" for m in cfg.synth_modalities]
-    sources = []
-    for e in entries:
-        modality, sep, path = e.partition(":")
-        if not sep or modality not in ("rgb", "sar", "ir"):
-            raise datasets.DatasetError(f"--data {e!r}: expected MODALITY:PATH with MODALITY one of rgb, sar, ir")
-        root = Path(path).resolve()
-        if not root.is_dir():
-            raise datasets.DatasetError(f"{root}: no such folder (from --data {e})")
-        sources.append(dict(modality=modality, root=str(root), train=str(datasets.find_split(root, "train")),
-                            test=str(datasets.find_split(root, "test"))))
-    return sources
-
-
-def subset(ds, fraction: float, seed: int):
-    """A random `fraction` of a split (at least one image), the same for every process."""
-    if fraction >= 1.0:
-        return ds
-    if not 0 < fraction:
-        raise ValueError(f"data_fraction must be in (0, 1], got {fraction}")
-    g = torch.Generator().manual_seed(seed)
-    keep = sorted(torch.randperm(len(ds), generator=g)[:max(1, math.ceil(fraction * len(ds)))].tolist())
-    return dataclasses.replace(ds, samples=[ds.samples[i] for i in keep])
-
-
-RECT_CLASSES = ("roundabout", "storage-tank", "tank")  # turned by multiples of 90° only (mmrotate's DOTA
-#   rect_classes; SOI-Det's `rect_classes=[..., 16, 18]`); "tank" is SynthSOI's round storage tank
-
-
-def detection_transform(image_size: int, augment: bool, rotate_p: float, generator: random.Random,
-                        modality: str = "rgb", classes: list = ()):
-    """Resize -> augmentation per source, as the official SOI-Det pipelines (`SOI_Det.py`) -> Normalize.
-    SAR: a horizontal flip with p = 0.5 only (mmdet RandomFlip). RGB and IR: a horizontal, vertical
-    or diagonal flip with p = 0.25 each (RRandomFlip), then with `rotate_p` a rotation by any angle,
-    or by a multiple of 90° when the image holds a RECT_CLASSES object (PolyRandomRotate)."""
-    steps = [datasets.Resize(image_size)]
-    if augment and modality == "sar":
-        steps.append(datasets.RandomFlip(0.5, generator, directions=("horizontal",)))
-    elif augment:
-        steps.append(datasets.RandomFlip(0.25, generator))
-        if rotate_p > 0:
-            rect = tuple(i for i, c in enumerate(classes) if c.lower() in RECT_CLASSES)
-            steps.append(datasets.RandomRotate(rotate_p, rect_classes=rect, generator=generator))
-    return datasets.Compose(steps + [datasets.Normalize()])
-
-
-def pad_batch(batch: dict, multiple: int = 32) -> dict:
-    """Pad a collated batch to a multiple of the largest stride (mmdet Pad(size_divisor=32))."""
-    h, w = batch["images"].shape[-2:]
-    ph, pw = -h % multiple, -w % multiple
-    if ph or pw:
-        batch["images"] = torch.nn.functional.pad(batch["images"], (0, pw, 0, ph))
-        batch["masks"] = torch.nn.functional.pad(batch["masks"], (0, pw, 0, ph), value=True)
-    return batch
-
-
-class StepBatches(torch.utils.data.Dataset):
-    """Step k's `accum` micro-batches, determined by k alone: the sampler's draws k·accum + a, each
-    augmented with a generator seeded by the draw's global batch number. Resuming at step k, and
-    any number of processes or loader workers with the same global batch, see exactly the batches
-    of an uninterrupted single-process run."""
-
-    def __init__(self, splits: list, sampler: datasets.MultiSourceSampler, cfg, rank: int, accum: int = 1):
-        self.splits, self.sampler, self.cfg, self.rank, self.accum = splits, sampler, cfg, rank, accum
-
-    def __len__(self):
-        return 1 << 62
-
-    def micro_batch(self, draw: int) -> dict:
-        gen = random.Random(f"{self.cfg.seed}-{self.sampler.global_batch(draw)}")
-        items = []
-        for source, index in self.sampler.batch(draw):
-            ds = self.splits[source]
-            item = detection_transform(self.cfg.image_size, self.cfg.augment, self.cfg.rotate_p, gen, ds.modality,
-                                       ds.classes)(ds[index])
-            item["size"] = tuple(item["image"].shape[-2:])
-            items.append(item)
-        return pad_batch(datasets.collate(items))
-
-    def __getitem__(self, k: int):
-        micro = [self.micro_batch(k * self.accum + a) for a in range(self.accum)]
-        return micro if self.accum > 1 else micro[0]
-
-
-def model_args(cfg: FinetuneConfig, sources: list) -> dict:
-    """The keyword arguments of `babelrs.build_detector`, stored as model.json for eval.py."""
-    weights = {s["modality"]: (cfg.loss_weights[i] if i < len(cfg.loss_weights) else 1.0) for i, s in enumerate(sources)}
-    return dict(sources=[dict(modality=s["modality"], classes=s["classes"], box_type=s["box_type"]) for s in sources],
-                backbone=cfg.backbone, resnet=cfg.resnet, frozen_bn=cfg.frozen_bn, dim=cfg.dim, heads=cfg.heads,
-                levels=cfg.levels, points=cfg.points, enc_layers=cfg.enc_layers, dec_layers=cfg.dec_layers,
-                ffn=cfg.ffn, dropout=cfg.dropout, num_queries=cfg.num_queries, num_dn_queries=cfg.num_dn_queries,
-                gn_groups=cfg.gn_groups, loss_weights=weights, match_costs=list(cfg.match_costs), match_l1=cfg.match_l1,
-                vit_args=dict(dim=cfg.vit_dim, depth=cfg.vit_depth, heads=cfg.vit_heads, patch=cfg.vit_patch,
-                              image_size=cfg.image_size, grad_checkpoint=cfg.grad_checkpoint,
-                              **babelrs.VIT_FAMILIES[cfg.vit_family])
-                if cfg.backbone == "vit" else None, vit_taps=list(cfg.vit_taps))
-
-
-# ---------------------------------------------------------------------------------------------
-# Optimisation
-# ---------------------------------------------------------------------------------------------
-
-def lr_at(step: int, cfg, steps_per_epoch: int) -> float:
-    """Linear warm-up from warmup_ratio·lr over `warmup` steps (mmcv), then ×0.1 at each epoch in lr_steps."""
-    factor = 0.1 ** sum(step >= e * steps_per_epoch for e in cfg.lr_steps)
-    if step < cfg.warmup:
-        factor *= 1 - (1 - cfg.warmup_ratio) * (1 - step / cfg.warmup)
-    return cfg.lr * factor
-
-
-def param_groups(model, cfg) -> list:
-    """AdamW groups: lr × lr_mult for parameters whose name holds one of lr_mult_keys (ARS-DETR:
-    backbone, sampling offsets, reference points), the base lr for the rest."""
-    slow, fast = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (slow if any(k in name for k in cfg.lr_mult_keys) else fast).append(p)
-    return [dict(params=fast, lr_mult=1.0), dict(params=slow, lr_mult=cfg.lr_mult)]
-
-
-# ---------------------------------------------------------------------------------------------
-# The finetune stage
+# Run folders, schedules and optimizer groups
 # ---------------------------------------------------------------------------------------------
 
 def machine() -> dict:
@@ -929,6 +766,168 @@ def run_folder(cfg, stage: str, rank: int) -> Path:
     return run
 
 
+def lr_at(step: int, cfg, steps_per_epoch: int) -> float:
+    """Linear warm-up from warmup_ratio·lr over `warmup` steps (mmcv), then ×0.1 at each epoch in lr_steps."""
+    factor = 0.1 ** sum(step >= e * steps_per_epoch for e in cfg.lr_steps)
+    if step < cfg.warmup:
+        factor *= 1 - (1 - cfg.warmup_ratio) * (1 - step / cfg.warmup)
+    return cfg.lr * factor
+
+
+def param_groups(model, cfg) -> list:
+    """AdamW groups: lr × lr_mult for parameters whose name holds one of lr_mult_keys (ARS-DETR:
+    backbone, sampling offsets, reference points), the base lr for the rest."""
+    slow, fast = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (slow if any(k in name for k in cfg.lr_mult_keys) else fast).append(p)
+    return [dict(params=fast, lr_mult=1.0), dict(params=slow, lr_mult=cfg.lr_mult)]
+
+
+def cosine_lr(step: int, cfg) -> float:
+    """HF Trainer's schedule: linear warm-up from 0 over warmup_ratio·steps, then cosine to 0."""
+    warmup = int(math.ceil(cfg.warmup_ratio * cfg.steps))
+    if step < warmup:
+        return cfg.lr * step / warmup
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, cfg.steps - warmup)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The csia stage (BabelRS Sec. 3.1-3.2)
+# ---------------------------------------------------------------------------------------------
+
+def csia_corpus(cfg: CSIAConfig, sources: list, out: Path) -> Path:
+    """Detection sets -> an instruction corpus in the run folder (App. D tasks, shared concepts,
+    the modality sample rates of the config)."""
+    mapping = {}
+    if cfg.concept_map:
+        try:
+            mapping = json.loads(Path(cfg.concept_map).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise datasets.DatasetError(f"{cfg.concept_map}: cannot read the concept map ({e})") from None
+    meta = datasets.build_instruction_corpus(sources, out, dict(rgb=cfg.rate_rgb, sar=cfg.rate_sar, ir=cfg.rate_ir),
+                                             mapping, cfg.seed)
+    print(f"csia: instruction corpus from {len(sources)} detection sets written to {out}")
+    return meta
+
+
+def csia(cfg: CSIAConfig) -> int:
+    rank, world, device = setup_distributed()
+    torch.manual_seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+    entries = [cfg.data] if isinstance(cfg.data, str) else list(cfg.data)  # configs before the list form
+    entries = [e for e in entries if e]
+    run = None
+    if not entries:
+        root = Path(cfg.synth_root)
+        if rank == 0:
+            datasets.make_synthetic(root)
+        barrier()
+        meta = str(root / "instructions" / "meta.json")
+    elif len(entries) == 1 and entries[0].endswith(".json"):
+        meta = entries[0]
+    else:  # detection sets: the corpus is built into (and reused from) the run folder
+        sources = datasets.instruction_sources(entries)
+        run = run_folder(cfg, "csia", rank)
+        meta = str(run / "corpus" / "meta.json")
+        if rank == 0 and not Path(meta).exists():
+            csia_corpus(cfg, sources, run / "corpus")
+        barrier()
+    records = babelrs.read_instruction_meta(meta)
+    run = run or run_folder(cfg, "csia", rank)
+    if rank == 0:  # one process trains (or adapts) and stores the tokenizer; the others read it back
+        tokenizer = babelrs.load_tokenizer(run, records, cfg.llm, cfg.vocab_size)
+    barrier()
+    if rank != 0:
+        tokenizer = babelrs.load_tokenizer(run, records, cfg.llm, cfg.vocab_size)
+    try:
+        vit = babelrs.ViT(cfg.vit_dim, cfg.vit_depth, cfg.vit_heads, cfg.patch, cfg.image_size,
+                          drop_path=cfg.drop_path, grad_checkpoint=cfg.grad_checkpoint)
+        if cfg.vit and not cfg.resume and not cfg.init:  # "fractal": the stand-in (built on first use)
+            babelrs.load_vit_weights(vit, standin(cfg.vit, "vit"))
+        llm = babelrs.build_llm(cfg.llm, len(tokenizer), cfg.llm_dim, cfg.llm_layers, cfg.llm_heads, cfg.llm_kv_heads,
+                                cfg.llm_ffn)
+    except (ValueError, OSError) as e:
+        raise datasets.DatasetError(str(e)) from None
+    if llm.get_input_embeddings().num_embeddings < len(tokenizer):
+        llm.resize_token_embeddings(len(tokenizer))
+    model = babelrs.CSIA(vit, llm, tokenizer.convert_tokens_to_ids(babelrs.IMG_CONTEXT), cfg.merge,
+                         tuple(cfg.layers), cfg.tau).to(device)
+    if cfg.init and not cfg.resume:  # an InternVL folder names its parts vision_model / mlp1 / language_model
+        state = {k.replace("vision_model.", "vit.", 1).replace("language_model.", "llm.", 1): v
+                 for k, v in read_weights(cfg.init).items()}
+        try:
+            load_init(model, cfg.init, state, cfg.init_strict)
+        except ValueError as e:
+            raise datasets.DatasetError(str(e)) from None
+    tokens_per_tile = (cfg.image_size // cfg.patch) ** 2 // 4
+    data = babelrs.InstructionDataset(records, tokenizer, cfg.image_size, tokens_per_tile, cfg.max_tiles, cfg.max_length)
+    sampler = datasets.MultiSourceSampler([len(data)], [cfg.batch_size], cfg.seed, rank, world)
+    accum = accumulation(cfg.global_batch, cfg.batch_size, world)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    start = resume(run, model, optimizer, scaler, rank) if cfg.resume else 0
+    if rank == 0:
+        write_config(run, cfg)
+        modalities = sorted({r["modality"] for r in records})
+        print(f"csia: {len(records)} instruction samples ({', '.join(modalities)}), "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {tokens_per_tile} tokens a tile")
+
+    def forward(net, batch, step):
+        out = net(batch["pixels"].to(device), batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                  batch["labels"].to(device), step=step)
+        return dict(loss_align=out["loss"]), dict(alpha=out["alpha"])
+
+    end = min(cfg.steps, cfg.max_steps) if cfg.max_steps else cfg.steps
+    status = train_steps(cfg, run, model, optimizer, scaler, babelrs.InstructionBatches(data, sampler, accum, tokenizer.pad_token_id),
+                         start, end, lambda step: cosine_lr(step, cfg), forward,
+                         cfg.global_batch, "csia",
+                         # blocks after the last LVSA layer get no gradient (block 24 with the official layers)
+                         find_unused=max(cfg.layers) < cfg.vit_depth or cfg.merge == "last")
+    shutdown_distributed()
+    return status
+
+
+# ---------------------------------------------------------------------------------------------
+# The finetune stage (BabelRS Sec. 3.3; MutDet's fine-tuning on DIOR-R / DOTA)
+# ---------------------------------------------------------------------------------------------
+
+def resolve_sources(cfg: FinetuneConfig, rank: int) -> list:
+    """--data MODALITY:PATH entries (or SynthSOI-RGB) -> list of dict(modality, root, train, test)."""
+    entries = list(cfg.data)
+    if not entries:
+        root = Path(cfg.synth_root)
+        if rank == 0:
+            datasets.make_synthetic(root)
+        barrier()
+        entries = [f"{m}:{root / m}" for m in cfg.synth_modalities]
+    sources = []
+    for e in entries:
+        modality, sep, path = e.partition(":")
+        if not sep or modality not in ("rgb", "sar", "ir"):
+            raise datasets.DatasetError(f"--data {e!r}: expected MODALITY:PATH with MODALITY one of rgb, sar, ir")
+        root = Path(path).resolve()
+        if not root.is_dir():
+            raise datasets.DatasetError(f"{root}: no such folder (from --data {e})")
+        sources.append(dict(modality=modality, root=str(root), train=str(datasets.find_split(root, "train")),
+                            test=str(datasets.find_split(root, "test"))))
+    return sources
+
+
+def model_args(cfg: FinetuneConfig, sources: list) -> dict:
+    """The keyword arguments of `babelrs.build_detector`, stored as model.json for eval.py."""
+    weights = {s["modality"]: (cfg.loss_weights[i] if i < len(cfg.loss_weights) else 1.0) for i, s in enumerate(sources)}
+    return dict(sources=[dict(modality=s["modality"], classes=s["classes"], box_type=s["box_type"]) for s in sources],
+                backbone=cfg.backbone, resnet=cfg.resnet, frozen_bn=cfg.frozen_bn, dim=cfg.dim, heads=cfg.heads,
+                levels=cfg.levels, points=cfg.points, enc_layers=cfg.enc_layers, dec_layers=cfg.dec_layers,
+                ffn=cfg.ffn, dropout=cfg.dropout, num_queries=cfg.num_queries, num_dn_queries=cfg.num_dn_queries,
+                gn_groups=cfg.gn_groups, loss_weights=weights, match_costs=list(cfg.match_costs), match_l1=cfg.match_l1,
+                vit_args=dict(dim=cfg.vit_dim, depth=cfg.vit_depth, heads=cfg.vit_heads, patch=cfg.vit_patch,
+                              image_size=cfg.image_size, grad_checkpoint=cfg.grad_checkpoint,
+                              **babelrs.VIT_FAMILIES[cfg.vit_family])
+                if cfg.backbone == "vit" else None, vit_taps=list(cfg.vit_taps))
+
+
 def finetune(cfg: FinetuneConfig) -> int:
     rank, world, device = setup_distributed()
     torch.manual_seed(cfg.seed + rank)
@@ -937,7 +936,7 @@ def finetune(cfg: FinetuneConfig) -> int:
     splits = []
     for i, s in enumerate(sources):
         ds = datasets.load_detection_split(s["train"], s["modality"])
-        ds = subset(ds, cfg.data_fraction, cfg.seed)
+        ds = datasets.subset(ds, cfg.data_fraction, cfg.seed)
         ds.source = i
         s.update(classes=ds.classes, box_type=ds.box_type, train_images=len(ds))
         splits.append(ds)
@@ -962,7 +961,7 @@ def finetune(cfg: FinetuneConfig) -> int:
         if init and not cfg.resume:
             state = read_weights(init)
             if detection.is_mmrotate_state(state):  # a released ARS-DETR / MutDet checkpoint (mmrotate names)
-                load_official(model, init, state)
+                mutdet.load_official(model, init, state)
             elif any(k.startswith("detector.") for k in state):  # a mutdet run: its detector, class heads afresh
                 state, dropped = mutdet.pretrained_detector(state, list(model.heads))
                 groups = {}
@@ -1007,7 +1006,7 @@ def finetune(cfg: FinetuneConfig) -> int:
             log.write(json.dumps(dict(step=done, **scores)) + "\n")
             bar.write(f"step {done}: " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items()))
 
-    batches = StepBatches(splits, sampler, cfg, rank, accum)
+    batches = datasets.StepBatches(splits, sampler, cfg, rank, accum)
     status = train_steps(cfg, run, model, optimizer, scaler, batches, start, end,
                          lambda step: lr_at(step, cfg, steps_per_epoch), forward, per_step, "finetune", after_step,
                          # blocks after the last one the pyramid reads get no gradient
@@ -1019,165 +1018,8 @@ def finetune(cfg: FinetuneConfig) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# The csia stage (BabelRS Sec. 3.1-3.2)
-# ---------------------------------------------------------------------------------------------
-
-class InstructionBatches(torch.utils.data.Dataset):
-    """Step k's `accum` micro-batches, determined by k alone (sampler draws k·accum + a)."""
-
-    def __init__(self, data, sampler: datasets.MultiSourceSampler, accum: int, pad_id: int):
-        self.data, self.sampler, self.accum, self.pad_id = data, sampler, accum, pad_id
-
-    def __len__(self):
-        return 1 << 62
-
-    def __getitem__(self, k: int) -> list:
-        return [babelrs.collate_instructions([self.data[i] for _, i in self.sampler.batch(k * self.accum + a)],
-                                             self.pad_id) for a in range(self.accum)]
-
-
-def cosine_lr(step: int, cfg) -> float:
-    """HF Trainer's schedule: linear warm-up from 0 over warmup_ratio·steps, then cosine to 0."""
-    warmup = int(math.ceil(cfg.warmup_ratio * cfg.steps))
-    if step < warmup:
-        return cfg.lr * step / warmup
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, cfg.steps - warmup)))
-
-
-def csia_tokenizer(cfg: CSIAConfig, run: Path, records: list):
-    """The LLM's own tokenizer (with InternVL's tokens added), or one trained on the instruction
-    corpus (tiny preset); either is stored in the run folder and reloaded from there on resume."""
-    from transformers import AutoTokenizer
-    stored = run / "tokenizer"
-    if (stored / "tokenizer.json").exists():
-        return AutoTokenizer.from_pretrained(str(stored), local_files_only=True)
-    if cfg.llm:
-        tok = AutoTokenizer.from_pretrained(cfg.llm, local_files_only=True)
-        tok.add_special_tokens({"additional_special_tokens": [t for t in babelrs.SPECIAL_TOKENS if t not in tok.get_vocab()]})
-    else:
-        # the system message opens every sample: weigh it so, and the tokenizer learns it as a few tokens
-        texts = [babelrs.SYSTEM_MESSAGE] * len(records) + [t["value"] for r in records for t in r["conversations"]]
-        tok = babelrs.build_tokenizer(texts, cfg.vocab_size)
-    tok.save_pretrained(str(stored))
-    return tok
-
-
-def detection_sources(entries: list) -> list:
-    """`--data MODALITY:PATH ...` of the csia stage -> [(modality, train split folder)], checked."""
-    sources = []
-    for e in entries:
-        modality, sep, path = e.partition(":")
-        if not sep or modality not in ("rgb", "sar", "ir"):
-            raise datasets.DatasetError(f"--data {e!r}: expected one meta .json, or MODALITY:PATH detection folders "
-                                        "with MODALITY one of rgb, sar, ir")
-        if not Path(path).is_dir():
-            raise datasets.DatasetError(f"{path}: no such folder (from --data {e})")
-        sources.append((modality, datasets.find_split(path, "train")))
-    return sources
-
-
-def csia_corpus(cfg: CSIAConfig, sources: list, out: Path) -> Path:
-    """Detection sets -> an instruction corpus in the run folder (App. D tasks, shared concepts,
-    the modality sample rates of the config)."""
-    mapping = {}
-    if cfg.concept_map:
-        try:
-            mapping = json.loads(Path(cfg.concept_map).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise datasets.DatasetError(f"{cfg.concept_map}: cannot read the concept map ({e})") from None
-    meta = datasets.build_instruction_corpus(sources, out, dict(rgb=cfg.rate_rgb, sar=cfg.rate_sar, ir=cfg.rate_ir),
-                                             mapping, cfg.seed)
-    print(f"csia: instruction corpus from {len(sources)} detection sets written to {out}")
-    return meta
-
-
-def csia(cfg: CSIAConfig) -> int:
-    rank, world, device = setup_distributed()
-    torch.manual_seed(cfg.seed + rank)
-    random.seed(cfg.seed + rank)
-    entries = [cfg.data] if isinstance(cfg.data, str) else list(cfg.data)  # configs before the list form
-    entries = [e for e in entries if e]
-    run = None
-    if not entries:
-        root = Path(cfg.synth_root)
-        if rank == 0:
-            datasets.make_synthetic(root)
-        barrier()
-        meta = str(root / "instructions" / "meta.json")
-    elif len(entries) == 1 and entries[0].endswith(".json"):
-        meta = entries[0]
-    else:  # detection sets: the corpus is built into (and reused from) the run folder
-        sources = detection_sources(entries)
-        run = run_folder(cfg, "csia", rank)
-        meta = str(run / "corpus" / "meta.json")
-        if rank == 0 and not Path(meta).exists():
-            csia_corpus(cfg, sources, run / "corpus")
-        barrier()
-    records = babelrs.read_instruction_meta(meta)
-    run = run or run_folder(cfg, "csia", rank)
-    if rank == 0:  # one process trains (or adapts) and stores the tokenizer; the others read it back
-        tokenizer = csia_tokenizer(cfg, run, records)
-    barrier()
-    if rank != 0:
-        tokenizer = csia_tokenizer(cfg, run, records)
-    try:
-        vit = babelrs.ViT(cfg.vit_dim, cfg.vit_depth, cfg.vit_heads, cfg.patch, cfg.image_size,
-                          drop_path=cfg.drop_path, grad_checkpoint=cfg.grad_checkpoint)
-        if cfg.vit and not cfg.resume and not cfg.init:  # "fractal": the stand-in (built on first use)
-            babelrs.load_vit_weights(vit, standin(cfg.vit, "vit"))
-        llm = babelrs.build_llm(cfg.llm, len(tokenizer), cfg.llm_dim, cfg.llm_layers, cfg.llm_heads, cfg.llm_kv_heads,
-                                cfg.llm_ffn)
-    except (ValueError, OSError) as e:
-        raise datasets.DatasetError(str(e)) from None
-    if llm.get_input_embeddings().num_embeddings < len(tokenizer):
-        llm.resize_token_embeddings(len(tokenizer))
-    model = babelrs.CSIA(vit, llm, tokenizer.convert_tokens_to_ids(babelrs.IMG_CONTEXT), cfg.merge,
-                         tuple(cfg.layers), cfg.tau).to(device)
-    if cfg.init and not cfg.resume:  # an InternVL folder names its parts vision_model / mlp1 / language_model
-        state = {k.replace("vision_model.", "vit.", 1).replace("language_model.", "llm.", 1): v
-                 for k, v in read_weights(cfg.init).items()}
-        try:
-            load_init(model, cfg.init, state, cfg.init_strict)
-        except ValueError as e:
-            raise datasets.DatasetError(str(e)) from None
-    tokens_per_tile = (cfg.image_size // cfg.patch) ** 2 // 4
-    data = babelrs.InstructionDataset(records, tokenizer, cfg.image_size, tokens_per_tile, cfg.max_tiles, cfg.max_length)
-    sampler = datasets.MultiSourceSampler([len(data)], [cfg.batch_size], cfg.seed, rank, world)
-    accum = accumulation(cfg.global_batch, cfg.batch_size, world)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    start = resume(run, model, optimizer, scaler, rank) if cfg.resume else 0
-    if rank == 0:
-        write_config(run, cfg)
-        modalities = sorted({r["modality"] for r in records})
-        print(f"csia: {len(records)} instruction samples ({', '.join(modalities)}), "
-              f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {tokens_per_tile} tokens a tile")
-
-    def forward(net, batch, step):
-        out = net(batch["pixels"].to(device), batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                  batch["labels"].to(device), step=step)
-        return dict(loss_align=out["loss"]), dict(alpha=out["alpha"])
-
-    end = min(cfg.steps, cfg.max_steps) if cfg.max_steps else cfg.steps
-    status = train_steps(cfg, run, model, optimizer, scaler, InstructionBatches(data, sampler, accum, tokenizer.pad_token_id),
-                         start, end, lambda step: cosine_lr(step, cfg), forward,
-                         cfg.global_batch, "csia",
-                         # blocks after the last LVSA layer get no gradient (block 24 with the official layers)
-                         find_unused=max(cfg.layers) < cfg.vit_depth or cfg.merge == "last")
-    shutdown_distributed()
-    return status
-
-
-# ---------------------------------------------------------------------------------------------
 # The sam stage (MutDet pseudo-labels)
 # ---------------------------------------------------------------------------------------------
-
-def save_tensors_atomic(path: Path, tensors: dict) -> None:
-    from safetensors.torch import save_file
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-
 
 def sam_stage(cfg: SAMConfig) -> int:
     """Phase 1, per image (skipped when its file exists, so a rerun resumes): SAM masks ->
@@ -1222,7 +1064,7 @@ def sam_stage(cfg: SAMConfig) -> int:
         item = datasets.Resize(cfg.image_size)(dict(image=image, boxes=boxes.float(), labels=torch.zeros(len(boxes)),
                                                     difficult=torch.zeros(len(boxes), dtype=torch.bool)))
         feats = mutdet.object_embeddings(norm(item)["image"], item["boxes"].double(), trunk, cfg.crop, cfg.context)
-        save_tensors_atomic(raw, dict(boxes=boxes.float(), feats=feats.float()))  # (K, 5), (K, C)
+        datasets.save_tensors_atomic(raw, dict(boxes=boxes.float(), feats=feats.float()))  # (K, 5), (K, C)
         log.write(json.dumps(dict(image=smp.name, masks=len(masks), boxes=len(boxes),
                                   seconds=time.time() - t0)) + "\n")
         log.flush()
@@ -1239,13 +1081,13 @@ def sam_stage(cfg: SAMConfig) -> int:
     if A.shape[0] < cfg.pca_dim:
         raise datasets.DatasetError(f"{run}: PCA to {cfg.pca_dim}-d needs at least that many features and proposals")
     centres = mutdet.kmeans_cosine(torch.nn.functional.normalize(sample @ A.T + b, dim=-1), cfg.clusters, seed=cfg.seed)
-    save_tensors_atomic(run / "pca.safetensors", dict(pca_A=A.float(), pca_b=b.float(), ctrs=centres))
+    datasets.save_tensors_atomic(run / "pca.safetensors", dict(pca_A=A.float(), pca_b=b.float(), ctrs=centres))
     images = []
     for modality, smp in samples:
         r = raws[smp.name]
         z = torch.nn.functional.normalize(r["feats"].double() @ A.T + b, dim=-1).float()  # (K, pca_dim)
         labels = (z @ centres.T).argmax(1) if len(z) else torch.zeros(0, dtype=torch.long)
-        save_tensors_atomic(run / "cache" / f"{smp.name}.safetensors", dict(boxes=r["boxes"], labels=labels, embeds=z))
+        datasets.save_tensors_atomic(run / "cache" / f"{smp.name}.safetensors", dict(boxes=r["boxes"], labels=labels, embeds=z))
         images.append(dict(name=smp.name, image=str(Path(smp.image).resolve()), modality=modality, boxes=len(z)))
     manifest = dict(classes=[f"cluster_{i + 1}" for i in range(cfg.clusters)], embed_dim=cfg.pca_dim, images=images)
     datasets.atomic_write_text(run / "manifest.json", json.dumps(manifest, indent=1) + "\n")
@@ -1318,7 +1160,7 @@ def mutdet_stage(cfg: MutDetConfig) -> int:
         return net(batch["images"].to(device), batch["masks"].to(device), targets), {}
 
     sampler = datasets.MultiSourceSampler([len(data)], [cfg.batch_size], cfg.seed, rank, world)
-    status = train_steps(cfg, run, model, optimizer, scaler, StepBatches([data], sampler, cfg, rank, accum), start, end,
+    status = train_steps(cfg, run, model, optimizer, scaler, datasets.StepBatches([data], sampler, cfg, rank, accum), start, end,
                          lambda step: lr_at(step, cfg, steps_per_epoch), forward, per_step, "mutdet",
                          find_unused=True)  # an ablation row leaves modules unused (no enhancement, no alignment)
     shutdown_distributed()
@@ -1327,7 +1169,6 @@ def mutdet_stage(cfg: MutDetConfig) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # The fractal stage: formula-driven stand-ins for the papers' pretrained weights
-# ---------------------------------------------------------------------------------------------
 # Both papers start from pretrained knowledge (MutDet: a frozen ImageNet ResNet-50 and its object
 # embeddings; BabelRS: InternVL2.5). The hub is not reachable at run time, and random weights leave
 # pre-training nothing to transfer, so the tiny presets start from FractalDB-style pre-training
@@ -1378,23 +1219,11 @@ STANDIN_PRESETS = {"resnet18": FRACTAL_PRESETS["tiny"],
                    "vit": dataclasses.replace(FRACTAL_PRESETS["tiny"], model="vit", image_size=64, steps=500)}
 
 
-class ViTClassifier(torch.nn.Module):
-    """The InternViT-named ViT with a classification head on the mean patch token (pre-training only)."""
-
-    def __init__(self, cfg: FractalConfig):
-        super().__init__()
-        self.vit = babelrs.ViT(cfg.vit_dim, cfg.vit_depth, cfg.vit_heads, cfg.vit_patch, cfg.image_size)
-        self.norm = torch.nn.LayerNorm(cfg.vit_dim)
-        self.head = torch.nn.Linear(cfg.vit_dim, cfg.classes)
-
-    def forward(self, images):  # (B, 3, H, W) -> (B, classes)
-        return self.head(self.norm(self.vit(images)[-1][:, self.vit.num_prefix:].mean(1)))
-
-
 def fractal_model(cfg: FractalConfig) -> torch.nn.Module:
     import torchvision
     if cfg.model == "vit":
-        return ViTClassifier(cfg)
+        return babelrs.ViTClassifier(cfg.vit_dim, cfg.vit_depth, cfg.vit_heads, cfg.vit_patch, cfg.image_size,
+                                     cfg.classes)
     return getattr(torchvision.models, cfg.model)(weights=None, num_classes=cfg.classes)
 
 
@@ -1448,7 +1277,7 @@ def fractal_stage(cfg: FractalConfig) -> int:
                          forward, cfg.batch_size, "fractal")
     if status == 0 and rank == 0 and end == cfg.steps:
         accuracy = fractal_accuracy(model, systems, cfg, device)
-        save_tensors_atomic(run / f"{cfg.model}.safetensors", standin_state(model, cfg))
+        datasets.save_tensors_atomic(run / f"{cfg.model}.safetensors", standin_state(model, cfg))
         datasets.atomic_write_text(run / "accuracy.json", json.dumps(dict(
             held_out_top1=accuracy, chance=1 / cfg.classes, images=cfg.test_batches * cfg.batch_size)) + "\n")
         print(f"fractal: held-out top-1 {100 * accuracy:.1f} % ({cfg.classes} categories, chance "
@@ -1479,444 +1308,6 @@ def standin(value: str, model: str) -> str:
     if fractal_stage(cfg) != 0 or not path.exists():
         raise datasets.DatasetError(f"{path}: building the {model} stand-in stopped; rerun to continue it")
     return str(path)
-
-
-# ---------------------------------------------------------------------------------------------
-# What a run costs: parameters, FLOPs per optimizer step, memory (train.py --sweep --dry-run, bench.py paper)
-# ---------------------------------------------------------------------------------------------
-
-# Training images of the papers' data sets, for the step counts of the dry run (sources in DESIGN notes)
-DATASET_IMAGES = {
-    "soi-det": 89278,  # SARDet-50K 46,260 + DOTA 800-px patches 25,028 + DroneVehicle 17,990 (BabelRS_20kstep.py)
-    "dior-r": 11725,  # DIOR-R trainval
-    "dota-800": 25028,  # DOTA-v1.0 train in 800-px crops, gap 200 (SOI-Det's count of the same split)
-    "dota-1024": 15749,  # DOTA-v1.0 trainval in 1024-px patches, gap 200 (our assumption: split_ss_dota1_0's count)
-}
-TRAINING_SET = {("mutdet", "paper"): "dota-800", ("finetune", "paper"): "dior-r",  # what each paper preset trains on
-                ("finetune", "ars-detr-dota"): "dota-1024", ("finetune", "babelrs"): "soi-det"}
-PAPER_CLASSES = {"sar": ("hbb", 6), "rgb": ("obb", 15), "ir": ("obb", 5)}  # SOI-Det's three parts
-OBJECTS_PER_IMAGE = 20  # synthetic ground truth of a measured step (DOTA averages about 20 a patch)
-
-
-def _synthetic_targets(n: int, size: int, classes: int, g: torch.Generator, objects: int = OBJECTS_PER_IMAGE) -> list:
-    out = []
-    for _ in range(n):
-        xy = torch.rand(objects, 2, generator=g) * size * 0.8 + size * 0.1
-        wh = torch.rand(objects, 2, generator=g) * size * 0.1 + 8
-        theta = (torch.rand(objects, 1, generator=g) - 0.5) * math.pi
-        out.append(dict(boxes=torch.cat([xy, wh.sort(1, descending=True).values, theta], 1),
-                        labels=torch.randint(0, classes, (objects,), generator=g), size=(size, size)))
-    return out
-
-
-def measure_step(stage: str, cfg, tiles: int = 1, sam_points: int = 64) -> dict:
-    """One micro-batch of `stage` at the size `cfg` describes, with random weights and synthetic
-    inputs of that size: forward, backward and AdamW step (sam: the image encoder and one batch of
-    `sam_points` point prompts, inference), under `torch.utils.flop_counter`. Returns
-    dict(params, trained, micro, flops (one micro-batch), seconds, peak_rss_gb (of this process))."""
-    import resource
-
-    from torch.utils.flop_counter import FlopCounterMode
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    if stage == "sam":
-        from transformers import SamConfig, SamModel, SamVisionConfig
-        vision = SamVisionConfig(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16,
-                                 global_attn_indexes=[7, 15, 23, 31])  # ViT-H (MutDet's SAM)
-        model = SamModel(SamConfig(vision_config=vision.to_dict())).eval().requires_grad_(False)
-        x, micro = torch.randn(1, 3, 1024, 1024, generator=g), 1
-        points = torch.rand(1, sam_points, 1, 2, generator=g) * 1024
-
-        def run():
-            with torch.no_grad():
-                emb = model.get_image_embeddings(x)
-                model(image_embeddings=emb, input_points=points, multimask_output=True)
-        optimizer = None
-    elif stage == "csia":
-        vit = babelrs.ViT(cfg.vit_dim, cfg.vit_depth, cfg.vit_heads, cfg.patch, cfg.image_size,
-                          drop_path=cfg.drop_path, grad_checkpoint=cfg.grad_checkpoint)
-        paper = cfg.vit_dim >= 1024  # Qwen2.5-0.5B's shape for the paper preset (its vocabulary with InternVL's tokens)
-        llm = babelrs.build_llm("", 151674 if paper else cfg.vocab_size, *((896, 24, 14, 2, 4864) if paper else
-                                (cfg.llm_dim, cfg.llm_layers, cfg.llm_heads, cfg.llm_kv_heads, cfg.llm_ffn)))
-        model = babelrs.CSIA(vit, llm, 5, cfg.merge, tuple(cfg.layers), cfg.tau).train()
-        micro = cfg.batch_size if not paper else 1
-        per_tile = (cfg.image_size // cfg.patch) ** 2 // 4
-        T = per_tile * tiles + 200  # image tokens + a question and answer
-        ids = torch.randint(10, 1000, (micro, T), generator=g)
-        ids[:, 20:20 + per_tile * tiles] = 5
-        labels = ids.clone()
-        labels[:, :T - 60] = babelrs.IGNORE_INDEX
-        pixels = torch.randn(micro * tiles, 3, cfg.image_size, cfg.image_size, generator=g)
-
-        def run():
-            model(pixels, ids, torch.ones_like(ids), labels, step=10)["loss"].backward()
-    else:
-        size = cfg.image_size
-        if stage == "mutdet":
-            det = detection.build_detector([dict(modality="rgb", classes=[str(i) for i in range(256)], box_type="obb")],
-                                           cfg.backbone, "", cfg.frozen_bn, cfg.dim, cfg.heads, cfg.levels, cfg.points,
-                                           cfg.enc_layers, cfg.dec_layers, cfg.ffn, cfg.dropout, cfg.num_queries,
-                                           cfg.num_dn_queries, cfg.gn_groups)
-            model = mutdet.MutDetPretrainer(det, cfg.dim, cfg.enhance, cfg.align, cfg.siamese, cfg.enhance_depth,
-                                            cfg.enhance_heads, cfg.enhance_mlp, cfg.embed_loss, cfg.freeze_backbone,
-                                            cfg.dn_align).train()
-            micro = cfg.batch_size
-            targets = _synthetic_targets(micro, size, 256, g, objects=200)  # SAM boxes an image
-            for t in targets:
-                t["embeds"] = F.normalize(torch.randn(len(t["labels"]), cfg.dim, generator=g), dim=-1)
-
-            def run():
-                sum(model(images, masks, targets).values()).backward()
-        else:
-            mods = ["sar", "rgb", "ir"][:len(cfg.source_ratio)] if cfg.source_ratio else ["rgb"]
-            ratios = cfg.source_ratio or [cfg.batch_size]
-            sources = [dict(modality=m, classes=[str(i) for i in range(PAPER_CLASSES[m][1] if len(mods) > 1 else 20)],
-                            box_type=PAPER_CLASSES[m][0] if len(mods) > 1 else "obb") for m in mods]
-            model = babelrs.build_detector(**dict(model_args(cfg, sources), resnet="")).train()  # weights cost nothing
-            modalities = [m for m, r in zip(mods, ratios) for _ in range(r)]
-            micro = len(modalities)
-            targets = _synthetic_targets(micro, size, 5, g)
-
-            def run():
-                sum(model(images, masks, modalities, targets)["losses"].values()).backward()
-        images = torch.randn(micro, 3, size, size, generator=g)
-        masks = torch.zeros(micro, size, size, dtype=torch.bool)
-    if stage != "sam":
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    counter = FlopCounterMode(display=False)
-    t0 = time.time()
-    with counter:
-        run()
-    if optimizer is not None:
-        optimizer.step()
-    return dict(stage=stage, params=sum(p.numel() for p in model.parameters()),
-                trained=sum(p.numel() for p in model.parameters() if p.requires_grad), micro=micro, tiles=tiles,
-                flops=counter.get_total_flops(), seconds=time.time() - t0,
-                peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
-
-
-# ---------------------------------------------------------------------------------------------
-# Sweeps: the runs behind one table or figure (python train.py --sweep NAME)
-# ---------------------------------------------------------------------------------------------
-
-# The tiny protocol (docs/tiny-protocol.md, fixed before the runs): three seeds of a table in about an
-# hour on 2 CPU cores. Rows train on SynthSOI's 256-px images resized to TINY_IMAGE; every row of a
-# table gets the same steps; CSIA is shortened to TINY_CSIA_STEPS with τ at the same fraction (120/400).
-TINY_FINETUNE_STEPS = 144  # BabelRS fine-tuning steps (4 of babelrs-tiny's 12 epochs of 144 images)
-TINY_IMAGE = 192  # image side of the tiny sweep rows
-TINY_CSIA_STEPS, TINY_CSIA_TAU = 200, 60.0  # CSIA steps and τ of a tiny sweep
-TINY_MUTDET_STEPS = 200  # MutDet fine-tuning steps; pre-training: 17 epochs of 12 steps (lr step at 15)
-TINY_SEEDS, TINY_THREADS = 3, 2  # seeds a row and threads a run at tiny scale
-SHARED_RUNS = ("sam",)  # runs every seed shares (the SAM pseudo-label cache, as MutDet's released one)
-MERGES = ("last", "concat", "sum", "per-layer", "lvsa")  # BabelRS Tab. 5 rows: baseline, (a), (b), (c), (d)
-SWEEPS = ("babelrs-table3", "babelrs-table4", "babelrs-table5", "babelrs-fig6", "mutdet-table2", "mutdet-10pct",
-          "mutdet-table3", "tiny-checks")
-# MutDet Tab. 3 is scored by the DOTA-v1.0 server: its fine-tuned rows predict on the full test scenes
-SUBMISSION = "dota-test"  # folder of each fine-tuned row holding drawings, Task1 files and submission.zip
-
-
-# `--scale 1gpu`: the papers' models, data, resolution and global batches, with every schedule cut by
-# the same factor within a table, so that a row fits about 12 hours of one 80 GB GPU (README: costs).
-# What is cut and why the comparison survives: the number of optimizer steps only. Warm-up, the
-# positions of the lr steps (as fractions of the schedule), the global batch and all the
-# hyper-parameters stay; CSIA's τ is scaled with its length (τ / steps = 6k / 20k), so the LVSA
-# annealing reaches the plain mean at the same fraction of pre-training. Every row of a table gets
-# the same cut, so the rows are compared at equal cost, which is what the ablations ask.
-ONE_GPU = dict(csia_fraction=0.1,  # 2k of 20k CSIA steps
-               babelrs_epochs=3,  # of 12 (lr steps at 2 and 3 as 8 and 11 of 12, rounded)
-               mutdet_pretrain_epochs=6,  # of 36 (step at 5)
-               mutdet_finetune_epochs=12)  # of 36 (step at 11)
-
-
-def _cut(epochs: int, paper_epochs: int, paper_steps: list) -> list:
-    """`--epochs E --lr_steps ...` with the lr steps at the paper's fractions of the schedule."""
-    return ["--epochs", str(epochs), "--lr_steps", *(f"{s * epochs / paper_epochs:.4g}" for s in paper_steps)]
-
-
-def sweep_runs(name: str, scale: str, extra: dict, amp: str = "fp16") -> list:
-    """The runs of one table, in order: (folder name, train.py arguments). Folder names spell out
-    what a run is, so tables share runs (the CSIA of Tab. 3 is Tab. 5's row (d)). `extra[stage]`
-    holds the user's arguments for that stage (paper scale: --data, --llm, --vit, --sam, --resnet).
-    `amp` is the mode of the rows the paper fine-tunes with AMP (Tab. 4, Fig. 6 right). `scale`:
-    tiny (this CPU), 1gpu (paper sizes, schedules cut by ONE_GPU) or paper."""
-    tiny, one_gpu = scale == "tiny", scale == "1gpu"
-    cut = ONE_GPU["csia_fraction"] if one_gpu else 1.0
-    csia_steps = TINY_CSIA_STEPS if tiny else round(CSIA_PRESETS["paper"].steps * cut)
-    csia_tau = TINY_CSIA_TAU if tiny else CSIA_PRESETS["paper"].tau * cut
-    ft_preset = ["--preset", "babelrs-tiny" if tiny else "babelrs"]
-    # tiny rows checkpoint often: an interrupted 144-step row then resumes instead of starting over
-    ft_schedule = (["--max-steps", str(TINY_FINETUNE_STEPS), "--ckpt_every", "24", "--image_size", str(TINY_IMAGE)]
-                   if tiny else
-                   _cut(ONE_GPU["babelrs_epochs"], 12, [8, 11]) if one_gpu else [])
-    runs = []
-
-    def add(folder, argv):
-        if folder not in [r[0] for r in runs]:
-            runs.append((folder, argv))
-        return folder
-
-    def csia_run(merge="lvsa", steps=csia_steps, tau=csia_tau):
-        return add(f"csia-{merge}-s{steps}-tau{tau:g}", ["--stage", "csia", "--preset", "tiny" if tiny else "paper",
-                                                           "--merge", merge, "--steps", str(steps), "--tau", f"{tau:g}"]
-                   + extra["csia"])
-
-    def babelrs_finetune(init, amp="off"):  # init: a csia folder, or "generic": the preset's ViT (tiny: the
-        #                                      FractalDB stand-in; paper: --finetune-args "--init PATH" or random)
-        return add(f"ft-{init}-{amp}", ["--stage", "finetune"] + ft_preset + ft_schedule + ["--amp", amp]
-                   + ([] if init == "generic" else ["--init", f"{{runs}}/{init}"]) + extra["finetune"])
-
-    if name in ("babelrs-table3", "babelrs-table4"):  # pre-training comparison, without / with AMP
-        mode = amp if name == "babelrs-table4" else "off"
-        babelrs_finetune("generic", mode)
-        babelrs_finetune(csia_run(), mode)
-        for family, path in extra["weights"]:  # --weights clip:PATH dinov2:PATH ... (transformers or InternViT)
-            add(f"ft-{family}-{mode}", ["--stage", "finetune"] + ft_preset + ft_schedule
-                + ["--amp", mode, "--init", path, "--vit_family", family] + extra["finetune"])
-    elif name == "babelrs-table5":
-        for merge in MERGES:
-            babelrs_finetune(csia_run(merge))
-    elif name == "babelrs-fig6":  # left: pre-training steps; right: τ, fine-tuned with AMP (Sec. 4.9)
-        for steps in ((50, 100, 200, 400) if tiny else range(2000, 24001, 2000)):  # τ fixed (6k in the paper)
-            babelrs_finetune(csia_run(steps=round(steps * cut)))
-        for tau in ((0, 20, 60, 100) if tiny else range(0, 10001, 2000)):
-            babelrs_finetune(csia_run(tau=tau * cut), amp)
-    elif name in ("mutdet-table2", "mutdet-10pct", "mutdet-table3"):
-        preset = ["--preset", "tiny" if tiny else "paper"]
-        # tiny: SAM stand-in (a random SAM's masks are noise; see mutdet.colour_components)
-        sam = add("sam", ["--stage", "sam"] + preset + (["--masks", "components"] if tiny else []) + extra["sam"])
-        pre_schedule = (_cut(ONE_GPU["mutdet_pretrain_epochs"], 36, [32]) if one_gpu else
-                        ["--epochs", "17", "--lr_steps", "15", "--image_size", str(TINY_IMAGE)] if tiny else [])
-        pre = {"-": None,
-               "DETReg": add("pre-detreg", ["--stage", "mutdet"] + preset + pre_schedule + ["--data", f"{{runs}}/{sam}", "--no-enhance",
-                                                                           "--embed-loss", "l1", "--pseudo-classes", "1",
-                                                                           "--no-dn-align"]
-                             + extra["mutdet"]),
-               "MutDet": add("pre-mutdet", ["--stage", "mutdet"] + preset + pre_schedule + ["--data", f"{{runs}}/{sam}"]
-                             + extra["mutdet"])}
-        fraction = "0.1" if name == "mutdet-10pct" else "1.0"
-        schedule = (["--max-steps", str(TINY_MUTDET_STEPS), "--image_size", str(TINY_IMAGE)] if tiny else
-                    _cut(ONE_GPU["mutdet_finetune_epochs"], 36, [32]) if one_gpu else [])
-        if tiny and name == "mutdet-10pct":  # 5 images = 1 step an epoch: as many steps as with all the data
-            schedule += ["--epochs", "480", "--lr_steps", "432"]
-        # Tab. 3: ARS-DETR at 1024 px on DOTA-v1.0 trainval patches (1024 / 200), scored on the test scenes
-        ft_preset = ["--preset", "ars-detr-dota"] if name == "mutdet-table3" and not tiny else preset
-        dota = "-dota" if name == "mutdet-table3" else ""
-        for row, init in pre.items():
-            add(f"ft-{(init or 'none').removeprefix('pre-')}-data{fraction}{dota}",
-                ["--stage", "finetune"] + ft_preset + schedule + ["--data_fraction", fraction]
-                + (["--init", f"{{runs}}/{init}"] if init else []) + extra["finetune"])
-    elif name == "tiny-checks":  # the stand-ins against random init; the ViT row with twice the steps
-        if not tiny:
-            raise SystemExit("--sweep tiny-checks: a check of the tiny protocol (--scale tiny)")
-        vit = dict(sweep_runs("babelrs-table3", scale, extra, amp))["ft-generic-off"]
-        r18 = dict(sweep_runs("mutdet-table2", scale, extra, amp))["ft-none-data1.0"]
-        add("ft-generic-off", vit)  # shared with Tab. 3
-        add("ft-random-off", vit + ["--init", ""])
-        add("ft-generic-off-long", vit + ["--max-steps", str(2 * TINY_FINETUNE_STEPS)])
-        add("ft-none-data1.0", r18)  # shared with MutDet Tab. 2
-        add("ft-random-data1.0", r18 + ["--resnet", ""])
-    else:
-        raise SystemExit(f"--sweep {name}: choose one of {', '.join(SWEEPS)}")
-    return runs
-
-
-STEP_COSTS = {"tiny": "results/tiny_step.json", "paper": "results/paper_step.json"}  # bench.py paper writes them
-TINY_IMAGES = 48  # SynthSOI training images a modality
-
-
-def run_cost(argv: list, scale: str, gpu_tflops: float, mfu: float) -> dict:
-    """What one run of a sweep costs: parameters, FLOPs per optimizer step (the measured micro-batch
-    of its stage and preset, `bench.py paper`, times the micro-batches of a global batch), its
-    steps (the papers' data set sizes, DATASET_IMAGES, at paper scale), total FLOPs, hours on one
-    GPU at `gpu_tflops` x `mfu`, and the measured peak memory of one micro-batch (CPU, float32)."""
-    stage, cfg = parse_config(argv, check_weights=False)
-    preset = argv[argv.index("--preset") + 1] if "--preset" in argv else "tiny"
-    table = Path(__file__).resolve().parent / STEP_COSTS["tiny" if scale == "tiny" else "paper"]
-    measured = json.loads(table.read_text()).get(f"{stage}:{preset}") if table.exists() else None
-    if stage == "sam" and scale == "tiny":
-        return dict(stage=stage, preset=preset, missing="the colour-components stand-in of SAM: not counted")
-    if measured is None:
-        return dict(stage=stage, preset=preset, missing=f"not measured: python bench.py paper{' --tiny' if scale == 'tiny' else ''}")
-    if stage == "sam":  # inference, per image: the image encoder and one batch of points (a lower bound)
-        images = TINY_IMAGES if scale == "tiny" else DATASET_IMAGES["dota-800"]
-        per_step, steps = measured["flops"], images
-    else:
-        per_step = measured["flops"] * cfg.global_batch / measured["micro"]
-        if stage == "csia":
-            steps = cfg.steps
-        else:
-            sources = len(cfg.source_ratio) if stage == "finetune" and cfg.source_ratio else 1
-            images = TINY_IMAGES * sources if scale == "tiny" else DATASET_IMAGES[TRAINING_SET[stage, preset]]
-            images = max(1, math.ceil(images * getattr(cfg, "data_fraction", 1.0)))
-            steps = cfg.epochs * max(1, images // cfg.global_batch)
-        steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
-    total = per_step * steps
-    return dict(stage=stage, preset=preset, params=measured["params"], flops_step=per_step, steps=steps, flops=total,
-                hours=total / (gpu_tflops * 1e12 * mfu) / 3600, peak_gb=measured["peak_rss_gb"],
-                micro=measured["micro"])
-
-
-def seeded_runs(runs: list, seeds: int) -> list:
-    """Every run of a table once per seed, seed-major (all rows of seed 0 first, so a cut sweep has
-    whole paired seeds): folder `<run>-seed<k>`, `--seed k` (data order, augmentation, initialisation),
-    and its pre-training the run of the same seed. SHARED_RUNS are made once, for all seeds."""
-    out = []
-    for k in range(seeds):
-        for folder, argv in runs:
-            if folder in SHARED_RUNS:
-                if k == 0:
-                    out.append((folder, argv))
-                continue
-            argv = [a if not a.startswith("{runs}/") or a[7:] in SHARED_RUNS else f"{a}-seed{k}" for a in argv]
-            out.append((f"{folder}-seed{k}", argv + ["--seed", str(k)]))
-    return out
-
-
-def run_status(run: Path) -> str:
-    """How far a run folder got: done, started (last logged step, checkpoint, ETA), or not started."""
-    if (run / "finished.json").exists():
-        f = json.loads((run / "finished.json").read_text())
-        return f"done ({f.get('minutes', 0):.0f} min" + (", non-finite loss)" if f.get("status") == EXIT_NONFINITE else ")")
-    if not (run / "config.json").exists():
-        return "not started"
-    log = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()] if (run / "log.jsonl").exists() else []
-    steps = [r for r in log if "loss" in r]
-    pair = checkpoint_pair(run)
-    text = f"started: step {steps[-1]['step']}" if steps else "started: no step yet"
-    text += f", checkpoint at {pair[2]}" if pair else ", no checkpoint"
-    if steps and "eta_s" in steps[-1]:
-        text += f", ETA {steps[-1]['eta_s'] / 60:.0f} min when it stopped"
-    if log and "preempted" in log[-1]:
-        text += f" (stopped by {log[-1]['preempted']})"
-    return text
-
-
-def run_sweep(argv) -> int:
-    """Run (or resume) the runs of one table one after the other, skipping finished ones (a
-    `finished.json` in the folder), then write its table with eval.py's `--table`."""
-    import shlex
-    import subprocess
-    p = argparse.ArgumentParser(prog="train.py --sweep", description="the runs of one table, then the table")
-    p.add_argument("--sweep", required=True, choices=SWEEPS)
-    p.add_argument("--scale", choices=["tiny", "1gpu", "paper"], default="tiny",
-                   help="tiny: this CPU; 1gpu: paper models and data, schedules cut to about 12 GPU-hours a row "
-                        "(ONE_GPU); paper: the papers' schedules")
-    p.add_argument("--runs", default="", help="folder of the sweep's runs (default runs/<scale>)")
-    p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun --nproc_per_node)")
-    p.add_argument("--seeds", type=int, default=0, help=f"runs of every row, seeds 0..N-1, in folders <run>-seed<k> "
-                   f"(default {TINY_SEEDS} at tiny scale, else 1); eval.py --table gives mean ± std and the orderings")
-    p.add_argument("--threads", type=int, default=-1, help=f"threads of every run (OMP_NUM_THREADS; default "
-                   f"{TINY_THREADS} at tiny scale, where the thread count changes the order of float sums and so "
-                   "the numbers; 0 = torch's default)")
-    p.add_argument("--dry-run", action="store_true", help="print the commands only")
-    p.add_argument("--status", action="store_true", help="one line per run: done, started (step, ETA), not started")
-    p.add_argument("--gpu-tflops", type=float, default=312.0,
-                   help="--dry-run: the GPU's dense bf16 TFLOPS for the hour estimates (default 312, an A100)")
-    p.add_argument("--mfu", type=float, default=0.35, help="--dry-run: the fraction of it a step reaches (default 0.35)")
-    p.add_argument("--amp", choices=["fp16", "bf16", "off"], default="fp16",
-                   help="mode of the rows the paper fine-tunes with AMP (Tab. 4, Fig. 6 right); a CPU without "
-                        "fp16/bf16 units runs them ~7x slower, so 'off' keeps a tiny Fig. 6 sweep short")
-    p.add_argument("--predict-data", default="", metavar="PATH",
-                   help="mutdet-table3: the DOTA-v1.0 test images (full scenes) every fine-tuned row predicts on "
-                        "(tiny default: SynthSOI-RGB test images, cut into 128-px patches to exercise the merge)")
-    p.add_argument("--weights", nargs="*", default=[], metavar="FAMILY:PATH",
-                   help="extra Tab. 3/4 rows: ViT weights of another pre-training (clip, dinov2 or internvit)")
-    for stage in ("csia", "finetune", "sam", "mutdet"):
-        p.add_argument(f"--{stage}-args", default="", help=f"extra arguments of every {stage} run (quoted)")
-    args = p.parse_args(argv)
-    root = Path(args.runs or f"runs/{args.scale}")
-    weights = []
-    for w in args.weights:
-        family, sep, path = w.partition(":")
-        if not sep or family not in babelrs.VIT_FAMILIES:
-            raise SystemExit(f"error: --weights {w!r}: expected FAMILY:PATH, FAMILY one of {', '.join(babelrs.VIT_FAMILIES)}")
-        weights.append((family, path))
-    extra = {stage: shlex.split(getattr(args, f"{stage}_args")) for stage in ("csia", "finetune", "sam", "mutdet")}
-    extra["weights"] = weights
-    runs = seeded_runs(sweep_runs(args.sweep, args.scale, extra, args.amp),
-                       args.seeds or (TINY_SEEDS if args.scale == "tiny" else 1))
-    threads = args.threads if args.threads >= 0 else TINY_THREADS if args.scale == "tiny" else 0
-    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}))
-    if args.status:
-        for folder, _ in runs:
-            print(f"{folder:<36} {run_status(root / folder)}")
-        return 0
-    launch = [sys.executable] if args.nproc == 1 else ["torchrun", f"--nproc_per_node={args.nproc}"]
-    if args.scale == "tiny" and not args.dry_run:  # the stand-ins every seed starts from, built once (standin)
-        for model in {"babelrs": ("vit",), "mutdet": ("resnet18",)}.get(args.sweep.split("-")[0], ("vit", "resnet18")):
-            standin("fractal", model)
-    for folder, run_argv in runs:
-        run = root / folder
-        if (run / "finished.json").exists():
-            print(f"[sweep] {run}: finished, skipped")
-            continue
-        run_argv = [a.replace("{runs}", str(root)) for a in run_argv]
-        stage = run_argv[1]
-        start = [sys.executable] if stage == "sam" else launch  # the sam stage runs in one process
-        if (run / "config.json").exists():  # interrupted: go on where it stopped
-            cmd = start + ["train.py", "--stage", stage, "--resume", str(run)]
-        else:
-            cmd = start + ["train.py"] + run_argv + ["--out", str(run)]
-        print(f"[sweep] {shlex.join(cmd)}", flush=True)
-        if args.dry_run:
-            continue
-        t0 = time.time()
-        status = subprocess.call(cmd, env=env)
-        if status not in (0, EXIT_NONFINITE):  # a non-finite loss is a result (Tab. 4's NaN rows); a
-            #                                      preempted run (EXIT_PREEMPTED) goes on when the sweep is rerun
-            print(f"[sweep] {run}: exit status {status}; stopping the sweep (rerun the same command to go on)")
-            return status
-        datasets.atomic_write_text(run / "finished.json", json.dumps(dict(status=status, minutes=(time.time() - t0) / 60)) + "\n")
-    if args.dry_run:  # what the table costs, before it starts
-        print(f"\n[cost] {args.sweep} at scale {args.scale}: cost of each run (FLOPs counted on one micro-batch; "
-              f"hours on one GPU at {args.gpu_tflops:g} TFLOPS x {args.mfu:g} MFU)")
-        print(f"{'run':<34}{'stage':<10}{'params':>9}{'TFLOP/step':>12}{'steps':>9}{'PFLOP':>10}{'hours':>8}"
-              f"{'peak GB':>9}")
-        hours = 0.0
-        for folder, run_argv in runs:
-            c = run_cost([a.replace("{runs}", str(root)) for a in run_argv], args.scale, args.gpu_tflops, args.mfu)
-            if "missing" in c:
-                print(f"{folder:<34}{c['stage']:<10}  {c['missing']}")
-                continue
-            hours += c["hours"]
-            print(f"{folder:<34}{c['stage']:<10}{c['params'] / 1e6:>8.0f}M{c['flops_step'] / 1e12:>12.2f}{c['steps']:>9}"
-                  f"{c['flops'] / 1e15:>10.1f}{c['hours']:>8.1f}{c['peak_gb']:>9.1f}")
-        print(f"{'total':<34}{'':<10}{'':>9}{'':>12}{'':>9}{'':>10}{hours:>8.1f}   (peak: one micro-batch, CPU, fp32)")
-    if args.sweep == "mutdet-table3":  # the server scores Tab. 3: write each row's submission
-        test = args.predict_data or str(Path(FINETUNE_PRESETS["tiny"].synth_root) / "rgb" / "test" / "images")
-        patch = ["--patch", "128", "--gap", "32"] if args.scale == "tiny" else ["--patch", "1024", "--gap", "200"]
-        for folder in [f for f, _ in runs if f.startswith("ft-")]:
-            out = root / folder / SUBMISSION
-            cmd = [sys.executable, "eval.py", "--run", str(root / folder), "--predict", test, "--out", str(out),
-                   "--zip"] + patch
-            print(f"[sweep] {shlex.join(cmd)}", flush=True)
-            if args.dry_run or (out / "submission.zip").exists():
-                continue
-            status = subprocess.call(cmd)
-            if status:
-                return status
-        if not args.dry_run:
-            print(f"[sweep] DOTA-v1.0 submissions: {root}/ft-*-dota/{SUBMISSION}/submission.zip "
-                  "(upload each to the evaluation server; Tab. 3 reports its mAP)")
-        return 0
-    if args.dry_run:
-        return 0
-    if args.sweep == "tiny-checks":
-        text = evaluation.format_tiny_checks([root / f for f, _ in runs])
-        datasets.atomic_write_text(root / f"{args.sweep}.md", text)
-        print(text)
-        return 0
-    table = evaluation.format_table_runs(args.sweep, [root / f for f, _ in runs if f.startswith("ft-")])
-    for suffix, text in (("md", table["markdown"]), ("csv", table["csv"])):
-        datasets.atomic_write_text(root / f"{args.sweep}.{suffix}", text)
-    if args.sweep in evaluation.BAR_COLUMN:  # the table as bars with the seeds' spread, beside the paper's
-        evaluation.plot_table_bars(args.sweep, table, root / f"{args.sweep}.png")
-    if args.sweep == "babelrs-fig6":  # the figure's two curves, ours above the paper's
-        facts = [evaluation.run_facts(root / f) for f, _ in runs if f.startswith("ft-")]
-        evaluation.plot_fig6(evaluation.fig6_series(facts), root / f"{args.sweep}.png")
-    print(table["markdown"])
-    print(f"[sweep] table written to {root / args.sweep}.md and .csv")
-    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1991,8 +1382,9 @@ def format_config(stage: str, cfg) -> str:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "--sweep" in argv:
-        return run_sweep(argv)
+    if "--sweep" in argv:  # moved; no import of tables.py from here (DESIGN.md)
+        print("error: the sweeps moved to tables.py: python tables.py --sweep NAME ...", file=sys.stderr)
+        return 2
     try:
         stage, cfg = parse_config(argv)
         if int(os.environ.get("RANK", "0")) == 0:

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import eval as ev
+import tables
 from conftest import random_boxes, shapely_iou
 
 
@@ -182,18 +183,18 @@ def test_tables_label_rows_from_their_pre_training(tmp_path):
     csia = _fake_run(tmp_path, "csia-sum", dict(merge="sum", steps=400, max_steps=0, tau=120.0))
     tuned = _fake_run(tmp_path, "ft-a", dict(init=str(csia), amp="off"), _babelrs_metrics(1.0))
     scratch = _fake_run(tmp_path, "ft-b", dict(init="", amp="fp16"), None, losses=(3.0, float("nan")))
-    t5 = ev.format_table_runs("babelrs-table5", [tuned])
+    t5 = tables.format_table_runs("babelrs-table5", [tuned])
     assert "| (b) element-wise sum | 35.00 | " in t5["markdown"]
     assert f"| {100 * 3 / (1 / 0.5 + 1 / 0.3 + 1 / 0.4):.2f} |" in t5["markdown"]  # H-mAP by hand
     assert "| (d) LVSA + shared projector | 51.57 | 53.02 |" in t5["markdown"]  # the paper's row below ours
-    t4 = ev.format_table_runs("babelrs-table4", [tuned, scratch])
+    t4 = tables.format_table_runs("babelrs-table4", [tuned, scratch])
     assert "| random init (diverged) | NaN | NaN | NaN | 2 |" in t4["markdown"]  # exploded at step 2
-    t3 = ev.format_table_runs("babelrs-table3", [tuned])["markdown"]
+    t3 = tables.format_table_runs("babelrs-table3", [tuned])["markdown"]
     assert "| CSIA, (b) element-wise sum | 65.00 / 35.00 | 80.00 / 50.00 | 60.00 / 30.00 | 70.00 / 40.00 |" in t3
-    f6 = ev.format_table_runs("babelrs-fig6", [tuned])["csv"].splitlines()
+    f6 = tables.format_table_runs("babelrs-fig6", [tuned])["csv"].splitlines()
     assert f6[1].startswith("ours,CSIA, (b) element-wise sum,0,400,120,35,")  # seed 0
     with pytest.raises(ev.datasets.DatasetError, match="no config.json"):
-        ev.format_table_runs("babelrs-table5", [tmp_path / "nowhere"])
+        tables.format_table_runs("babelrs-table5", [tmp_path / "nowhere"])
 
 
 def test_mutdet_table_rows(tmp_path):
@@ -207,7 +208,7 @@ def test_mutdet_table_rows(tmp_path):
         run = _fake_run(tmp_path, f"pre{i}", cfg)
         runs.append(_fake_run(tmp_path, f"ft{i}", dict(init=str(run)), dict(sources=dict(rgb=dict(
             classes=["ship", "plane"], voc07_ap50=0.6 + i / 10, voc07_ap75=0.3, per_class=dict(voc07_ap50=dict(ship=0.5, plane=None)))))))
-    md = ev.format_table_runs("mutdet-table2", runs)["markdown"]
+    md = tables.format_table_runs("mutdet-table2", runs)["markdown"]
     assert "| | ship | plane | AP50 | AP75 |" in md and "| random init | 40.00 | 60.00 | 50.00 | 20.00 |" in md
     assert "| DETReg | 50.00 | NaN | 60.00 | 30.00 |" in md and "| MutDet | 50.00 | NaN | 80.00 | 30.00 |" in md
     assert "| DETReg + DN alignment | 50.00 | NaN | 70.00 | 30.00 |" in md  # runs from before the switch
@@ -217,14 +218,14 @@ def test_mutdet_table_rows(tmp_path):
 def test_plots_mark_diverged_runs(tmp_path):
     runs = [_fake_run(tmp_path, "ok", dict(init="", amp="fp16")),
             _fake_run(tmp_path, "boom", dict(init="", amp="fp16"), losses=(3.0, 2.5, float("nan")))]
-    ev.plot_curves(runs, tmp_path / "c.png", ("loss", "grad_norm"), window=2)
-    ev.plot_survival(runs, tmp_path / "s.png")
-    facts = [ev.run_facts(r) for r in runs]
+    tables.plot_curves(runs, tmp_path / "c.png", ("loss", "grad_norm"), window=2)
+    tables.plot_survival(runs, tmp_path / "s.png")
+    facts = [tables.run_facts(r) for r in runs]
     assert [f["diverged"] for f in facts] == [False, True] and [f["steps"] for f in facts] == [3, 3]
     mut = _fake_run(tmp_path, "pre", dict(enhance=True))
     (mut / "log.jsonl").write_text("".join(_jsonl(dict(step=i, loss=1.0, p_loss_cls=1.0 / i, loss_cls=2.0 / i,
                                                         p_loss_embed=0.5, p_enc_loss_embed=0.4)) for i in range(1, 6)))
-    assert [p.name for p in ev.plot_runs([mut], tmp_path / "figs")] == ["mutdet_terms_pre.png"]
+    assert [p.name for p in tables.plot_runs([mut], tmp_path / "figs")] == ["mutdet_terms_pre.png"]
     assert all((tmp_path / n).stat().st_size > 1000 for n in ("c.png", "s.png", "figs/mutdet_terms_pre.png"))
 
 
@@ -245,14 +246,14 @@ def test_fig6_picks_the_two_sweeps(tmp_path):
     runs.append(_fake_run(tmp_path, "ft-sum", dict(init=str(sum_)), _babelrs_metrics(1.0)))
     unscored = _fake_run(tmp_path, "csia-900", dict(merge="lvsa", steps=900, max_steps=0, tau=120.0))
     runs.append(_fake_run(tmp_path, "ft-900", dict(init=str(unscored))))
-    series = ev.fig6_series([ev.run_facts(r) for r in runs])
+    series = tables.fig6_series([tables.run_facts(r) for r in runs])
     h = {s: 100 * _babelrs_metrics(s)["h_map"] for _, _, s in grid}
     assert series["steps"][0] == 120.0 and [p[0] for p in series["steps"][1]] == [100, 200, 400]
     assert series["steps"][1][0][1:] == pytest.approx((100 * 0.2 * 0.35, h[0.2]))
     assert series["tau"][0] == 400 and [p[0] for p in series["tau"][1]] == [0.0, 120.0]
     assert series["tau"][1][0][2] == pytest.approx(h[0.5])
-    assert ev.fig6_series([ev.run_facts(runs[0])]) == {}  # one point is no sweep
-    written = ev.plot_runs(runs[:4], tmp_path / "figs")
+    assert tables.fig6_series([tables.run_facts(runs[0])]) == {}  # one point is no sweep
+    written = tables.plot_runs(runs[:4], tmp_path / "figs")
     assert tmp_path / "figs" / "fig6.png" in written and (tmp_path / "figs" / "fig6.png").stat().st_size > 1000
 
 
@@ -278,28 +279,28 @@ def test_newcomer_errors_and_labels(tmp_path, capsys):
     assert "a csia run" in err and "--stage finetune --init" in err and len(err.strip().splitlines()) == 1
     # --table: a pre-training run is refused by name, one run is "1 run", a ViT table names a ResNet row
     pre = _fake_run(tmp_path, "pre", dict(stage="mutdet", enhance=True))
-    assert ev.main(["--table", "mutdet-table2", str(pre)]) == 2
+    assert tables.main(["--table", "mutdet-table2", str(pre)]) == 2
     assert "a mutdet run; tables take fine-tuning runs" in capsys.readouterr().err
     r18 = _fake_run(tmp_path, "r18", dict(init="", backbone="resnet18"), _babelrs_metrics(1.0))
-    assert ev.main(["--table", "babelrs-table3", str(r18), "--out", str(tmp_path / "t3.md")]) == 0
+    assert tables.main(["--table", "babelrs-table3", str(r18), "--out", str(tmp_path / "t3.md")]) == 0
     md = (tmp_path / "t3.md").read_text()
     assert "(1 run; AP in %)" in md and "| random init, ResNet-18 |" in md and not (tmp_path / "t3.md.md").exists()
     # Fig. 7 only for AMP runs; a run cut by --max-steps is not drawn as a survivor
     amp = _fake_run(tmp_path, "amp", dict(init="", amp="fp16", max_steps=3))
-    assert (tmp_path / "figs" / "loss_grad_norm.png") in ev.plot_runs([amp], tmp_path / "figs")
-    assert ev.run_facts(amp)["max_steps"] == 3
+    assert (tmp_path / "figs" / "loss_grad_norm.png") in tables.plot_runs([amp], tmp_path / "figs")
+    assert tables.run_facts(amp)["max_steps"] == 3
 
 
 def test_paired_verdicts_by_hand():
     # differences 10, 9, 13: mean 10.67, SE = std(ddof 1) 2.08 / sqrt 3 = 1.20 -> separable, holds
-    v = ev.paired_verdict({0: 40.0, 1: 42.0, 2: 44.0}, {0: 30.0, 1: 33.0, 2: 31.0})
+    v = tables.paired_verdict({0: 40.0, 1: 42.0, 2: 44.0}, {0: 30.0, 1: 33.0, 2: 31.0})
     assert v["verdict"] == "holds" and v["n"] == 3 and abs(v["mean"] - 32 / 3) < 1e-9
     assert abs(v["se"] - np.std([10, 9, 13], ddof=1) / np.sqrt(3)) < 1e-9
-    assert ev.paired_verdict({0: 30.0, 1: 33.0, 2: 31.0}, {0: 40.0, 1: 42.0, 2: 44.0})["verdict"] == "reversed"
+    assert tables.paired_verdict({0: 30.0, 1: 33.0, 2: 31.0}, {0: 40.0, 1: 42.0, 2: 44.0})["verdict"] == "reversed"
     # differences +2, -1, +1: mean 0.67 < 2 SE (2 x 0.88)
-    assert ev.paired_verdict({0: 2.0, 1: 0.0, 2: 1.0}, {0: 0.0, 1: 1.0, 2: 0.0})["verdict"] == "not separable"
+    assert tables.paired_verdict({0: 2.0, 1: 0.0, 2: 1.0}, {0: 0.0, 1: 1.0, 2: 0.0})["verdict"] == "not separable"
     # pairs are by seed: seed 3 of one row alone does not count; one common seed separates nothing
-    assert ev.paired_verdict({0: 5.0, 3: 9.0}, {0: 1.0})["verdict"] == "not separable (one seed)"
+    assert tables.paired_verdict({0: 5.0, 3: 9.0}, {0: 1.0})["verdict"] == "not separable (one seed)"
 
 
 def test_tables_over_seeds(tmp_path):
@@ -317,7 +318,7 @@ def test_tables_over_seeds(tmp_path):
                  _fake_run(tmp_path, f"ft-detreg-seed{seed}", dict(init=str(detreg), seed=seed), mutdet_metrics(d, 0.1)),
                  _fake_run(tmp_path, f"ft-mutdet-seed{seed}", dict(init=str(mut), seed=seed), mutdet_metrics(m, 0.1))]
     runs.append(_fake_run(tmp_path, "ft-mutdet-seed3", dict(init=str(mut), seed=3)))  # not finished
-    table = ev.format_table_runs("mutdet-table2", runs)
+    table = tables.format_table_runs("mutdet-table2", runs)
     md = table["markdown"]
     assert "mean ± std over 3 seeds" in md
     assert "| FractalDB stand-in | 41.00 ± 1.00 | 41.00 ± 1.00 | 10.00 ± 0.00 |" in md  # 40, 42, 41
@@ -331,5 +332,5 @@ def test_tables_over_seeds(tmp_path):
     csv = table["csv"].splitlines()
     assert csv[0] == "source,row,seed,ship,AP50,AP75" and len(csv) == 1 + 9  # every finished seed, one line each
     assert "ours,MutDet,2,47,47,10" in csv
-    ev.plot_table_bars("mutdet-table2", table, tmp_path / "bars.png")
+    tables.plot_table_bars("mutdet-table2", table, tmp_path / "bars.png")
     assert (tmp_path / "bars.png").stat().st_size > 5000

@@ -11,6 +11,7 @@ import datasets
 import detection
 import mutdet
 import rotated_ops as ro
+import tables
 import train
 
 
@@ -61,7 +62,7 @@ def _item(classes_present):
 def test_sar_gets_only_horizontal_flips():
     seen = set()
     for s in range(60):
-        t = train.detection_transform(96, True, 0.5, random.Random(s), "sar", ["ship"])
+        t = datasets.detection_transform(96, True, 0.5, random.Random(s), "sar", ["ship"])
         box = t(_item([0]))["boxes"][0]
         seen.add((round(float(box[0])), round(float(box[1]))))
     assert seen == {(40, 30), (56, 30)}  # the centre: untouched or mirrored left-right, never moved in y
@@ -76,7 +77,7 @@ def test_rect_classes_turn_by_quarter_turns_only():
         out = t(_item([1]))
         angles.add(round(math.degrees(float(ro.norm_angle(out["boxes"][0, 4] - 0.3))) % 90, 3))
     assert angles <= {0.0, 90.0}  # multiples of 90°
-    rect = [i for i, c in enumerate(classes) if c in train.RECT_CLASSES]
+    rect = [i for i, c in enumerate(classes) if c in datasets.RECT_CLASSES]
     assert rect == [1]
 
 
@@ -100,7 +101,7 @@ def _batch():
 def test_detreg_row_has_no_dn_alignment():
     losses = _pretrainer(enhance=False, embed_loss="l1", dn_align=False)(*_batch())
     assert "loss_embed" in losses and not any("dn_loss_embed" in k for k in losses)
-    runs = dict(train.sweep_runs("mutdet-table2", "tiny", dict(sam=[], mutdet=[], finetune=[], csia=[], weights=[])))
+    runs = dict(tables.sweep_runs("mutdet-table2", "tiny", dict(sam=[], mutdet=[], finetune=[], csia=[], weights=[])))
     assert "--no-dn-align" in runs["pre-detreg"] and "--no-dn-align" not in runs["pre-mutdet"]
 
 

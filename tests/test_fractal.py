@@ -7,6 +7,7 @@ import torch
 import babelrs
 import datasets
 import detection
+import tables
 import train
 
 
@@ -61,7 +62,7 @@ def test_standin_is_built_once_then_reused(tmp_path, monkeypatch):
 
 
 def test_sweeps_run_every_row_per_seed():
-    runs = train.seeded_runs(train.sweep_runs("mutdet-table2", "tiny", dict(sam=[], mutdet=[], finetune=[], csia=[],
+    runs = tables.seeded_runs(tables.sweep_runs("mutdet-table2", "tiny", dict(sam=[], mutdet=[], finetune=[], csia=[],
                                                                                weights=[])), 3)
     folders = [f for f, _ in runs]
     assert folders.count("sam") == 1 and len(folders) == 1 + 3 * 5

@@ -123,20 +123,22 @@ def test_detreg_row_and_switches():
 
 
 def test_pretrainer_learns_a_batch():
+    # The denoising queries are drawn anew every step, so one step's loss is noisy (±20 % here):
+    # the last ten steps' mean is compared with the first step, whatever the CPU's rounding.
     model = _pretrainer()
     images, masks, targets = _batch()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    first = align_first = None
-    for _ in range(40):
+    totals, aligns = [], []
+    for _ in range(60):
         losses = model(images, masks, targets)
         total = sum(losses.values())
         opt.zero_grad()
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 35)
         opt.step()
-        if first is None:
-            first, align_first = total.item(), losses["p_loss_embed"].item()
-    assert total.item() < 0.6 * first and losses["p_loss_embed"].item() < align_first
+        totals.append(total.item())
+        aligns.append(losses["p_loss_embed"].item())
+    assert sum(totals[-10:]) / 10 < 0.6 * totals[0] and sum(aligns[-10:]) / 10 < aligns[0]
 
 
 def test_l1_embedding_loss_for_the_detreg_row():

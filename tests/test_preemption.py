@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import datasets
+import tables
 import train
 
 CSIA = ["--stage", "csia", "--vit", "", "--image_size", "32", "--batch_size", "4", "--global_batch", "4", "--steps", "6", "--vocab_size", "400",
@@ -102,7 +103,7 @@ def test_sweep_status_says_how_far_each_run_got(synth, straight, tmp_path, capsy
     import shutil
     root = tmp_path / "runs"
     shutil.copytree(straight, root / "csia-lvsa-s200-tau60-seed0")  # a started row of Tab. 3 (its CSIA)
-    assert train.main(["--sweep", "babelrs-table3", "--status", "--runs", str(root)]) == 0
+    assert tables.main(["--sweep", "babelrs-table3", "--status", "--runs", str(root)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("ft-generic-off-seed0") and out[0].endswith("not started")
     assert "started: step 6, checkpoint at 6, ETA 0 min" in out[1]

@@ -1,6 +1,6 @@
 """Every command in the code blocks of the README and docs/ still fits the code: each `train.py` command parses
-with its stage's real flags and presets, each tiny sweep resolves (`--dry-run`), each `eval.py`
-command parses, and every SynthSOI path it names exists once SynthSOI is generated. (Running them
+with its stage's real flags and presets, each tiny `tables.py --sweep` resolves (`--dry-run`), each
+`eval.py` and `tables.py --table / --plot` command parses, and every SynthSOI path it names exists once SynthSOI is generated. (Running them
 takes minutes each; the quick ones run in the other tests.)"""
 import re
 import shlex
@@ -10,6 +10,7 @@ import pytest
 
 import datasets
 import eval as ev
+import tables
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,11 +55,15 @@ def test_readme_commands_fit_the_code(tmp_path, monkeypatch):
                 assert (tmp_path / path).exists(), f"README: {command}: no {path} in SynthSOI"
         argv = _argv(command, "train.py")
         if argv is not None and "--resume" not in argv:
+            train.parse_config(argv)
+            checked += 1
+        argv = _argv(command, "tables.py")
+        if argv is not None:
             if "--sweep" in argv:
                 if "--scale" not in argv:
-                    assert train.main(argv + ["--dry-run", "--runs", str(tmp_path / "runs")]) == 0, command
+                    assert tables.main(argv + ["--dry-run", "--runs", str(tmp_path / "runs")]) == 0, command
             else:
-                train.parse_config(argv)
+                tables.build_parser().parse_args(argv)
             checked += 1
         argv = _argv(command, "eval.py")
         if argv is not None:

@@ -12,6 +12,7 @@ import pytest
 
 import datasets
 import eval as evaluation
+import tables
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,9 +47,9 @@ def test_lr_schedule():
 
 def test_data_fraction_is_a_fixed_subset(synth):
     ds = datasets.load_detection_split(synth / "rgb" / "train", "rgb")
-    a, b = train.subset(ds, 0.25, seed=1), train.subset(ds, 0.25, seed=1)
+    a, b = datasets.subset(ds, 0.25, seed=1), datasets.subset(ds, 0.25, seed=1)
     assert len(a) == 2 and [s.name for s in a.samples] == [s.name for s in b.samples]
-    assert len(train.subset(ds, 0.01, seed=1)) == 1
+    assert len(datasets.subset(ds, 0.01, seed=1)) == 1
 
 
 def test_resume_continues_exactly(synth, tmp_path):
@@ -119,41 +120,41 @@ def test_two_sources_init_and_eval_run(synth, tmp_path, capsys):
     assert "H-mAP" in printed and "voc07_ap50" in printed and "Overall" in printed
     assert evaluation.main(["--run", str(tmp_path)]) == 2  # not a run folder: one line, status 2
     # the figures of these runs and Tab. 2 over the scored one
-    assert evaluation.main(["--plot", str(both), str(rgb), "--out", str(tmp_path / "figs")]) == 0
+    assert tables.main(["--plot", str(both), str(rgb), "--out", str(tmp_path / "figs")]) == 0
     names = {p.name for p in (tmp_path / "figs").iterdir()}
     assert {"loss.png", "iterations.png", "detections_both.png", "detections_rgb.png"} <= names
     assert "loss_grad_norm.png" not in names  # Fig. 7 is drawn for runs trained with AMP
-    assert evaluation.main(["--table", "babelrs-table2", str(both), "--out", str(tmp_path / "t2")]) == 0
+    assert tables.main(["--table", "babelrs-table2", str(both), "--out", str(tmp_path / "t2")]) == 0
     row = (tmp_path / "t2.csv").read_text().splitlines()[1].split(",")
     assert row[:2] == ["ours", "both"] and float(row[-1]) == pytest.approx(100 * metrics["h_map"], abs=1e-2)
 
 
 def test_sweep_commands_share_runs_and_skip_finished(tmp_path, capsys):
     root = tmp_path / "runs"
-    assert train.main(["--sweep", "babelrs-table5", "--runs", str(root), "--dry-run"]) == 0
+    assert tables.main(["--sweep", "babelrs-table5", "--runs", str(root), "--dry-run"]) == 0
     cmds = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[sweep]")]
     assert len(cmds) == 30 and cmds[-1].endswith(f"--seed 2 --out {root}/ft-csia-lvsa-s200-tau60-off-seed2")  # 3 seeds
-    assert train.main(["--sweep", "babelrs-table5", "--runs", str(root), "--dry-run", "--seeds", "1"]) == 0
+    assert tables.main(["--sweep", "babelrs-table5", "--runs", str(root), "--dry-run", "--seeds", "1"]) == 0
     cmds = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[sweep]")]
     assert len(cmds) == 10 and sum("--stage csia" in c for c in cmds) == 5
-    assert all(f"--merge {m}" in " ".join(cmds) for m in train.MERGES)
+    assert all(f"--merge {m}" in " ".join(cmds) for m in tables.MERGES)
     assert f"--init {root}/csia-lvsa-s200-tau60-seed0 " in cmds[-1] + " " and "--max-steps 144" in cmds[-1]
     # Tab. 3 reuses Tab. 5's row (d): finished runs are skipped, started ones resumed
     (root / "csia-lvsa-s200-tau60-seed0").mkdir(parents=True)
     (root / "csia-lvsa-s200-tau60-seed0" / "finished.json").write_text("{}")
     (root / "ft-generic-off-seed0").mkdir()
     (root / "ft-generic-off-seed0" / "config.json").write_text("{}")
-    assert train.main(["--sweep", "babelrs-table3", "--runs", str(root), "--dry-run", "--seeds", "1"]) == 0
+    assert tables.main(["--sweep", "babelrs-table3", "--runs", str(root), "--dry-run", "--seeds", "1"]) == 0
     out = capsys.readouterr().out
     assert "csia-lvsa-s200-tau60-seed0: finished, skipped" in out
     assert f"--stage finetune --resume {root}/ft-generic-off-seed0" in out
-    assert train.main(["--sweep", "mutdet-table2", "--runs", str(root), "--dry-run", "--seeds", "1"]) == 0
+    assert tables.main(["--sweep", "mutdet-table2", "--runs", str(root), "--dry-run", "--seeds", "1"]) == 0
     out = capsys.readouterr().out
     assert "--masks components" in out and "--no-enhance --embed-loss l1 --pseudo-classes 1" in out
     assert out.count("--stage finetune") == 3 and f"--init {root}/pre-mutdet-seed0" in out
     # Fig. 6: the τ rows fine-tune with the sweep's --amp (fp16 as in the paper unless told)
     for amp in ("fp16", "off"):
-        assert train.main(["--sweep", "babelrs-fig6", "--runs", str(root), "--dry-run", "--amp", amp, "--seeds", "1"]) == 0
+        assert tables.main(["--sweep", "babelrs-fig6", "--runs", str(root), "--dry-run", "--amp", amp, "--seeds", "1"]) == 0
         out = capsys.readouterr().out
         assert all(f"--amp {amp} --init {root}/csia-lvsa-s200-tau{t}-seed0 --seed 0 --out "
                    f"{root}/ft-csia-lvsa-s200-tau{t}-{amp}-seed0" in out for t in (0, 20, 100))
@@ -196,7 +197,7 @@ def test_help_explains_every_flag_and_the_config_prints_as_a_table(capsys):
 
 
 def test_table3_sweep_writes_submissions(tmp_path, capsys):
-    assert train.main(["--sweep", "mutdet-table3", "--dry-run", "--runs", str(tmp_path), "--seeds", "1"]) == 0
+    assert tables.main(["--sweep", "mutdet-table3", "--dry-run", "--runs", str(tmp_path), "--seeds", "1"]) == 0
     out = capsys.readouterr().out
     assert out.count("eval.py --run") == 3 and "--zip" in out and "ft-mutdet-data1.0-dota-seed0/dota-test" in out
 
@@ -216,14 +217,14 @@ def test_global_batch_and_explicit_lr_scaling(capsys):
 
 
 def test_dry_run_prints_what_each_run_costs(tmp_path, capsys):
-    assert train.main(["--sweep", "mutdet-table2", "--dry-run", "--runs", str(tmp_path)]) == 0
+    assert tables.main(["--sweep", "mutdet-table2", "--dry-run", "--runs", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     row = next(l for l in out.splitlines() if l.startswith("pre-mutdet-seed0 ")).split()
     measured = json.loads((ROOT / "results" / "tiny_step.json").read_text())["mutdet:tiny"]
     assert row[1] == "mutdet" and int(row[4]) == 204  # 17 epochs of 12 steps (the tiny protocol)
     assert float(row[3]) == pytest.approx(measured["flops"] / 1e12, abs=0.01)  # global batch 4 = one micro-batch
     assert "hours on one GPU at 312 TFLOPS x 0.35 MFU" in out
-    one = dict(train.sweep_runs("babelrs-table3", "1gpu", dict(csia=[], finetune=[], sam=[], mutdet=[], weights=[])))
+    one = dict(tables.sweep_runs("babelrs-table3", "1gpu", dict(csia=[], finetune=[], sam=[], mutdet=[], weights=[])))
     assert one["csia-lvsa-s2000-tau600"][-4:] == ["--steps", "2000", "--tau", "600"]  # τ cut with the steps
     assert "--lr_steps" in one["ft-generic-off"] and "2.75" in one["ft-generic-off"]  # lr steps at 8/12 and 11/12
 
