@@ -31,6 +31,8 @@ Differences from the paper / official code
     - A random ViT's position and class embeddings start at randn × 0.02 (official randn).
 
 Shape letters: B images (tiles), N tokens, C ViT width, D LLM width, T text length, L layers.
+
+May import: detection, datasets, rotated_ops (DESIGN.md).
 """
 import json
 import math
@@ -648,6 +650,14 @@ def build_llm(path: str = "", vocab_size: int = 0, dim: int = 64, layers: int = 
                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
                       tie_word_embeddings=True)
     return Qwen2ForCausalLM(cfg)
+
+
+def llm_from_config(folder) -> nn.Module:
+    """A causal LM of the shape a `config.json` in `folder` describes, with fresh weights (a
+    continuing csia run, whose weights come from its checkpoint)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder), local_files_only=True),
+                                            torch_dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,12 +7,17 @@ same run, on this machine.
     python bench.py sam    # the sam stage's images/s (tiny preset) and SAM ViT-B mask generation vs its image encoder alone
     python bench.py mutdet # MutDet pre-training steps (tiny preset, paper size) vs the DETReg row (one plain pass)
     python bench.py vit    # CSIA steps (tiny preset), InternViT-300M forward+backward vs torch.nn.TransformerEncoder
+    python bench.py gpu    # the prepared GPU check (README: "The GPU check"); --dry-run runs it on the CPU
+
+May import: every file of the project (it sits at the top of the import graph, DESIGN.md).
 """
 import argparse
 import dataclasses
+import json
 import math
 import os
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -522,6 +527,381 @@ def bench_paper(args):
     print(f"written to {path}")
 
 
+# ---------------------------------------------------------------------------------------------
+# The GPU check (python bench.py gpu): what a first visit to a GPU must tell, in one prepared run
+# ---------------------------------------------------------------------------------------------
+# 1. every model of the project runs forward and backward on the device in float32, bf16 and fp16
+#    autocast and agrees with the same weights on the CPU; rotated IoU and NMS agree with the CPU;
+# 2. a tiny finetune and csia row end to end, then resumed, on the device;
+# 3. one step of every stage at its paper preset: seconds, peak memory, TFLOP/s, MFU, and from them
+#    the GPU-hours of every table at --scale 1gpu;
+# 4. the peers on the device: DETR step, ViT, rotated IoU, as ratios in the same run.
+# `--dry-run` runs every part at the smallest sizes on the CPU (the test suite runs it).
+
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "L40": 181.0,
+                    "A10": 125.0, "L4": 121.0, "4090": 165.0}  # dense bf16, the vendors' data sheets
+# relative error of a loss against the CPU's float32 value, by precision on the device
+LOSS_TOLERANCE = {"float32": 1e-3, "bf16": 5e-2, "fp16": 2e-2}
+GRAD_TOLERANCE = 1e-2  # float32 on the device: max |g_dev - g_cpu| / max |g_cpu| over all parameters
+
+
+def _to(x, device):
+    """Tensors inside nested lists / dicts moved to `device`."""
+    if torch.is_tensor(x):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to(v, device) for v in x)
+    return x
+
+
+def _gpu_models(dry_run: bool) -> dict:
+    """{name: (model on the CPU, inputs on the CPU, loss(model, inputs))}: every model of the project,
+    small (correctness does not need paper sizes), with inputs that draw nothing at random inside
+    the forward pass (no denoising queries, no dropout), so that CPU and device see the same thing."""
+    import babelrs
+    import detection
+    import mutdet
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    size = 64
+    images, masks = torch.randn(2, 3, size, size, generator=g), torch.zeros(2, size, size, dtype=torch.bool)
+    masks[1, :, 48:] = True
+    targets = [dict(boxes=ro.regularize_obb(torch.tensor([[20.0, 20, 16, 6, 0.4], [40, 40, 10, 8, -1.0]])),
+                    labels=torch.tensor([1, 3]), size=(size, size), embeds=F.normalize(torch.randn(2, 32, generator=g), dim=-1)),
+               dict(boxes=torch.tensor([[20.0, 30, 12, 6, 0.0]]), labels=torch.tensor([2]), size=(size, 48),
+                    embeds=F.normalize(torch.randn(1, 32, generator=g), dim=-1))]
+    small = dict(frozen_bn=True, dim=32, heads=2, enc_layers=1, dec_layers=2, ffn=64, num_queries=12,
+                 num_dn_queries=0, gn_groups=8, dropout=0.0)
+    rgb = [dict(modality="rgb", classes=[str(c) for c in range(5)], box_type="obb")]
+    models = {}
+    det = babelrs.build_detector(rgb, backbone="resnet18", resnet="", **small)
+    models["rotated DETR (ResNet-18)"] = (det, (images, masks, ["rgb", "rgb"], targets),
+                                          lambda m, x: sum(m(*x)["losses"].values()))
+    vit_det = babelrs.build_detector(rgb, backbone="vit", vit_args=dict(dim=32, depth=4, heads=2, patch=8, image_size=size),
+                                     **{k: v for k, v in small.items() if k != "frozen_bn"})
+    models["ViT pyramid detector (BabelRS)"] = (vit_det, (images, masks, ["rgb", "rgb"], targets),
+                                                lambda m, x: sum(m(*x)["losses"].values()))
+    pre_det = detection.build_detector([dict(modality="rgb", classes=[f"c{i}" for i in range(8)], box_type="obb")],
+                                       "resnet18", "", **small)
+    pre = mutdet.MutDetPretrainer(pre_det, embed_dim=32, heads=2, mlp=64)
+    models["MutDet pre-trainer"] = (pre, (images, masks, targets), lambda m, x: sum(m(*x).values()))
+    vit = babelrs.ViT(32, 4, 2, 8, 32)
+    llm = babelrs.build_llm("", 200, 32, 1, 4, 2, 64)
+    csia = babelrs.CSIA(vit, llm, 5, "lvsa", (1, 2, 3, 4), 10.0)
+    T, per_tile = 24, (32 // 8) ** 2 // 4
+    ids = torch.randint(10, 200, (2, T), generator=g)
+    ids[:, 2:2 + per_tile] = 5
+    labels = ids.clone()
+    labels[:, :T - 8] = babelrs.IGNORE_INDEX
+    pixels = torch.randn(2, 3, 32, 32, generator=g)
+    models["CSIA (ViT + LVSA + projector + Qwen2)"] = (csia, (pixels, ids, torch.ones_like(ids), labels),
+                                                      lambda m, x: m(*x, step=3)["loss"])
+    sam = mutdet.build_sam("", size)
+    models["SAM image encoder (proposals)"] = (sam, (images[:1],), lambda m, x: m.get_image_embeddings(*x).float().square().mean())
+    return models
+
+
+def _check_models(device, dry_run: bool) -> list:
+    """Part 1: each model's loss (and gradients, float32) on the device against the CPU, then its
+    loss under bf16 and fp16 autocast against the device's float32 loss; every value finite."""
+    import copy
+    rows = []
+    for name, (model, inputs, loss_fn) in _gpu_models(dry_run).items():
+        model.train()
+        ref = loss_fn(model, inputs)
+        ref.backward()
+        ref_grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+        dev_model, dev_inputs = copy.deepcopy(model).to(device), _to(inputs, device)
+        dev_model.zero_grad(set_to_none=True)
+        row = dict(model=name)
+        for precision in ("float32", "bf16", "fp16"):
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+            dev_model.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = loss_fn(dev_model, dev_inputs)
+            loss.float().backward()
+            grads = [p.grad for p in dev_model.parameters() if p.grad is not None]
+            finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all()) for g in grads)
+            rel = abs(float(loss) - float(ref)) / max(abs(float(ref)), 1e-12)
+            row[precision] = dict(loss=float(loss), cpu_loss=float(ref), rel_err=rel, finite=finite,
+                                  ok=finite and rel <= LOSS_TOLERANCE[precision])
+            if precision == "float32":
+                scale = max(float(g.abs().max()) for g in ref_grads.values())
+                err = max(float((p.grad.cpu() - ref_grads[k]).abs().max())
+                          for k, p in dev_model.named_parameters() if k in ref_grads and p.grad is not None)
+                row[precision].update(grad_rel_err=err / max(scale, 1e-12), ok=row[precision]["ok"] and err / max(scale, 1e-12) <= GRAD_TOLERANCE)
+        rows.append(row)
+        print(f"  {name:<40}" + "".join(f"  {p} {'ok' if row[p]['ok'] else 'FAIL'} ({row[p]['rel_err']:.1e})"
+                                         for p in ("float32", "bf16", "fp16")))
+    # rotated IoU and NMS: exact geometry, so float64 agrees to rounding and NMS keeps the same boxes
+    b1, b2 = _boxes(200 if dry_run else 2000, 256.0, 0), _boxes(200 if dry_run else 2000, 256.0, 1)
+    iou_cpu, iou_dev = ro.box_iou_rotated(b1, b2), ro.box_iou_rotated(b1.to(device), b2.to(device)).cpu()
+    scores = torch.rand(len(b1), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    keep_cpu, keep_dev = ro.nms_rotated(b1, scores, 0.3), ro.nms_rotated(b1.to(device), scores.to(device), 0.3).cpu()
+    geometry = dict(model="rotated IoU (float64) and NMS", iou_max_abs_err=float((iou_cpu - iou_dev).abs().max()),
+                    nms_same=bool(torch.equal(keep_cpu, keep_dev)))
+    geometry["ok"] = geometry["iou_max_abs_err"] <= 1e-10 and geometry["nms_same"]
+    rows.append(geometry)
+    print(f"  {geometry['model']:<40}  IoU max |err| {geometry['iou_max_abs_err']:.1e}, NMS "
+          f"{'same boxes' if geometry['nms_same'] else 'DIFFERENT boxes'}")
+    return rows
+
+
+def _tiny_rows(work: Path, dry_run: bool) -> list:
+    """Part 2: the tiny finetune and csia presets for a few dozen steps (with evaluation), then
+    resumed for a few more, on the device train.py picks (CUDA when there is one)."""
+    import train
+    steps, more = (2, 3) if dry_run else (24, 32)
+    size = ["--image_size", "64"] if dry_run else []
+    synth = ["--synth_root", str(work / "synthsoi")]
+    rows = []
+    for stage, argv in (("finetune", ["--stage", "finetune", "--resnet", ""] + size),
+                        ("csia", ["--stage", "csia", "--vit", ""] + (["--image_size", "32"] if dry_run else []))):
+        run = work / f"tiny-{stage}"
+        t0 = time.perf_counter()
+        first = train.main(argv + synth + ["--max-steps", str(steps), "--out", str(run)])
+        t1 = time.perf_counter()
+        second = train.main(["--resume", str(run), "--max-steps", str(more)]) if first == 0 else first
+        log = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()] if (run / "log.jsonl").exists() else []
+        losses = [r["loss"] for r in log if "loss" in r]
+        metrics = run / "metrics.json"
+        row = dict(stage=stage, status=[first, second], steps=len(losses), seconds_first=t1 - t0,
+                   seconds_a_step=(t1 - t0) / steps, final_loss=losses[-1] if losses else None,
+                   metrics=json.loads(metrics.read_text()).get("sources", {}).get("rgb", {}).get("ap50")
+                   if metrics.exists() and stage == "finetune" else None)
+        row["ok"] = first == 0 and second == 0 and len(losses) == more and all(map(math.isfinite, losses))
+        rows.append(row)
+        print(f"  {stage}: {row['steps']} steps ({steps} + resume to {more}), {row['seconds_a_step']:.2f} s a step "
+              f"with its start, final loss {row['final_loss']}: {'ok' if row['ok'] else 'FAIL'}")
+    return rows
+
+
+def _paper_steps(device, dry_run: bool) -> dict:
+    """Part 3: one micro-batch of every stage at its paper preset (dry run: shrunk tiny presets),
+    under bf16 autocast where the device has it: seconds, peak memory, FLOPs and TFLOP/s."""
+    import tables
+    import train
+    out = {}
+    for stage, preset in PAPER_STEPS:
+        cfg = train.PRESETS[stage][preset]
+        if dry_run:  # the same code path at the smallest sizes
+            cfg = dataclasses.replace(train.PRESETS[stage]["tiny"], **DRY_RUN_SIZES.get(stage, {}),
+                                      **({"source_ratio": [1, 1, 1]} if preset == "babelrs" else {}))
+            if stage == "finetune" and preset == "babelrs":
+                cfg = dataclasses.replace(cfg, backbone="vit", vit_dim=32, vit_depth=4, vit_heads=2, vit_patch=8)
+        r = tables.measure_step(stage, cfg, device=device, amp=None if dry_run else "bf16",
+                                sam_model="tiny" if dry_run else "vit-h")
+        r["tflops_per_s"] = r["flops"] / r["seconds"] / 1e12
+        out[f"{stage}:{preset}"] = r
+        print(f"  {stage}:{preset:<14} micro-batch {r['micro']}: {r['seconds']:.3f} s, peak {r['peak_gb']:.1f} GB, "
+              f"{r['flops'] / 1e12:.2f} TFLOP, {r['tflops_per_s']:.1f} TFLOP/s")
+    return out
+
+
+DRY_RUN_SIZES = {"finetune": dict(image_size=64, dim=32, heads=2, enc_layers=1, dec_layers=1, ffn=64, num_queries=10,
+                                  num_dn_queries=4, batch_size=1, gn_groups=8),
+                 "mutdet": dict(image_size=64, dim=32, heads=2, enc_layers=1, dec_layers=1, ffn=64, num_queries=10,
+                                num_dn_queries=4, batch_size=1, gn_groups=8, enhance_heads=2, enhance_mlp=64),
+                 "csia": dict(image_size=32, batch_size=1, llm_dim=32, llm_layers=1, llm_ffn=64, vocab_size=300)}
+
+
+def _table_hours(steps: dict) -> dict:
+    """GPU-hours of every table at --scale 1gpu from the step times measured on this device: each run's
+    optimizer steps (tables.run_cost) x the micro-batches a step x the measured seconds a micro-batch."""
+    import tables
+    extra = dict(csia=[], finetune=[], sam=[], mutdet=[], weights=[])
+    hours = {}
+    for name in tables.SWEEPS:
+        if name == "tiny-checks":
+            continue
+        total = 0.0
+        for _, argv in tables.sweep_runs(name, "1gpu", extra):
+            c = tables.run_cost([a.replace("{runs}", "runs/1gpu") for a in argv], "1gpu", 1.0, 1.0)
+            key = f"{c['stage']}:{c['preset']}"
+            if "missing" in c or key not in steps:
+                continue
+            m = steps[key]
+            micro_steps = 1 if c["stage"] == "sam" else c["flops_step"] / m["flops"]  # the accumulation of a step
+            total += c["steps"] * micro_steps * m["seconds"]
+        hours[name] = total / 3600
+    return hours
+
+
+def _peers_on_device(device, dry_run: bool) -> list:
+    """Part 4: ours against the peers on the device, in interleaved repeats: the DETR training step
+    (transformers' Deformable DETR), the ViT forward + backward (InternVLVisionModel), rotated IoU
+    (torchvision's kernel)."""
+    import torchvision
+
+    import babelrs
+    import train
+
+    def timed(fns, repeat):
+        def sync(fn):
+            def run():
+                out = fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                return out
+            return run
+        return [t for t, _ in _interleaved([sync(f) for f in fns], repeat)]
+    repeat = 1 if dry_run else 5
+    rows = []
+    # DETR step: the tiny preset's detector and its like-for-like peer
+    cfg = dataclasses.replace(train.FINETUNE_PRESETS["tiny"], resnet="", **(DRY_RUN_SIZES["finetune"] if dry_run else {}),
+                              **({"num_queries": 20} if dry_run else {}))
+    size = 128 if dry_run else cfg.image_size
+    g = torch.Generator().manual_seed(0)
+    B = cfg.batch_size
+    images = torch.randn(B, 3, size, size, generator=g).to(device)
+    masks = torch.zeros(B, size, size, dtype=torch.bool, device=device)
+    boxes = [ro.regularize_obb(torch.cat([torch.rand(8, 2, generator=g) * (size - 40) + 20, torch.rand(8, 2, generator=g) * 20 + 6,
+                                          (torch.rand(8, 1, generator=g) - 0.5) * math.pi], 1)) for _ in range(B)]
+    labels = [torch.randint(0, 5, (8,), generator=g) for _ in range(B)]
+    sources = [dict(modality="rgb", classes=[str(c) for c in range(5)], box_type="obb")]
+    ours = babelrs.build_detector(**train.model_args(cfg, sources)).to(device).train()
+    tg = [dict(boxes=b.to(device), labels=l.to(device), size=(size, size)) for b, l in zip(boxes, labels)]
+    peer = _peer_deformable_detr(cfg, 5).to(device)
+    ptg = _to(_peer_targets(boxes, labels, size), device)
+
+    def step(model, loss_fn, opt):
+        def run():
+            loss = loss_fn()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return run
+    steps = [step(ours, lambda: sum(ours(images, masks, ["rgb"] * B, tg)["losses"].values()),
+                  torch.optim.AdamW(ours.parameters(), lr=1e-5)),
+             step(peer, lambda: peer(pixel_values=images, labels=ptg).loss, torch.optim.AdamW(peer.parameters(), lr=1e-5))]
+    for s in steps:  # warm-up (cuDNN autotuning, allocator)
+        s()
+    t_ours, t_peer = timed(steps, repeat)
+    rows.append(dict(work=f"rotated DETR training step, tiny preset at {size} px, batch {B}",
+                     peer="transformers Deformable DETR, same size", ours_s=t_ours, peer_s=t_peer, ratio=t_ours / t_peer))
+    # ViT: InternViT-300M (dry run: a small one) forward + backward
+    paper = train.CSIA_PRESETS["paper"]
+    if dry_run:
+        paper = dataclasses.replace(paper, image_size=56, vit_dim=64, vit_depth=2, vit_heads=2, layers=[1, 2])
+    vit = babelrs.ViT(paper.vit_dim, paper.vit_depth, paper.vit_heads, paper.patch, paper.image_size).to(device).train()
+    peer_vit = _peer_internvit(paper).to(device)
+    x = torch.randn(1 if dry_run else 8, 3, paper.image_size, paper.image_size, device=device)
+
+    def ours_vit():
+        vit.zero_grad()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = babelrs.merge_layers(vit(x), tuple(paper.layers), 0.5)
+        out.float().sum().backward()
+
+    def peer_fwd():
+        peer_vit.zero_grad()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = babelrs.merge_layers(list(peer_vit(pixel_values=x, output_hidden_states=True).hidden_states),
+                                       tuple(paper.layers), 0.5)
+        out.float().sum().backward()
+    ours_vit(), peer_fwd()
+    t_ours, t_peer = timed([ours_vit, peer_fwd], repeat)
+    rows.append(dict(work=f"InternViT ({paper.vit_dim}x{paper.vit_depth}, {paper.image_size} px, batch {len(x)}) "
+                          "forward + backward, bf16 on a GPU", peer="transformers InternVLVisionModel, same size",
+                     ours_s=t_ours, peer_s=t_peer, ratio=t_ours / t_peer))
+    # rotated IoU: torchvision's kernel takes degrees counter-clockwise (-θ of our le90)
+    n = 200 if dry_run else 4000
+    for dtype in (torch.float32, torch.float64):
+        b1, b2 = (_boxes(n, 1024.0, s).to(device=device, dtype=dtype) for s in (0, 1))
+        d1, d2 = (torch.cat([b[:, :4], -torch.rad2deg(b[:, 4:])], 1) for b in (b1, b2))
+        fns = [lambda: ro.box_iou_rotated(b1, b2), lambda: torchvision.ops.box_iou(d1, d2, fmt="cxcywhr")]
+        for f in fns:
+            f()
+        t_ours, t_peer = timed(fns, repeat)
+        rows.append(dict(work=f"rotated IoU {n} x {n}, {str(dtype)[6:]}", peer=f"torchvision {torchvision.__version__} "
+                         "box_iou(fmt='cxcywhr')", ours_s=t_ours, peer_s=t_peer, ratio=t_ours / t_peer))
+    for r in rows:
+        print(f"  {r['work']}: ours {r['ours_s'] * 1e3:.1f} ms, {r['peer']} {r['peer_s'] * 1e3:.1f} ms, "
+              f"ours / peer {r['ratio']:.2f}")
+    return rows
+
+
+def _gpu_markdown(report: dict) -> str:
+    """The short table of a GPU check (results/gpu/<device>.md)."""
+    lines = [f"# GPU check: {report['device']}", "",
+             f"torch {report['torch']}, CUDA {report['cuda']}, {report['date']}; `python bench.py gpu`"
+             + (" --dry-run (CPU, smallest sizes: no figure here is a GPU figure)" if report["dry_run"] else ""), "",
+             "## 1. Correctness on the device (relative error of the loss against the CPU's float32)", "",
+             "| model | float32 | bf16 | fp16 |", "|---|---|---|---|"]
+    for r in report["correctness"]:
+        if "float32" in r:
+            lines.append(f"| {r['model']} | " + " | ".join(
+                f"{'ok' if r[p]['ok'] else '**FAIL**'} {r[p]['rel_err']:.1e}" for p in ("float32", "bf16", "fp16")) + " |")
+        else:
+            lines.append(f"| {r['model']} | IoU max abs err {r['iou_max_abs_err']:.1e}; NMS "
+                         f"{'same' if r['nms_same'] else '**different**'} | | |")
+    lines += ["", "## 2. Tiny rows end to end (then resumed)", "", "| stage | steps | s a step | final loss | ok |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['steps']} | {r['seconds_a_step']:.2f} | {r['final_loss']} | {r['ok']} |"
+              for r in report["tiny_rows"]]
+    lines += ["", "## 3. One micro-batch of each stage at its paper preset (bf16 autocast)", "",
+              f"MFU against {report['peak_tflops']:.0f} TFLOP/s dense bf16 ({report['peak_source']}).", "",
+              "| stage:preset | micro-batch | seconds | peak GB | TFLOP | TFLOP/s | MFU |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {k} | {r['micro']} | {r['seconds']:.3f} | {r['peak_gb']:.1f} | {r['flops'] / 1e12:.2f} | "
+              f"{r['tflops_per_s']:.1f} | {r['mfu']:.2f} |" for k, r in report["paper_steps"].items()]
+    lines += ["", "GPU-hours of each table at `--scale 1gpu`, from these step times:", "", "| table | GPU-hours |",
+              "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in report["table_hours"].items()]
+    lines += ["", "## 4. Peers on the device (interleaved repeats)", "", "| work | peer | ours / peer |", "|---|---|---|"]
+    lines += [f"| {r['work']} | {r['peer']} | {r['ratio']:.2f} |" for r in report["peers"]]
+    return "\n".join(lines) + "\n"
+
+
+def bench_gpu(args):
+    """`python bench.py gpu`: the four parts above on CUDA, into results/gpu/<device>.json and .md;
+    `--dry-run`: every part at the smallest sizes on the CPU, nothing written unless --out is given."""
+    import json
+    import tempfile
+    if not args.dry_run and not torch.cuda.is_available():
+        raise SystemExit("error: bench.py gpu needs a CUDA device (none is visible); --dry-run runs every part on the CPU")
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    name = "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name()
+    if device.type == "cuda":  # the parity checks compare true float32 (TF32 would differ from the CPU by design)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    t_start = time.perf_counter()
+    report = dict(device=name, dry_run=args.dry_run, torch=torch.__version__, cuda=torch.version.cuda or "",
+                  date=time.strftime("%Y-%m-%d"), threads=torch.get_num_threads())
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"GPU check on {name}\n1. correctness on the device against the CPU")
+        report["correctness"] = _check_models(device, args.dry_run)
+        print("2. tiny rows end to end, then resumed")
+        report["tiny_rows"] = _tiny_rows(Path(tmp), args.dry_run)
+    print("3. one micro-batch of every stage at its paper preset")
+    report["paper_steps"] = _paper_steps(device, args.dry_run)
+    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+    report["peak_source"] = "data sheet" if peak else "measured bf16 matmul (device not in BF16_PEAK_TFLOPS)"
+    if peak is None:
+        n = 1024 if args.dry_run else 8192
+        a = torch.randn(n, n, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        t, _ = _best_of(lambda: (a @ a, torch.cuda.synchronize() if device.type == "cuda" else None), 3)
+        peak = 2 * n ** 3 / t / 1e12
+    report["peak_tflops"] = peak
+    for r in report["paper_steps"].values():
+        r["mfu"] = r["tflops_per_s"] / peak
+    report["table_hours"] = _table_hours(report["paper_steps"])
+    print("   GPU-hours at --scale 1gpu: " + ", ".join(f"{k} {v:.1f}" for k, v in report["table_hours"].items()))
+    print("4. the peers on the device")
+    report["peers"] = _peers_on_device(device, args.dry_run)
+    report["seconds"] = time.perf_counter() - t_start
+    report["ok"] = all(all(r[p]["ok"] for p in ("float32", "bf16", "fp16")) if "float32" in r else r["ok"]
+                       for r in report["correctness"]) and all(r["ok"] for r in report["tiny_rows"])
+    out = Path(args.out) if args.out else (None if args.dry_run else Path(__file__).resolve().parent / "results" / "gpu")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")
+        (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / f"{stem}.md").write_text(_gpu_markdown(report))
+        print(f"written to {out / stem}.json and .md")
+    print(f"GPU check {'passed' if report['ok'] else 'FAILED'} in {report['seconds']:.0f} s")
+    return 0 if report["ok"] else 1
+
+
 QUICK = dict(n=60, repeat=1, images=20, dets=30, ref_fraction=10, size=128, boxes=20, batch=1)  # --quick sizes
 QUICK_SYNTH = dict(n_train=4, n_test=1, size=64, max_objects=2)  # a small SynthSOI for --quick
 
@@ -569,6 +949,12 @@ def main(argv=None):
     q.add_argument("--tiny", action="store_true", help="the tiny presets instead (results/tiny_step.json)")
     q.add_argument("--one", default="", help=argparse.SUPPRESS)  # STAGE:PRESET, run in a child process
     q.set_defaults(fn=bench_paper)
+    q = sub.add_parser("gpu", parents=[common], help="the prepared GPU check: correctness on the device, a tiny row, "
+                       "the paper presets' step costs, the peers (results/gpu/<device>.json and .md)")
+    q.add_argument("--dry-run", action="store_true", help="every part at the smallest sizes on the CPU")
+    q.add_argument("--out", default="", help="folder of the JSON and Markdown (default results/gpu; a dry run "
+                   "writes only when given one)")
+    q.set_defaults(fn=bench_gpu)
     args = p.parse_args(argv)
     args.warmup = 0 if args.quick else 1
     if args.quick:
@@ -576,8 +962,8 @@ def main(argv=None):
             if hasattr(args, k):
                 setattr(args, k, v)
     torch.set_num_threads(args.threads)
-    args.fn(args)
+    return args.fn(args) or 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

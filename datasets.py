@@ -13,6 +13,8 @@ Formats (the official layouts of the data sets both papers use):
 Boxes follow rotated_ops: (cx, cy, w, h, θ) le90, θ in radians, clockwise on screen. Bad input
 raises `DatasetError` with a one-line message naming the file (and line); `train.py` turns it into
 a clean exit. Objects with a side under `MIN_SIDE` px are dropped and counted, as mmrotate does.
+
+May import: rotated_ops (DESIGN.md); every other file of the project may import this one.
 """
 import dataclasses
 import json

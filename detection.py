@@ -37,6 +37,8 @@ Shape letters: B images, S memory tokens (all levels), L levels, Q queries (deno
 M ground-truth objects, C classes or channels, D model width, P sampling points, A angle bins.
 Boxes inside the model are (cx, cy, w, h) normalised by the image's own width and height (padding
 excluded) plus a le90 angle θ in radians; `postprocess` returns le90 boxes in pixels.
+
+May import: rotated_ops (DESIGN.md).
 """
 import copy
 import math
@@ -711,6 +713,100 @@ class SetCriterion(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# Targets, encoder reference points, two-stage anchors, post-processing (pure functions of the head)
+# ---------------------------------------------------------------------------------------------
+
+def normalised_targets(boxes: list, labels: list, sizes: list, with_angle: bool, device) -> list:
+    """Per image: le90 boxes (M, 5) in pixels, labels (M,), unpadded (h, w) -> normalised targets:
+    boxes (M, 4) (cx, cy, w, h) / (W, H, W, H), angles (M,), labels, angle_targets (M, A) AR-CSL,
+    aspect (M,) = long / short side, factor (1, 4) = (W, H, W, H). Without `with_angle` (horizontal
+    boxes) the box is the axis-aligned extent at angle 0."""
+    out = []
+    for b, l, (h, w) in zip(boxes, labels, sizes):
+        b, l = b.to(device).float(), l.to(device).long()
+        factor = torch.tensor([[w, h, w, h]], dtype=torch.float32, device=device)
+        if with_angle:
+            cxcywh, theta = b[:, :4], b[:, 4]
+        else:
+            cxcywh, theta = ro.hbb_xyxy_to_cxcywh(ro.obb2hbb(b)), torch.zeros_like(b[:, 4])
+        aspect = (torch.maximum(cxcywh[:, 2], cxcywh[:, 3]) / torch.minimum(cxcywh[:, 2], cxcywh[:, 3]).clamp(min=1e-6))
+        t = dict(boxes=cxcywh / factor, angles=theta, labels=l, aspect=aspect, factor=factor)
+        if with_angle:
+            t["angle_targets"] = ro.csl_encode(theta, aspect).float() if len(l) else torch.zeros(0, A, device=device)
+        out.append(t)
+    return out
+
+
+def encoder_reference_points(masks: list) -> tuple:
+    """masks: L (B, H_l, W_l), True at padding -> (reference (B, S, L, 2): every token's cell centre,
+    normalised by the valid area of its level and scaled to each level's valid area, as Deformable
+    DETR's `get_reference_points`; valid ratios (B, L, 2) as (w, h))."""
+    valid = torch.stack([torch.stack([(~m[:, 0, :]).sum(1), (~m[:, :, 0]).sum(1)], -1).float()
+                         / torch.tensor([m.shape[2], m.shape[1]], device=m.device) for m in masks], 1)  # (B, L, 2)
+    refs = []
+    for l, m in enumerate(masks):
+        h, w = m.shape[-2:]
+        ys, xs = torch.meshgrid(torch.arange(h, device=m.device) + 0.5, torch.arange(w, device=m.device) + 0.5,
+                                indexing="ij")
+        refs.append(torch.stack([xs.flatten()[None] / (valid[:, None, l, 0] * w),
+                                 ys.flatten()[None] / (valid[:, None, l, 1] * h)], -1))  # (B, HW, 2)
+    return torch.cat(refs, 1)[:, :, None] * valid[:, None], valid
+
+
+def two_stage_anchors(mask: torch.Tensor, shapes: list) -> tuple:
+    """DINO two-stage anchors (ARS-DETR `gen_encoder_output_proposals`): one box per token at its cell
+    centre with side 0.05·2^l, in inverse-sigmoid space. mask (B, S) True at padding -> (anchors
+    (B, S, 4), a large value where the token is padding or its anchor leaves (0.01, 0.99); ok (B, S, 1))."""
+    B = mask.shape[0]
+    anchors, start = [], 0
+    for l, (h, w) in enumerate(shapes):
+        m = mask[:, start:start + h * w].view(B, h, w)
+        valid_h, valid_w = (~m[:, :, 0]).sum(1), (~m[:, 0, :]).sum(1)
+        ys, xs = torch.meshgrid(torch.arange(h, device=mask.device, dtype=torch.float32),
+                                torch.arange(w, device=mask.device, dtype=torch.float32), indexing="ij")
+        grid = (torch.stack([xs, ys], -1)[None] + 0.5) / torch.stack([valid_w, valid_h], -1).view(B, 1, 1, 2)
+        wh = torch.full_like(grid, 0.05 * 2.0 ** l)
+        anchors.append(torch.cat([grid, wh], -1).view(B, -1, 4))
+        start += h * w
+    anchors = torch.cat(anchors, 1)  # (B, S, 4)
+    ok = ((anchors > 0.01) & (anchors < 0.99)).all(-1, keepdim=True) & ~mask[..., None]
+    return torch.log(anchors / (1 - anchors)).masked_fill(~ok, 10000.0), ok
+
+
+@torch.no_grad()
+def postprocess_detections(outputs: dict, sizes: list, scales: list, k: int, with_angle: bool) -> list:
+    """Top-k over all (query, class) pairs by sigmoid score, no NMS (ARS-DETR's test_cfg).
+
+    Args:
+        sizes: per image the unpadded (h, w) the boxes are normalised by; scales: per image the
+            (sy, sx) resize factor to undo (boxes are returned in original pixels), or None.
+    Returns:
+        per image dict(boxes (K, 5) le90 pixels, scores (K,), labels (K,)).
+    """
+    logits = outputs["pred_logits"].float()
+    B, Q, C = logits.shape
+    scores, idx = logits.sigmoid().flatten(1).topk(min(k, Q * C), dim=1)  # (B, k)
+    query, labels = idx // C, idx % C
+    results = []
+    for b in range(B):
+        h, w = sizes[b]
+        sy, sx = scales[b] if scales is not None else (1.0, 1.0)
+        box = outputs["pred_boxes"][b, query[b]].float() * torch.tensor([w, h, w, h], device=logits.device)
+        if with_angle:
+            theta = ro.csl_decode(outputs["pred_angle_logits"][b, query[b]].float())
+            obb = torch.cat([box, theta[:, None]], 1)
+            # undo an anisotropic resize through the polygon, exact for any scale pair
+            polys = ro.obb2poly(obb.double()).view(-1, 4, 2) / torch.tensor([sx, sy], dtype=torch.float64,
+                                                                             device=obb.device)
+            obb = ro.poly2obb(polys.view(-1, 8)).float() if (sx, sy) != (1.0, 1.0) else ro.regularize_obb(obb)
+        else:
+            xyxy = ro.hbb_cxcywh_to_xyxy(box) / torch.tensor([sx, sy, sx, sy], device=box.device)
+            obb = ro.hbb2obb(xyxy)
+        results.append(dict(boxes=obb, scores=scores[b], labels=labels[b]))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
 # The DETR head set: encoder, query selection, decoder, prediction branches, criterion
 # ---------------------------------------------------------------------------------------------
 
@@ -789,26 +885,10 @@ class DETRHead(nn.Module):
     # -- inputs --------------------------------------------------------------------------------
 
     def prepare_targets(self, boxes: list, labels: list, sizes: list) -> list:
-        """Per image: le90 boxes (M, 5) in pixels, labels (M,), unpadded (h, w) -> normalised targets:
-        boxes (M, 4) (cx, cy, w, h) / (W, H, W, H), angles (M,), labels, angle_targets (M, A) AR-CSL,
-        aspect (M,) = long / short side, factor (1, 4) = (W, H, W, H)."""
-        out = []
-        for b, l, (h, w) in zip(boxes, labels, sizes):
-            device = self.level_embed.device
-            b, l = b.to(device).float(), l.to(device).long()
-            factor = torch.tensor([[w, h, w, h]], dtype=torch.float32, device=device)
-            if self.with_angle:
-                cxcywh, theta = b[:, :4], b[:, 4]
-            else:  # horizontal boxes: the axis-aligned extent, angle 0
-                cxcywh, theta = ro.hbb_xyxy_to_cxcywh(ro.obb2hbb(b)), torch.zeros_like(b[:, 4])
-            aspect = (torch.maximum(cxcywh[:, 2], cxcywh[:, 3]) / torch.minimum(cxcywh[:, 2], cxcywh[:, 3]).clamp(min=1e-6))
-            t = dict(boxes=cxcywh / factor, angles=theta, labels=l, aspect=aspect, factor=factor)
-            if self.with_angle:
-                t["angle_targets"] = ro.csl_encode(theta, aspect).float() if len(l) else torch.zeros(0, A, device=device)
-            out.append(t)
-        return out
+        """`normalised_targets` in this head's box type, on its device."""
+        return normalised_targets(boxes, labels, sizes, self.with_angle, self.level_embed.device)
 
-    # -- encoder -------------------------------------------------------------------------------
+    # -- encoder and two-stage query selection (the official transformer's first half) ------
 
     def encode(self, feats: list, masks: list) -> dict:
         """feats: L maps (B, D, H_l, W_l); masks: L (B, H_l, W_l), True at padding -> the memory and
@@ -818,39 +898,16 @@ class DETRHead(nn.Module):
         mask = torch.cat([m.flatten(1) for m in masks], 1)  # (B, S)
         pos = torch.cat([sine_position_encoding(m, self.dim // 2).flatten(2).transpose(1, 2) + self.level_embed[l]
                          for l, m in enumerate(masks)], 1)  # (B, S, D)
-        valid = torch.stack([torch.stack([(~m[:, 0, :]).sum(1), (~m[:, :, 0]).sum(1)], -1).float()
-                             / torch.tensor([m.shape[2], m.shape[1]], device=m.device) for m in masks], 1)  # (B, L, 2) (w, h)
-        refs = []
-        for l, (h, w) in enumerate(shapes):  # token centres, normalised by the valid area
-            ys, xs = torch.meshgrid(torch.arange(h, device=x.device) + 0.5, torch.arange(w, device=x.device) + 0.5,
-                                    indexing="ij")
-            refs.append(torch.stack([xs.flatten()[None] / (valid[:, None, l, 0] * w),
-                                     ys.flatten()[None] / (valid[:, None, l, 1] * h)], -1))  # (B, HW, 2)
-        reference = torch.cat(refs, 1)[:, :, None] * valid[:, None]  # (B, S, L, 2)
+        reference, valid = encoder_reference_points(masks)
         for layer in self.encoder:
             x = layer(x, pos, mask, reference, shapes)
         return dict(memory=x, mask=mask, shapes=shapes, valid_ratios=valid)
 
     def proposals(self, memory: torch.Tensor, mask: torch.Tensor, shapes: list):
-        """DINO two-stage anchors: one box per token at its cell centre with side 0.05·2^l, in
-        inverse-sigmoid space; tokens at padding or with an anchor outside (0.01, 0.99) get a large
-        value and a zeroed memory. Returns (memory (B, S, D) after Linear + LN, anchors (B, S, 4))."""
-        B = memory.shape[0]
-        anchors, start = [], 0
-        for l, (h, w) in enumerate(shapes):
-            m = mask[:, start:start + h * w].view(B, h, w)
-            valid_h, valid_w = (~m[:, :, 0]).sum(1), (~m[:, 0, :]).sum(1)
-            ys, xs = torch.meshgrid(torch.arange(h, device=memory.device, dtype=torch.float32),
-                                    torch.arange(w, device=memory.device, dtype=torch.float32), indexing="ij")
-            grid = (torch.stack([xs, ys], -1)[None] + 0.5) / torch.stack([valid_w, valid_h], -1).view(B, 1, 1, 2)
-            wh = torch.full_like(grid, 0.05 * 2.0 ** l)
-            anchors.append(torch.cat([grid, wh], -1).view(B, -1, 4))
-            start += h * w
-        anchors = torch.cat(anchors, 1)  # (B, S, 4)
-        ok = ((anchors > 0.01) & (anchors < 0.99)).all(-1, keepdim=True) & ~mask[..., None]
-        anchors = torch.log(anchors / (1 - anchors)).masked_fill(~ok, 10000.0)
-        memory = memory.masked_fill(~ok, 0.0)
-        return self.enc_output_norm(self.enc_output(memory)), anchors
+        """The memory of the encoder proposals (`enc_output` + LN, zeroed where the anchor is invalid)
+        and their anchors (`two_stage_anchors`): (B, S, D), (B, S, 4)."""
+        anchors, ok = two_stage_anchors(mask, shapes)
+        return self.enc_output_norm(self.enc_output(memory.masked_fill(~ok, 0.0))), anchors
 
     def select_queries(self, memory, mask, shapes, tokens=None, scores=None):
         """Encoder proposals and the top-k of them as decoder references (DINO two-stage).
@@ -881,7 +938,7 @@ class DETRHead(nn.Module):
             enc["pred_angle_logits"] = angle_logits
         return dict(enc_outputs=enc, reference=reference, angle=angle, topk=topk)
 
-    # -- decoder -------------------------------------------------------------------------------
+    # -- decoder with box refinement and angle re-prediction (its second half) --------------
 
     def decode(self, content, reference, angle, memory, mask, shapes, valid_ratios, attn_mask=None):
         """Decoder with look-forward-twice box refinement and per-layer angle re-prediction.
@@ -920,6 +977,8 @@ class DETRHead(nn.Module):
             pred_ref = (self.reg_branches[l](x) + inverse_sigmoid(ref, eps=1e-3)).sigmoid()  # (B, Q, 4)
             ref = pred_ref.detach()
         return layers
+
+    # -- the whole head, with contrastive denoising (the official head and CdnQueryGenerator)
 
     def forward(self, feats: list, masks: list, targets: list = None) -> dict:
         """
@@ -974,38 +1033,9 @@ class DETRHead(nn.Module):
 
     # -- inference -----------------------------------------------------------------------------
 
-    @torch.no_grad()
     def postprocess(self, outputs: dict, sizes: list, scales: list = None, max_per_image: int = None) -> list:
-        """Top-k over all (query, class) pairs by sigmoid score, no NMS (ARS-DETR's test_cfg).
-
-        Args:
-            sizes: per image the unpadded (h, w) the boxes are normalised by; scales: per image the
-                (sy, sx) resize factor to undo (boxes are returned in original pixels), or None.
-        Returns:
-            per image dict(boxes (K, 5) le90 pixels, scores (K,), labels (K,)).
-        """
-        logits = outputs["pred_logits"].float()
-        B, Q, C = logits.shape
-        k = min(max_per_image or self.num_queries, Q * C)
-        scores, idx = logits.sigmoid().flatten(1).topk(k, dim=1)  # (B, k)
-        query, labels = idx // C, idx % C
-        results = []
-        for b in range(B):
-            h, w = sizes[b]
-            sy, sx = scales[b] if scales is not None else (1.0, 1.0)
-            box = outputs["pred_boxes"][b, query[b]].float() * torch.tensor([w, h, w, h], device=logits.device)
-            if self.with_angle:
-                theta = ro.csl_decode(outputs["pred_angle_logits"][b, query[b]].float())
-                obb = torch.cat([box, theta[:, None]], 1)
-                # undo an anisotropic resize through the polygon, exact for any scale pair
-                polys = ro.obb2poly(obb.double()).view(-1, 4, 2) / torch.tensor([sx, sy], dtype=torch.float64,
-                                                                                 device=obb.device)
-                obb = ro.poly2obb(polys.view(-1, 8)).float() if (sx, sy) != (1.0, 1.0) else ro.regularize_obb(obb)
-            else:
-                xyxy = ro.hbb_cxcywh_to_xyxy(box) / torch.tensor([sx, sy, sx, sy], device=box.device)
-                obb = ro.hbb2obb(xyxy)
-            results.append(dict(boxes=obb, scores=scores[b], labels=labels[b]))
-        return results
+        """`postprocess_detections` with this head's box type, at most `num_queries` a image by default."""
+        return postprocess_detections(outputs, sizes, scales, max_per_image or self.num_queries, self.with_angle)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -585,12 +585,19 @@ def draw_detections(image: np.ndarray, dets: list, classes: list, path, score_th
     return drawn
 
 
-def predict_images(run, paths: list, out, modality: str = "", score_thr: float = 0.3, patch: int = 0, gap: int = 200,
+def default_gap(patch: int) -> int:
+    """Overlap of prediction patches: DOTA's split overlaps 1024-px patches by 200 px; other patch sizes
+    keep that fraction (a 256-px patch overlaps by 50)."""
+    return round(patch * 200 / 1024)
+
+
+def predict_images(run, paths: list, out, modality: str = "", score_thr: float = 0.3, patch: int = 0, gap: int = -1,
                    make_zip: bool = False, device="cpu", batch_size: int = 4) -> dict:
     """`eval.py --run RUN --predict PATH...`: detect on every image (large ones cut into patches of
     the run's training size, or `patch`, with `gap`, and merged), write `<image>.png` drawings and,
     for the whole set, DOTA Task1 files `Task1_<class>.txt` (detections with score >= TASK1_SCORE),
-    with `make_zip` also `submission.zip` for the DOTA evaluation server."""
+    with `make_zip` also `submission.zip` for the DOTA evaluation server. A negative `gap` follows
+    the patch size as DOTA's 200 px follow its 1024 (`default_gap`)."""
     from tqdm import tqdm
     model, sources = build_run_model(run, device)
     modalities = [s["modality"] for s in sources]
@@ -601,6 +608,9 @@ def predict_images(run, paths: list, out, modality: str = "", score_thr: float =
                                     f"{', '.join(modalities)}; choose one with --modality")
     src = sources[modalities.index(modality)]
     size = patch or src["image_size"]
+    gap = default_gap(size) if gap < 0 else gap
+    if gap >= size:
+        raise datasets.DatasetError(f"--gap {gap}: the overlap must be smaller than the patch ({size} px)")
     files = image_files(paths)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -732,7 +742,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score", type=float, default=0.3, help="--predict: score threshold of the drawn "
                    "detections (default 0.3)")
     p.add_argument("--patch", type=int, default=0, help="--predict: patch size (default the run's training size)")
-    p.add_argument("--gap", type=int, default=200, help="--predict: overlap of patches in px (default 200, DOTA)")
+    p.add_argument("--gap", type=int, default=-1, help="--predict: overlap of patches in px (default: the patch "
+                   "size x 200 / 1024, DOTA's 200 px at 1024)")
     p.add_argument("--zip", action="store_true", help="--predict: also write submission.zip for the DOTA server")
     p.add_argument("--batch", type=int, default=4, help="--predict: patches per forward pass (default 4)")
     return p

@@ -36,6 +36,8 @@ Differences from the official code
     similarity × the *raw* class-0 logit (`enhanced_scores`), negative at the start of training.
 
 Shape letters: B images, S memory tokens, N objects of an image, Q queries, D model width.
+
+May import: detection, datasets, rotated_ops (DESIGN.md).
 """
 import json
 from pathlib import Path

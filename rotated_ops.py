@@ -16,6 +16,8 @@ Every function is stateless, leaves its inputs untouched, works on any device, i
 float64 (half precision is computed in float32), and is differentiable where that makes sense.
 
 Shape letters: N, M boxes; P box pairs; K regions of interest; B images; C channels.
+
+May import: torch and numpy only (the bottom of the import graph, DESIGN.md).
 """
 import math
 

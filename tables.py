@@ -650,11 +650,16 @@ def _synthetic_targets(n: int, size: int, classes: int, g: torch.Generator, obje
     return out
 
 
-def measure_step(stage: str, cfg, tiles: int = 1, sam_points: int = 64) -> dict:
+def measure_step(stage: str, cfg, tiles: int = 1, sam_points: int = 64, device="cpu", amp: str = None,
+                 sam_model: str = "vit-h") -> dict:
     """One micro-batch of `stage` at the size `cfg` describes, with random weights and synthetic
     inputs of that size: forward, backward and AdamW step (sam: the image encoder and one batch of
     `sam_points` point prompts, inference), under `torch.utils.flop_counter`. Returns
-    dict(params, trained, micro, flops (one micro-batch), seconds, peak_rss_gb (of this process))."""
+    dict(params, trained, micro, flops (one micro-batch), seconds, peak_rss_gb (of this process),
+    peak_gb). On the CPU the counted step is the timed one (`bench.py paper`); on a GPU
+    (`bench.py gpu`) a counted step warms up and a second one, outside the counter, is timed, with
+    `amp` ("bf16" / "fp16") autocast and peak_gb from `torch.cuda.max_memory_allocated`. `sam_model`:
+    "vit-h" (MutDet's SAM) or "tiny" (the dry run's)."""
     import resource
 
     from torch.utils.flop_counter import FlopCounterMode
@@ -662,11 +667,14 @@ def measure_step(stage: str, cfg, tiles: int = 1, sam_points: int = 64) -> dict:
     torch.manual_seed(0)
     if stage == "sam":
         from transformers import SamConfig, SamModel, SamVisionConfig
-        vision = SamVisionConfig(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16,
-                                 global_attn_indexes=[7, 15, 23, 31])  # ViT-H (MutDet's SAM)
-        model = SamModel(SamConfig(vision_config=vision.to_dict())).eval().requires_grad_(False)
-        x, micro = torch.randn(1, 3, 1024, 1024, generator=g), 1
-        points = torch.rand(1, sam_points, 1, 2, generator=g) * 1024
+        if sam_model == "tiny":
+            model, side = mutdet.build_sam("", 64).requires_grad_(False), 64
+        else:
+            vision = SamVisionConfig(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16,
+                                     global_attn_indexes=[7, 15, 23, 31])  # ViT-H (MutDet's SAM)
+            model, side = SamModel(SamConfig(vision_config=vision.to_dict())).eval().requires_grad_(False), 1024
+        x, micro = torch.randn(1, 3, side, side, generator=g), 1
+        points = torch.rand(1, sam_points, 1, 2, generator=g) * side
 
         def run():
             with torch.no_grad():
@@ -722,18 +730,42 @@ def measure_step(stage: str, cfg, tiles: int = 1, sam_points: int = 64) -> dict:
                 sum(model(images, masks, modalities, targets)["losses"].values()).backward()
         images = torch.randn(micro, 3, size, size, generator=g)
         masks = torch.zeros(micro, size, size, dtype=torch.bool)
+    device = torch.device(device)
+    if device.type != "cpu":  # the closures above read these names when they run: on the device from here
+        model = model.to(device)
+        if stage == "sam":
+            x, points = x.to(device), points.to(device)
+        elif stage == "csia":
+            pixels, ids, labels = pixels.to(device), ids.to(device), labels.to(device)
+        else:
+            images, masks = images.to(device), masks.to(device)
+            targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        torch.cuda.reset_peak_memory_stats(device)
     if stage != "sam":
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            run()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
     counter = FlopCounterMode(display=False)
     t0 = time.time()
     with counter:
-        run()
-    if optimizer is not None:
-        optimizer.step()
+        step()
+    if device.type != "cpu":  # the counted step warmed up (allocator, kernels); time a clean one
+        torch.cuda.synchronize(device)
+        t0 = time.time()
+        step()
+        torch.cuda.synchronize(device)
+    seconds = time.time() - t0
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     return dict(stage=stage, params=sum(p.numel() for p in model.parameters()),
                 trained=sum(p.numel() for p in model.parameters() if p.requires_grad), micro=micro, tiles=tiles,
-                flops=counter.get_total_flops(), seconds=time.time() - t0,
-                peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
+                flops=counter.get_total_flops(), seconds=seconds, peak_rss_gb=peak_rss,
+                peak_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else peak_rss)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ printed and stored in the run folder `runs/<stage>-<time>/` (or `--out DIR`) wit
 The runs behind the papers' tables (sweeps), their costs and the tables themselves are in tables.py.
 Bad data stops with the data set's one-line message and exit status 2; a non-finite loss or
 gradient norm is logged with its step and stops the run with exit status 3.
+
+May import: babelrs, mutdet, eval, detection, datasets, rotated_ops; never tables.py (DESIGN.md).
 """
 import argparse
 import contextlib
@@ -726,6 +728,35 @@ def shutdown_distributed():
 # Run folders, schedules and optimizer groups
 # ---------------------------------------------------------------------------------------------
 
+def continues_from_checkpoint(cfg) -> bool:
+    """`--resume RUN` with a checkpoint of its own: the run goes on from it. A folder stopped before
+    its first checkpoint starts over as a fresh run (`resume`), from the config's weights."""
+    return bool(cfg.resume) and checkpoint_pair(Path(cfg.resume)) is not None
+
+
+def start_weights(cfg) -> dict:
+    """The one place that decides which weight files a run loads before its first step, as
+    {config field: path, or "" for none}, "fractal" resolved to its stand-in file (`standin`).
+    A run that continues from its checkpoint loads every weight from that checkpoint, so here it
+    loads none, whatever its weight fields hold: a stand-in name, a path that has since moved or
+    been deleted, an InternVL folder. (The sam stage has no checkpoint: a rerun skips the images
+    already done and needs its models for the rest; csia's `--llm` also gives the LM's shape, which
+    a continuing run reads from its folder, `csia`.)"""
+    if isinstance(cfg, SAMConfig):
+        return dict(resnet=standin(cfg.resnet, cfg.embed_backbone), sam=cfg.sam)
+    fields = {CSIAConfig: ("vit", "init"), FinetuneConfig: ("resnet", "init"), MutDetConfig: ("resnet", "init")}[type(cfg)]
+    if continues_from_checkpoint(cfg):
+        return dict.fromkeys(fields, "")
+    if isinstance(cfg, CSIAConfig):  # --init (a csia run, an InternVL folder) holds a ViT already
+        return dict(vit="" if cfg.init else standin(cfg.vit, "vit"), init=cfg.init)
+    if isinstance(cfg, FinetuneConfig) and cfg.backbone == "vit":  # the ViT's weights come through --init
+        init = standin(cfg.init, "vit")
+        return dict(resnet="", init=init)
+    if cfg.init == "fractal":
+        raise datasets.DatasetError("--init fractal: the ViT backbone's stand-in; a ResNet takes --resnet fractal")
+    return dict(resnet=standin(cfg.resnet, cfg.backbone), init=cfg.init)
+
+
 def machine() -> dict:
     """What a run's numbers depend on beyond its config: torch, threads (the order of float sums),
     deterministic kernels, the CPU or GPU."""
@@ -843,21 +874,30 @@ def csia(cfg: CSIAConfig) -> int:
     try:
         vit = babelrs.ViT(cfg.vit_dim, cfg.vit_depth, cfg.vit_heads, cfg.patch, cfg.image_size,
                           drop_path=cfg.drop_path, grad_checkpoint=cfg.grad_checkpoint)
-        if cfg.vit and not cfg.resume and not cfg.init:  # "fractal": the stand-in (built on first use)
-            babelrs.load_vit_weights(vit, standin(cfg.vit, "vit"))
-        llm = babelrs.build_llm(cfg.llm, len(tokenizer), cfg.llm_dim, cfg.llm_layers, cfg.llm_heads, cfg.llm_kv_heads,
-                                cfg.llm_ffn)
+        weights = start_weights(cfg)
+        if weights["vit"]:
+            babelrs.load_vit_weights(vit, weights["vit"])
+        # an LM folder gives the LM's shape and weights; a continuing run has the shape in its own folder
+        # (stored at its start) and the weights in its checkpoint, so the folder may have moved since
+        stored_llm = run / "llm" / "config.json"
+        if cfg.llm and continues_from_checkpoint(cfg) and stored_llm.exists():
+            llm = babelrs.llm_from_config(stored_llm.parent)
+        else:
+            llm = babelrs.build_llm(cfg.llm, len(tokenizer), cfg.llm_dim, cfg.llm_layers, cfg.llm_heads,
+                                    cfg.llm_kv_heads, cfg.llm_ffn)
+            if cfg.llm and rank == 0:
+                llm.config.save_pretrained(str(stored_llm.parent))
     except (ValueError, OSError) as e:
         raise datasets.DatasetError(str(e)) from None
     if llm.get_input_embeddings().num_embeddings < len(tokenizer):
         llm.resize_token_embeddings(len(tokenizer))
     model = babelrs.CSIA(vit, llm, tokenizer.convert_tokens_to_ids(babelrs.IMG_CONTEXT), cfg.merge,
                          tuple(cfg.layers), cfg.tau).to(device)
-    if cfg.init and not cfg.resume:  # an InternVL folder names its parts vision_model / mlp1 / language_model
+    if weights["init"]:  # an InternVL folder names its parts vision_model / mlp1 / language_model
         state = {k.replace("vision_model.", "vit.", 1).replace("language_model.", "llm.", 1): v
-                 for k, v in read_weights(cfg.init).items()}
+                 for k, v in read_weights(weights["init"]).items()}
         try:
-            load_init(model, cfg.init, state, cfg.init_strict)
+            load_init(model, weights["init"], state, cfg.init_strict)
         except ValueError as e:
             raise datasets.DatasetError(str(e)) from None
     tokens_per_tile = (cfg.image_size // cfg.patch) ** 2 // 4
@@ -949,16 +989,12 @@ def finetune(cfg: FinetuneConfig) -> int:
     total = cfg.epochs * steps_per_epoch
     end = min(total, cfg.max_steps) if cfg.max_steps else total
 
-    margs = model_args(cfg, sources)
-    init = cfg.init
-    if not cfg.resume:  # "fractal": the formula-driven stand-in of the ResNet / the ViT (built on first use)
-        margs["resnet"] = standin(cfg.resnet, cfg.backbone) if cfg.backbone != "vit" else ""
-        init = standin(cfg.init, "vit") if cfg.backbone == "vit" else cfg.init
-        if init == "fractal":
-            raise datasets.DatasetError("--init fractal: the ViT backbone's stand-in; a ResNet takes --resnet fractal")
+    weights = start_weights(cfg)
+    margs = dict(model_args(cfg, sources), resnet=weights["resnet"])
+    init = weights["init"]
     try:
         model = babelrs.build_detector(**margs).to(device)
-        if init and not cfg.resume:
+        if init:
             state = read_weights(init)
             if detection.is_mmrotate_state(state):  # a released ARS-DETR / MutDet checkpoint (mmrotate names)
                 mutdet.load_official(model, init, state)
@@ -1040,8 +1076,9 @@ def sam_stage(cfg: SAMConfig) -> int:
     (run / "cache").mkdir(exist_ok=True)
     write_config(run, cfg)
     try:
-        sam = mutdet.build_sam(cfg.sam, cfg.sam_image_size) if cfg.masks == "sam" else None
-        trunk = mutdet.resnet_trunk(cfg.embed_backbone, standin(cfg.resnet, cfg.embed_backbone))
+        weights = start_weights(cfg)
+        sam = mutdet.build_sam(weights["sam"], cfg.sam_image_size) if cfg.masks == "sam" else None
+        trunk = mutdet.resnet_trunk(cfg.embed_backbone, weights["resnet"])
     except (ValueError, OSError) as e:
         raise datasets.DatasetError(str(e)) from None
     norm = datasets.Normalize()
@@ -1116,9 +1153,9 @@ def synth_sam_cache(cfg: MutDetConfig, rank: int) -> str:
 
 def mutdet_stage(cfg: MutDetConfig) -> int:
     rank, world, device = setup_distributed()
-    torch.manual_seed(cfg.seed + rank)
+    cache = cfg.data or synth_sam_cache(cfg, rank)  # seeds its own generators: seed ours after it, so a run
+    torch.manual_seed(cfg.seed + rank)              # that builds the cache starts as one that finds it
     random.seed(cfg.seed + rank)
-    cache = cfg.data or synth_sam_cache(cfg, rank)
     if cfg.pseudo_classes < 0:
         raise SystemExit("error: --pseudo_classes must be 0 (the cache's clusters), 1 or the cache's count")
     data = mutdet.PseudoLabels(cache, class_agnostic=cfg.pseudo_classes == 1)
@@ -1127,16 +1164,16 @@ def mutdet_stage(cfg: MutDetConfig) -> int:
                                     f"{cfg.pseudo_classes}; rerun the sam stage with --clusters {cfg.pseudo_classes}")
     sources = [dict(modality=data.modality, classes=data.classes, box_type="obb")]
     try:
-        resnet = "" if cfg.resume else standin(cfg.resnet, cfg.backbone)  # a resumed run has its weights
-        detector = detection.build_detector(sources, cfg.backbone, resnet, cfg.frozen_bn, cfg.dim, cfg.heads,
+        weights = start_weights(cfg)
+        detector = detection.build_detector(sources, cfg.backbone, weights["resnet"], cfg.frozen_bn, cfg.dim, cfg.heads,
                                             cfg.levels, cfg.points, cfg.enc_layers, cfg.dec_layers, cfg.ffn,
                                             cfg.dropout, cfg.num_queries, cfg.num_dn_queries, cfg.gn_groups,
                                             match_costs=cfg.match_costs, match_l1=cfg.match_l1)
         model = mutdet.MutDetPretrainer(detector, data.embed_dim, cfg.enhance, cfg.align, cfg.siamese,
                                         cfg.enhance_depth, cfg.enhance_heads, cfg.enhance_mlp, cfg.embed_loss,
                                         cfg.freeze_backbone, cfg.dn_align).to(device)
-        if cfg.init and not cfg.resume:
-            load_init(model, cfg.init, strict=cfg.init_strict)
+        if weights["init"]:
+            load_init(model, weights["init"], strict=cfg.init_strict)
     except (ValueError, FileNotFoundError) as e:  # embeddings of another width, a bad weight file
         raise datasets.DatasetError(f"{cache}: {e}" if "embeddings" in str(e) else str(e)) from None
     run = run_folder(cfg, "mutdet", rank)
