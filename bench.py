@@ -576,16 +576,16 @@ def _gpu_models(dry_run: bool) -> dict:
                  num_dn_queries=0, gn_groups=8, dropout=0.0)
     rgb = [dict(modality="rgb", classes=[str(c) for c in range(5)], box_type="obb")]
     models = {}
-    det = babelrs.build_detector(rgb, backbone="resnet18", resnet="", **small)
+    det = babelrs.build_detector(sources=rgb, backbone="resnet18", resnet="", **small)
     models["rotated DETR (ResNet-18)"] = (det, (images, masks, ["rgb", "rgb"], targets),
                                           lambda m, x: sum(m(*x)["losses"].values()))
-    vit_det = babelrs.build_detector(rgb, backbone="vit", vit_args=dict(dim=32, depth=4, heads=2, patch=8, image_size=size),
+    vit_det = babelrs.build_detector(sources=rgb, backbone="vit", vit_args=dict(dim=32, depth=4, heads=2, patch=8, image_size=size),
                                      **{k: v for k, v in small.items() if k != "frozen_bn"})
     models["ViT pyramid detector (BabelRS)"] = (vit_det, (images, masks, ["rgb", "rgb"], targets),
                                                 lambda m, x: sum(m(*x)["losses"].values()))
     pre_det = detection.build_detector([dict(modality="rgb", classes=[f"c{i}" for i in range(8)], box_type="obb")],
                                        "resnet18", "", **small)
-    pre = mutdet.MutDetPretrainer(pre_det, embed_dim=32, heads=2, mlp=64)
+    pre = mutdet.MutDetPretrainer(pre_det, embed_dim=32, heads=2, mlp=64, dn_align=False)  # no DN queries here
     models["MutDet pre-trainer"] = (pre, (images, masks, targets), lambda m, x: sum(m(*x).values()))
     vit = babelrs.ViT(32, 4, 2, 8, 32)
     llm = babelrs.build_llm("", 200, 32, 1, 4, 2, 64)
@@ -599,7 +599,7 @@ def _gpu_models(dry_run: bool) -> dict:
     models["CSIA (ViT + LVSA + projector + Qwen2)"] = (csia, (pixels, ids, torch.ones_like(ids), labels),
                                                       lambda m, x: m(*x, step=3)["loss"])
     sam = mutdet.build_sam("", size)
-    models["SAM image encoder (proposals)"] = (sam, (images[:1],), lambda m, x: m.get_image_embeddings(*x).float().square().mean())
+    models["SAM image encoder (proposals)"] = (sam, (images[:1],), lambda m, x: m.get_image_embeddings(*x).float().abs().mean())
     return models
 
 
@@ -610,8 +610,11 @@ def _check_models(device, dry_run: bool) -> list:
     rows = []
     for name, (model, inputs, loss_fn) in _gpu_models(dry_run).items():
         model.train()
-        ref = loss_fn(model, inputs)
-        ref.backward()
+        loss_ref = loss_fn(model, inputs)
+        trains = loss_ref.requires_grad  # SAM is frozen in MutDet: inference only
+        if trains:
+            loss_ref.backward()
+        ref = loss_ref.item()
         ref_grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
         dev_model, dev_inputs = copy.deepcopy(model).to(device), _to(inputs, device)
         dev_model.zero_grad(set_to_none=True)
@@ -621,13 +624,15 @@ def _check_models(device, dry_run: bool) -> list:
             dev_model.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 loss = loss_fn(dev_model, dev_inputs)
-            loss.float().backward()
+            if trains:
+                loss.float().backward()
+            loss = loss.item()
             grads = [p.grad for p in dev_model.parameters() if p.grad is not None]
-            finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all()) for g in grads)
-            rel = abs(float(loss) - float(ref)) / max(abs(float(ref)), 1e-12)
-            row[precision] = dict(loss=float(loss), cpu_loss=float(ref), rel_err=rel, finite=finite,
+            finite = math.isfinite(loss) and all(bool(torch.isfinite(g).all()) for g in grads)
+            rel = abs(loss - ref) / max(abs(ref), 1e-12)
+            row[precision] = dict(loss=loss, cpu_loss=ref, rel_err=rel, finite=finite,
                                   ok=finite and rel <= LOSS_TOLERANCE[precision])
-            if precision == "float32":
+            if precision == "float32" and trains:
                 scale = max(float(g.abs().max()) for g in ref_grads.values())
                 err = max(float((p.grad.cpu() - ref_grads[k]).abs().max())
                           for k, p in dev_model.named_parameters() if k in ref_grads and p.grad is not None)
@@ -635,6 +640,16 @@ def _check_models(device, dry_run: bool) -> list:
         rows.append(row)
         print(f"  {name:<40}" + "".join(f"  {p} {'ok' if row[p]['ok'] else 'FAIL'} ({row[p]['rel_err']:.1e})"
                                          for p in ("float32", "bf16", "fp16")))
+    # SAM's automatic masks (MutDet's proposals) on the device: thresholds of a random SAM may flip on
+    # rounding, so the counts are reported, and the run itself is the check
+    import mutdet
+    sam = mutdet.build_sam("", 64)
+    image = (torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(3)) * 255).to(torch.uint8)
+    counts = [len(mutdet.generate_masks(m, image.to(d), points_per_side=4, pred_iou_thresh=-1.0,
+                                        stability_score_thresh=0.0, box_nms_thresh=1.0)["masks"])
+              for m, d in ((sam, torch.device("cpu")), (copy.deepcopy(sam).to(device), device))]
+    rows.append(dict(model="SAM automatic masks (4 x 4 points)", cpu_masks=counts[0], device_masks=counts[1], ok=True))
+    print(f"  {rows[-1]['model']:<40}  {counts[0]} masks on the CPU, {counts[1]} on the device")
     # rotated IoU and NMS: exact geometry, so float64 agrees to rounding and NMS keeps the same boxes
     b1, b2 = _boxes(200 if dry_run else 2000, 256.0, 0), _boxes(200 if dry_run else 2000, 256.0, 1)
     iou_cpu, iou_dev = ro.box_iou_rotated(b1, b2), ro.box_iou_rotated(b1.to(device), b2.to(device)).cpu()
@@ -695,7 +710,7 @@ def _paper_steps(device, dry_run: bool) -> dict:
                                 sam_model="tiny" if dry_run else "vit-h")
         r["tflops_per_s"] = r["flops"] / r["seconds"] / 1e12
         out[f"{stage}:{preset}"] = r
-        print(f"  {stage}:{preset:<14} micro-batch {r['micro']}: {r['seconds']:.3f} s, peak {r['peak_gb']:.1f} GB, "
+        print(f"  {stage + ':' + preset:<24} micro-batch {r['micro']}: {r['seconds']:.3f} s, peak {r['peak_gb']:.1f} GB, "
               f"{r['flops'] / 1e12:.2f} TFLOP, {r['tflops_per_s']:.1f} TFLOP/s")
     return out
 
@@ -704,13 +719,14 @@ DRY_RUN_SIZES = {"finetune": dict(image_size=64, dim=32, heads=2, enc_layers=1, 
                                   num_dn_queries=4, batch_size=1, gn_groups=8),
                  "mutdet": dict(image_size=64, dim=32, heads=2, enc_layers=1, dec_layers=1, ffn=64, num_queries=10,
                                 num_dn_queries=4, batch_size=1, gn_groups=8, enhance_heads=2, enhance_mlp=64),
-                 "csia": dict(image_size=32, batch_size=1, llm_dim=32, llm_layers=1, llm_ffn=64, vocab_size=300)}
+                 "csia": dict(image_size=32, batch_size=1, llm_dim=32, llm_layers=1, llm_ffn=64)}
 
 
 def _table_hours(steps: dict) -> dict:
     """GPU-hours of every table at --scale 1gpu from the step times measured on this device: each run's
     optimizer steps (tables.run_cost) x the micro-batches a step x the measured seconds a micro-batch."""
     import tables
+    import train
     extra = dict(csia=[], finetune=[], sam=[], mutdet=[], weights=[])
     hours = {}
     for name in tables.SWEEPS:
@@ -723,7 +739,8 @@ def _table_hours(steps: dict) -> dict:
             if "missing" in c or key not in steps:
                 continue
             m = steps[key]
-            micro_steps = 1 if c["stage"] == "sam" else c["flops_step"] / m["flops"]  # the accumulation of a step
+            _, cfg = train.parse_config([a.replace("{runs}", "runs/1gpu") for a in argv], check_weights=False)
+            micro_steps = 1 if c["stage"] == "sam" else cfg.global_batch / m["micro"]  # accumulation of a step
             total += c["steps"] * micro_steps * m["seconds"]
         hours[name] = total / 3600
     return hours
@@ -750,8 +767,8 @@ def _peers_on_device(device, dry_run: bool) -> list:
     repeat = 1 if dry_run else 5
     rows = []
     # DETR step: the tiny preset's detector and its like-for-like peer
-    cfg = dataclasses.replace(train.FINETUNE_PRESETS["tiny"], resnet="", **(DRY_RUN_SIZES["finetune"] if dry_run else {}),
-                              **({"num_queries": 20} if dry_run else {}))
+    cfg = dataclasses.replace(train.FINETUNE_PRESETS["tiny"], resnet="",
+                              **(dict(DRY_RUN_SIZES["finetune"], num_queries=20) if dry_run else {}))
     size = 128 if dry_run else cfg.image_size
     g = torch.Generator().manual_seed(0)
     B = cfg.batch_size
@@ -834,15 +851,17 @@ def _gpu_markdown(report: dict) -> str:
         if "float32" in r:
             lines.append(f"| {r['model']} | " + " | ".join(
                 f"{'ok' if r[p]['ok'] else '**FAIL**'} {r[p]['rel_err']:.1e}" for p in ("float32", "bf16", "fp16")) + " |")
+        elif "cpu_masks" in r:
+            lines.append(f"| {r['model']} | runs: {r['device_masks']} masks (CPU: {r['cpu_masks']}) | | |")
         else:
             lines.append(f"| {r['model']} | IoU max abs err {r['iou_max_abs_err']:.1e}; NMS "
                          f"{'same' if r['nms_same'] else '**different**'} | | |")
     lines += ["", "## 2. Tiny rows end to end (then resumed)", "", "| stage | steps | s a step | final loss | ok |",
               "|---|---|---|---|---|"]
-    lines += [f"| {r['stage']} | {r['steps']} | {r['seconds_a_step']:.2f} | {r['final_loss']} | {r['ok']} |"
-              for r in report["tiny_rows"]]
+    lines += [f"| {r['stage']} | {r['steps']} | {r['seconds_a_step']:.2f} | "
+              f"{'-' if r['final_loss'] is None else format(r['final_loss'], '.4g')} | {r['ok']} |" for r in report["tiny_rows"]]
     lines += ["", "## 3. One micro-batch of each stage at its paper preset (bf16 autocast)", "",
-              f"MFU against {report['peak_tflops']:.0f} TFLOP/s dense bf16 ({report['peak_source']}).", "",
+              f"MFU against {report['peak_tflops']:.3g} TFLOP/s dense bf16 ({report['peak_source']}).", "",
               "| stage:preset | micro-batch | seconds | peak GB | TFLOP | TFLOP/s | MFU |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {k} | {r['micro']} | {r['seconds']:.3f} | {r['peak_gb']:.1f} | {r['flops'] / 1e12:.2f} | "
               f"{r['tflops_per_s']:.1f} | {r['mfu']:.2f} |" for k, r in report["paper_steps"].items()]

@@ -24,6 +24,7 @@ May import: detection, babelrs, mutdet, datasets, rotated_ops (DESIGN.md); never
 import argparse
 import contextlib
 import io
+import math
 import re
 import sys
 from pathlib import Path
@@ -553,36 +554,46 @@ def run_detector(model, modality: str, image_size: int, device="cpu"):
     return detect
 
 
+MAX_LABELS = 100  # class-and-score labels drawn on one image (the highest scores); every box is drawn
+
+
 def draw_detections(image: np.ndarray, dets: list, classes: list, path, score_thr: float = 0.3) -> int:
     """Oriented boxes with class names and scores (score >= score_thr) drawn on the image at its
     own resolution; lines and labels scale with the image (1 px per 1000 px of its longer side), so
-    a 4000 x 4000 scene stays readable. Returns the number of boxes drawn."""
+    a 4000 x 4000 scene stays readable. Only the MAX_LABELS highest-scoring boxes get a label, and a
+    label stays inside the image. Returns the number of boxes drawn."""
     from PIL import Image, ImageDraw, ImageFont
     import matplotlib
     canvas = Image.fromarray(image).convert("RGB")
     draw = ImageDraw.Draw(canvas)
-    scale = max(1, round(max(image.shape[:2]) / 1000))
+    H, W = image.shape[:2]
+    scale = max(1, round(max(H, W) / 1000))
     font = ImageFont.load_default(size=10 * scale)
     palette = matplotlib.colormaps["tab10"]
-    drawn = 0
+    shown = []  # (score, class, box)
     for c, d in enumerate(dets):
         d = np.asarray(d, np.float64).reshape(-1, 6)
-        d = d[d[:, 5] >= score_thr]
+        shown += [(float(b[5]), c, b) for b in d[d[:, 5] >= score_thr]]
+    shown.sort(key=lambda s: -s[0])
+    polys = ro.obb2poly(torch.from_numpy(np.array([b[:5] for _, _, b in shown]).reshape(-1, 5))).numpy()
+    for k in range(len(shown) - 1, -1, -1):  # lowest first, so the best boxes and labels lie on top
+        score, c, _ = shown[k]
         colour = tuple(int(255 * v) for v in palette(c % 10)[:3])
-        for box, poly in zip(d, ro.obb2poly(torch.from_numpy(d[:, :5])).numpy()):
-            pts = [tuple(p) for p in poly.reshape(4, 2)]
-            draw.line(pts + pts[:1], fill=colour, width=scale)
-            label = f"{classes[c]} {box[5]:.2f}"
-            x, y = min(p[0] for p in pts), min(p[1] for p in pts)
-            left, top, right, bottom = draw.textbbox((0, 0), label, font=font)  # the label sits above the box
-            w, h = right - left, bottom - top
-            draw.rectangle((x, y - h - 2 * scale, x + w + 2 * scale, y), fill=colour)
-            draw.text((x + scale - left, y - h - scale - top), label, fill=(255, 255, 255), font=font)
-            drawn += 1
+        pts = [tuple(p) for p in polys[k].reshape(4, 2)]
+        draw.line(pts + pts[:1], fill=colour, width=scale)
+        if k >= MAX_LABELS:
+            continue
+        label = f"{classes[c]} {score:.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
+        w, h = right - left + 2 * scale, bottom - top + 2 * scale
+        x = min(max(0, min(p[0] for p in pts)), max(0, W - w))  # above the box, inside the image
+        y = min(max(h, min(p[1] for p in pts)), H)
+        draw.rectangle((x, y - h, x + w, y), fill=colour)
+        draw.text((x + scale - left, y - h + scale - top), label, fill=(255, 255, 255), font=font)
     tmp = Path(path).with_suffix(".tmp.png")
     canvas.save(tmp)
     tmp.replace(path)
-    return drawn
+    return len(shown)
 
 
 def default_gap(patch: int) -> int:
@@ -597,8 +608,28 @@ def predict_images(run, paths: list, out, modality: str = "", score_thr: float =
     the run's training size, or `patch`, with `gap`, and merged), write `<image>.png` drawings and,
     for the whole set, DOTA Task1 files `Task1_<class>.txt` (detections with score >= TASK1_SCORE),
     with `make_zip` also `submission.zip` for the DOTA evaluation server. A negative `gap` follows
-    the patch size as DOTA's 200 px follow its 1024 (`default_gap`)."""
+    the patch size as DOTA's 200 px follow its 1024 (`default_gap`).
+
+    Nothing is written over an input: an `out` folder holding an input image, or two inputs of one
+    name (Task1 files name images by their stem), is refused before anything runs. An image that
+    cannot be read is skipped with a one-line warning and listed in `skipped`; the others are
+    detected and written. Task1 corners are not clipped to the image, as in the DOTA devkit's and
+    mmrotate's merging (clipping a corner would change the rotated box the server scores).
+    Returns dict(images, detections (in the Task1 files), drawn, max_score, task1, skipped[, zip])."""
     from tqdm import tqdm
+    files = image_files(paths)
+    out = Path(out)
+    inputs = {f.resolve().parent for f in files}
+    if out.resolve() in inputs:
+        raise datasets.DatasetError(f"--out {out}: holds input images, which the drawings would overwrite; "
+                                    "choose another folder")
+    stems = {}
+    for f in files:
+        stems.setdefault(f.stem, []).append(f)
+    clashes = [v for v in stems.values() if len(v) > 1]
+    if clashes:
+        raise datasets.DatasetError(f"{clashes[0][0]} and {clashes[0][1]}: one name ({clashes[0][0].stem}) for two "
+                                    "images; Task1 files and drawings name images by it: rename one")
     model, sources = build_run_model(run, device)
     modalities = [s["modality"] for s in sources]
     if not modality and len(modalities) == 1:
@@ -611,33 +642,44 @@ def predict_images(run, paths: list, out, modality: str = "", score_thr: float =
     gap = default_gap(size) if gap < 0 else gap
     if gap >= size:
         raise datasets.DatasetError(f"--gap {gap}: the overlap must be smaller than the patch ({size} px)")
-    files = image_files(paths)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     detect = run_detector(model, modality, src["image_size"], device)
     from PIL import Image
 
-    def patches(path):  # from the image header: the progress bar knows the whole job before it starts
+    skipped, counts = [], {}
+    for f in files:  # from the image headers: the progress bar knows the whole job before it starts
         try:
-            with Image.open(path) as im:
+            with Image.open(f) as im:
                 w, h = im.size
+            counts[f] = len(datasets.sliding_windows(w, h, size, gap)) if max(w, h) > size else 1
         except OSError as e:
-            raise datasets.DatasetError(f"{path}: cannot read image ({e.__class__.__name__})") from None
-        return len(datasets.sliding_windows(w, h, size, gap)) if max(w, h) > size else 1
-    bar = tqdm(total=sum(patches(f) for f in files), unit="patch", desc=f"predict {modality}")
-    by_image, drawn = {}, 0
-    for i, f in enumerate(files):
-        image = datasets.load_image(f)
+            skipped.append(f"{f} ({e.__class__.__name__})")
+            print(f"warning: {f}: cannot read the image ({e.__class__.__name__}), skipped", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=sum(counts.values()), unit="patch", desc=f"predict {modality}")
+    by_image, drawn, max_score = {}, 0, 0.0
+    for i, f in enumerate(counts):
+        try:
+            image = datasets.load_image(f)
+        except (datasets.DatasetError, OSError) as e:
+            skipped.append(str(e))
+            bar.write(f"warning: {e}; skipped", file=sys.stderr)  # a line of its own, above the bar
+            bar.update(counts[f])
+            continue
         dets = detect_scene(detect, image, size, gap, len(src["classes"]), batch_size, on_batch=bar.update)
+        max_score = max([max_score] + [float(d[:, 5].max()) for d in dets if len(d)])
         by_image[f.stem] = [d[d[:, 5] >= TASK1_SCORE] for d in dets]
         drawn += draw_detections(image, dets, src["classes"], out / f"{f.stem}.png", score_thr)
-        bar.set_postfix(images=f"{i + 1}/{len(files)}")
+        bar.set_postfix(images=f"{i + 1}/{len(counts)}")
     bar.close()
     task1 = write_dota_task1(out, by_image, src["classes"])
-    summary = dict(images=len(files), detections=int(sum(len(d) for v in by_image.values() for d in v)),
-                   drawn=drawn, task1=[str(p) for p in task1])
+    summary = dict(images=len(by_image), detections=int(sum(len(d) for v in by_image.values() for d in v)),
+                   drawn=drawn, max_score=max_score, task1=[str(p) for p in task1], skipped=skipped)
     if make_zip:
         import zipfile
+        unknown = [c for c in src["classes"] if c not in DOTA_V1_CLASSES]
+        if unknown:
+            print(f"warning: --zip: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not DOTA-v1.0 "
+                  "classes; the evaluation server ignores their Task1 files", file=sys.stderr)
         tmp = out / "submission.zip.tmp"
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
             for p in task1:
@@ -645,6 +687,11 @@ def predict_images(run, paths: list, out, modality: str = "", score_thr: float =
         tmp.replace(out / "submission.zip")
         summary["zip"] = str(out / "submission.zip")
     return summary
+
+
+DOTA_V1_CLASSES = ("plane", "baseball-diamond", "bridge", "ground-track-field", "small-vehicle", "large-vehicle", "ship",
+                   "tennis-court", "basketball-court", "storage-tank", "soccer-ball-field", "roundabout", "harbor",
+                   "swimming-pool", "helicopter")  # the server's Task1 class names
 
 
 def plot_detections(run, path, image: str = "", modality: str = "", score_thr: float = 0.3, device="cpu") -> None:
@@ -769,6 +816,13 @@ def main(argv=None) -> int:
         print(f"{summary['images']} images, {summary['detections']} detections (score >= {TASK1_SCORE}) in "
               f"{len(summary['task1'])} Task1 files, {summary['drawn']} drawn (score >= {args.score}) in "
               f"{args.out or 'predictions'}" + (f"; {summary['zip']}" if "zip" in summary else ""))
+        if summary["drawn"] == 0 and summary["detections"]:  # the drawings look like the inputs: say why
+            print(f"no box reached --score {args.score}; the highest score was {summary['max_score']:.3f}: "
+                  f"--score {max(TASK1_SCORE, math.floor(summary['max_score'] * 100) / 100):.2f} draws the best ones")
+        if summary["skipped"]:
+            print(f"error: {len(summary['skipped'])} image(s) could not be read and were skipped: "
+                  + "; ".join(summary["skipped"]), file=sys.stderr)
+            return 2
         return 0
     if args.run:
         try:
@@ -786,6 +840,11 @@ def main(argv=None) -> int:
         if not any((Path(args.dets) / f"Task1_{c}.txt").exists() for c in split.classes):
             raise datasets.DatasetError(f"{args.dets}: no Task1_<class>.txt file for any class of {args.ann} "
                                         f"({', '.join(split.classes[:5])}, ...)")
+        extra = sorted(p.stem[len("Task1_"):] for p in Path(args.dets).glob("Task1_*.txt")
+                       if p.stem[len("Task1_"):] not in split.classes)
+        if extra:
+            print(f"warning: {args.dets}: Task1 files of classes {args.ann} does not have, not scored: "
+                  f"{', '.join(extra)}", file=sys.stderr)
         by_image = read_dota_task1(args.dets, split.classes)
         known = {s.name for s in split.samples}
         unknown = sorted(set(by_image) - known)
