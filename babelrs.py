@@ -279,14 +279,13 @@ def load_vit_weights(vit: ViT, path: str, patch_resize: bool = True, family: str
     `model.safetensors` (InternVL2.5-1B, or a `csia` run); with `family` "clip" or "dinov2", a
     `transformers` CLIP vision / DINOv2 checkpoint through `convert_hf_vit`. A patch kernel of another size is
     resized bicubically (BabelRS's detector loads the 14-px kernel into 16-px patches)."""
-    from safetensors.torch import load_file
     p = Path(path)
     files = [p] if p.is_file() else sorted(p.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no .safetensors weights found")
     state = {}
-    for f in files:
-        state.update(load_file(str(f)))
+    for f in files:  # safetensors, or a torch file read with weights_only=True: never code from a file
+        state.update(detection.load_state_file(str(f)))
     state = convert_hf_vit(state, family)
     for prefix in ("vision_model.", "vit.", "backbone.vit."):
         if any(k.startswith(prefix) for k in state):

@@ -926,8 +926,9 @@ QUICK_SYNTH = dict(n_train=4, n_test=1, size=64, max_objects=2)  # a small Synth
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common = argparse.ArgumentParser(add_help=False)
+    import datasets
+    p = datasets.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = datasets.ArgumentParser(add_help=False)
     common.add_argument("--quick", action="store_true",
                         help="small sizes, seconds: every path of the benchmark runs (the test suite runs each); "
                              "the figures of the README come from full runs")

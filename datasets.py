@@ -16,6 +16,7 @@ a clean exit. Objects with a side under `MIN_SIDE` px are dropped and counted, a
 
 May import: rotated_ops (DESIGN.md); every other file of the project may import this one.
 """
+import argparse
 import dataclasses
 import json
 import math
@@ -43,19 +44,46 @@ class DatasetError(Exception):
     """Bad input data; the message is one line naming the file (and line)."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """The command lines' parser (train.py, eval.py, tables.py, bench.py): no abbreviations
+    (`--max-step` is an error, not `--max-steps`), and an error is one line naming the wrong flag and
+    the closest right one, instead of the usage block."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        import difflib
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            flags = [s for a in self._actions for s in a.option_strings]
+            words = [w for w in unknown.group(1).split() if w.startswith("-")] or unknown.group(1).split()
+            hints = []
+            for w in words:
+                close = difflib.get_close_matches(w.split("=")[0], flags, n=1, cutoff=0.6)
+                hints.append(w + (f" (did you mean {close[0]}?)" if close else ""))
+            message = f"unknown flag{'s' if len(hints) > 1 else ''} " + ", ".join(hints)
+        self.exit(2, f"{self.prog}: error: {message}; --help lists every flag\n")
+
+
 def _fail(path, msg, line=None):
     where = f"{path}:{line}" if line is not None else f"{path}"
     raise DatasetError(f"{where}: {msg}")
 
 
 def atomic_write_text(path, text: str) -> None:
-    """Write a text file through a temporary name in the same folder, then rename."""
+    """Write a text file through a temporary name in the same folder, then rename. The file gets the
+    mode any new file gets under the user's umask (mkstemp's own 0600 would hide it from others)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -256,6 +284,16 @@ class DetectionDataset(torch.utils.data.Dataset):
     transform: object = None
     dropped_small: int = 0
     source: int = 0  # index of this data set among several (for the multi-source sampler)
+    unlabelled_images: int = 0  # images without a label file: not used (mmrotate lists label files)
+    outside_boxes: int = 0  # boxes reaching past their image by more than a pixel: kept, as mmrotate
+
+    def report(self) -> str:
+        """What loading found and did, in one line (empty when there is nothing to say): printed once
+        a data set by the stages that train on it."""
+        said = [f"{n} {what}" for n, what in ((self.dropped_small, f"objects under {MIN_SIDE:g} px dropped"),
+                                             (self.outside_boxes, "boxes reaching past their image kept"),
+                                             (self.unlabelled_images, "images without a label file not used")) if n]
+        return f"{self.root}: " + "; ".join(said) + " (as mmrotate)" if said else ""
 
     def __len__(self):
         return len(self.samples)
@@ -351,6 +389,7 @@ def load_detection_split(split_dir, modality="rgb", classes=None, need_images: b
     if classes is None:
         classes = sorted({l for _, a in annots for l in a["labels"]})
     classes = list(classes)
+    outside = 0
     for f, a in annots:
         path = _find_image(images, f.stem)
         if path is None and need_images:
@@ -358,7 +397,16 @@ def load_detection_split(split_dir, modality="rgb", classes=None, need_images: b
         s, n = _polys_to_sample(f, a["polys"], a["labels"], a["difficult"], classes, path, f.stem)
         samples.append(s)
         dropped += n
-    return DetectionDataset(samples, classes, "obb", modality, str(split_dir), dropped_small=dropped)
+        if path is not None and len(s.boxes):  # from the image header: no pixels are read
+            with Image.open(path) as im:
+                w, h = im.size
+            xyxy = ro.obb2hbb(torch.from_numpy(s.boxes).double())
+            outside += int(((xyxy[:, :2] < -1).any(1) | (xyxy[:, 2] > w + 1) | (xyxy[:, 3] > h + 1)).sum())
+    labelled = {f.stem for f in files}
+    unlabelled = sum(1 for p in images.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.stem not in labelled) \
+        if images is not None and images.is_dir() else 0
+    return DetectionDataset(samples, classes, "obb", modality, str(split_dir), dropped_small=dropped,
+                            unlabelled_images=unlabelled, outside_boxes=outside)
 
 
 def find_split(root, split: str):
@@ -920,6 +968,24 @@ def detection_instructions(image: str, width: int, height: int, concepts: list, 
     return rows
 
 
+def detection_sources(entries: list, synth_root="data/synthsoi", synth_modalities=("rgb",)) -> list:
+    """`--data MODALITY:PATH ...` (none: the `synth_modalities` of SynthSOI under `synth_root`, which
+    must exist) -> list of dict(modality, root, train, test), each folder checked."""
+    if not entries:
+        entries = [f"{m}:{Path(synth_root) / m}" for m in synth_modalities]
+    sources = []
+    for e in entries:
+        modality, sep, path = e.partition(":")
+        if not sep or modality not in ("rgb", "sar", "ir"):
+            raise DatasetError(f"--data {e!r}: expected MODALITY:PATH with MODALITY one of rgb, sar, ir")
+        root = Path(path).resolve()
+        if not root.is_dir():
+            raise DatasetError(f"{root}: no such folder (from --data {e})")
+        sources.append(dict(modality=modality, root=str(root), train=str(find_split(root, "train")),
+                            test=str(find_split(root, "test"))))
+    return sources
+
+
 def instruction_sources(entries: list) -> list:
     """`--data MODALITY:PATH ...` of the csia stage -> [(modality, train split folder)], checked."""
     sources = []
@@ -953,13 +1019,24 @@ def build_instruction_corpus(sources: list, out_dir, rates: dict = None, concept
         vocabulary = sorted({concept_of(c, concept_map) for ds in splits for c in ds.classes})
         rows = []
         for ds in splits:
+            clipped = dropped = 0
             for s in ds.samples:
                 with Image.open(s.image) as im:
                     width, height = im.size
-                concepts = [concept_of(ds.classes[int(l)], concept_map) for l in s.labels]
+                # InternVL's boxes are horizontal, in 0-1000 of the image: a box reaching past the image is
+                # clipped to it, one wholly outside (nothing of it visible) is left out of the answers
                 xyxy = ro.obb2hbb(torch.from_numpy(s.boxes).double()).numpy()
-                rows += detection_instructions(str(Path(s.image).resolve()), width, height, concepts, xyxy, modality,
-                                               vocabulary, rng, referring)
+                inside = np.clip(xyxy, 0, [width, height, width, height])
+                visible = (inside[:, 2] - inside[:, 0] >= 1) & (inside[:, 3] - inside[:, 1] >= 1)
+                clipped += int((visible & (np.abs(inside - xyxy) > 1).any(1)).sum())
+                dropped += int((~visible).sum())
+                concepts = [concept_of(ds.classes[int(l)], concept_map) for l, v in zip(s.labels, visible) if v]
+                rows += detection_instructions(str(Path(s.image).resolve()), width, height, concepts, inside[visible],
+                                               modality, vocabulary, rng, referring)
+            notes = [n for n in (ds.report(), f"{clipped} boxes clipped to their image" if clipped else "",
+                                 f"{dropped} boxes wholly outside their image left out" if dropped else "") if n]
+            if notes:
+                print(f"csia corpus, {ds.root}: " + "; ".join(n.removeprefix(f"{ds.root}: ") for n in notes))
         ann = out_dir / f"{modality}.jsonl"
         atomic_write_text(ann, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         meta[f"detections_{modality}"] = dict(root="/", annotation=str(ann.resolve()), modality=modality,

@@ -42,6 +42,7 @@ May import: rotated_ops (DESIGN.md).
 """
 import copy
 import math
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -192,8 +193,12 @@ def load_state_file(path: str) -> dict:
     """A state dict from a .safetensors file or a torch file (loaded with weights_only=True); a
     checkpoint that wraps it under 'state_dict' or 'model' is unwrapped."""
     if str(path).endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as e:
+            raise ValueError(f"{path}: not a readable .safetensors file ({e})") from None
     import pickle
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -204,6 +209,42 @@ def load_state_file(path: str) -> dict:
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
     return state
+
+
+def read_weights(path: str) -> dict:
+    """All tensors of a run folder / folder of .safetensors files, or of one weight file."""
+    p = Path(path)
+    files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
+    if not files or not files[0].exists():
+        raise FileNotFoundError(f"{path}: no checkpoint (.safetensors weights) found")
+    state = {}
+    for f in files:
+        state.update(load_state_file(str(f)))
+    return state
+
+
+def load_init(model, path: str, state: dict = None, strict: bool = False) -> None:
+    """Load any checkpoint of this project (a run folder or a weight file) and print what was
+    skipped: parameters missing from the file, unexpected ones, and shape mismatches (e.g. a
+    256-way pseudo-class head from MutDet pre-training). With `strict` (`--init_strict`) any of
+    them is an error naming the tensors, and nothing is loaded."""
+    state = read_weights(path) if state is None else state
+    own = model.state_dict()
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if strict:
+        problems = ([f"missing {k}" for k in own if k not in state] + [f"unexpected {k}" for k in state if k not in own]
+                    + [f"shape {k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here" for k in mismatched])
+        if problems:
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise ValueError(f"--init {path} --init_strict: {len(problems)} tensors do not match: "
+                             + "; ".join(problems[:5]) + more)
+    state = {k: v for k, v in state.items() if k not in mismatched}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    print(f"--init {path}: loaded {len(state) - len(unexpected)} tensors; skipped "
+          f"{len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} shape-mismatched")
+    for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        for k in keys:
+            print(f"  {name}: {k}")
 
 
 class ChannelMapper(nn.Module):

@@ -751,6 +751,7 @@ def format_run_metrics(metrics: dict) -> str:
     if "h_map" in metrics:  # BabelRS Tab. 2: AP@50 / mAP overall and per modality, then H-mAP
         mods = list(metrics["sources"])
         lines.append("")
+        lines.append("AP50 / mAP in %, over the union of all classes (Overall) and per modality; H-mAP in %")
         lines.append(f"{'Overall':>15}" + "".join(f"{m:>15}" for m in mods) + f"{'H-mAP':>9}")
         cells = [f"{metrics['overall_ap50'] * 100:.2f} / {metrics['overall_map'] * 100:.2f}"]
         cells += [f"{metrics['sources'][m]['ap50'] * 100:.2f} / {metrics['sources'][m]['map'] * 100:.2f}" for m in mods]
@@ -772,7 +773,7 @@ def format_table(names, ap, thrs) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = datasets.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", help="a run folder of train.py: score its checkpoint on each source's test split")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for --run")
     p.add_argument("--dets", help="folder of DOTA Task1_<class>.txt files")
@@ -816,9 +817,11 @@ def main(argv=None) -> int:
         print(f"{summary['images']} images, {summary['detections']} detections (score >= {TASK1_SCORE}) in "
               f"{len(summary['task1'])} Task1 files, {summary['drawn']} drawn (score >= {args.score}) in "
               f"{args.out or 'predictions'}" + (f"; {summary['zip']}" if "zip" in summary else ""))
-        if summary["drawn"] == 0 and summary["detections"]:  # the drawings look like the inputs: say why
-            print(f"no box reached --score {args.score}; the highest score was {summary['max_score']:.3f}: "
-                  f"--score {max(TASK1_SCORE, math.floor(summary['max_score'] * 100) / 100):.2f} draws the best ones")
+        best = summary["max_score"]
+        if summary["drawn"] == 0 and best > 0:  # the drawings look like the inputs: say why, and what would draw
+            digits = max(2, 1 - math.floor(math.log10(best)))
+            print(f"no box reached --score {args.score}; the highest score was {best:.{digits + 1}f}: "
+                  f"--score {math.floor(best * 10 ** digits) / 10 ** digits:.{digits}f} draws the best ones")
         if summary["skipped"]:
             print(f"error: {len(summary['skipped'])} image(s) could not be read and were skipped: "
                   + "; ".join(summary["skipped"]), file=sys.stderr)

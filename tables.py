@@ -785,6 +785,7 @@ MERGES = ("last", "concat", "sum", "per-layer", "lvsa")  # BabelRS Tab. 5 rows: 
 SWEEPS = ("babelrs-table3", "babelrs-table4", "babelrs-table5", "babelrs-fig6", "mutdet-table2", "mutdet-10pct",
           "mutdet-table3", "tiny-checks")
 # MutDet Tab. 3 is scored by the DOTA-v1.0 server: its fine-tuned rows predict on the full test scenes
+DATA_STAGES = {"babelrs": ("csia", "finetune"), "mutdet": ("sam", "finetune"), "tiny": ()}  # stages that read real data
 SUBMISSION = "dota-test"  # folder of each fine-tuned row holding drawings, Task1 files and submission.zip
 
 
@@ -969,7 +970,7 @@ def run_sweep(argv) -> int:
     `finished.json` in the folder), then write its table (format_table_runs)."""
     import shlex
     import subprocess
-    p = argparse.ArgumentParser(prog="tables.py --sweep", description="the runs of one table, then the table")
+    p = datasets.ArgumentParser(prog="tables.py --sweep", description="the runs of one table, then the table")
     p.add_argument("--sweep", required=True, choices=SWEEPS)
     p.add_argument("--scale", choices=["tiny", "1gpu", "paper"], default="tiny",
                    help="tiny: this CPU; 1gpu: paper models and data, schedules cut to about 12 GPU-hours a row "
@@ -1006,6 +1007,14 @@ def run_sweep(argv) -> int:
         weights.append((family, path))
     extra = {stage: shlex.split(getattr(args, f"{stage}_args")) for stage in ("csia", "finetune", "sam", "mutdet")}
     extra["weights"] = weights
+    missing = [f"--{stage}-args '--data ...'" for stage in DATA_STAGES[args.sweep.split("-")[0]]
+               if args.scale != "tiny" and "--data" not in extra[stage]]
+    if missing and not args.status:  # paper-size models on SynthSOI are never what is meant
+        line = (f"--sweep {args.sweep} --scale {args.scale} trains the papers' models on their data: give "
+                f"{' and '.join(missing)} (docs/tables.md has the paper-scale commands)")
+        if not args.dry_run:
+            raise SystemExit(f"error: {line}")
+        print(f"warning: {line}; the commands below lack it")
     runs = seeded_runs(sweep_runs(args.sweep, args.scale, extra, args.amp),
                        args.seeds or (TINY_SEEDS if args.scale == "tiny" else 1))
     threads = args.threads if args.threads >= 0 else TINY_THREADS if args.scale == "tiny" else 0
@@ -1097,7 +1106,7 @@ def run_sweep(argv) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = datasets.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="python tables.py --sweep NAME --help: the options of a sweep")
     p.add_argument("--table", choices=TABLES, help="collect the metrics.json of RUN folders into a paper's table")
     p.add_argument("--plot", action="store_true", help="draw the figures of the RUN folders into --out")

@@ -41,7 +41,8 @@ import eval as evaluation
 import mutdet
 
 EXIT_BAD_DATA, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, 4  # 4: stopped by SIGTERM / SIGUSR1 after a checkpoint
-PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")  # what cluster schedulers send before they kill a job
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")  # what cluster schedulers send before they kill a job, and Ctrl-C
+EXIT_INTERRUPTED = 130  # a second Ctrl-C: stopped at once, as a shell reports SIGINT
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,42 +467,6 @@ def checkpoint_pair(run: Path):
     return max(pairs, key=lambda p: p[2]) if pairs else None
 
 
-def read_weights(path: str) -> dict:
-    """All tensors of a run folder / folder of .safetensors files, or of one weight file."""
-    p = Path(path)
-    files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
-    if not files or not files[0].exists():
-        raise datasets.DatasetError(f"{path}: no checkpoint (.safetensors weights) found")
-    state = {}
-    for f in files:
-        state.update(detection.load_state_file(str(f)))
-    return state
-
-
-def load_init(model, path: str, state: dict = None, strict: bool = False) -> None:
-    """Load any checkpoint of this project (a run folder or a weight file) and print what was
-    skipped: parameters missing from the file, unexpected ones, and shape mismatches (e.g. a
-    256-way pseudo-class head from MutDet pre-training). With `strict` (`--init_strict`) any of
-    them is an error naming the tensors, and nothing is loaded."""
-    state = read_weights(path) if state is None else state
-    own = model.state_dict()
-    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    if strict:
-        problems = ([f"missing {k}" for k in own if k not in state] + [f"unexpected {k}" for k in state if k not in own]
-                    + [f"shape {k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here" for k in mismatched])
-        if problems:
-            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-            raise ValueError(f"--init {path} --init_strict: {len(problems)} tensors do not match: "
-                             + "; ".join(problems[:5]) + more)
-    state = {k: v for k, v in state.items() if k not in mismatched}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    print(f"--init {path}: loaded {len(state) - len(unexpected)} tensors; skipped "
-          f"{len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} shape-mismatched")
-    for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-        for k in keys:
-            print(f"  {name}: {k}")
-
-
 def rng_state() -> dict:
     """The generators a step draws from: torch (denoising noise, dropout) and Python's `random`.
     (Augmentation has its own per-step generator, see datasets.StepBatches.)"""
@@ -555,8 +520,9 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 set a flag instead of killing the process: the training loop finishes its
-    step, writes a checkpoint and stops with EXIT_PREEMPTED; `--resume` goes on exactly."""
+    """SIGTERM / SIGUSR1 / Ctrl-C set a flag instead of killing the process: the training loop
+    finishes its step, writes a checkpoint and stops with EXIT_PREEMPTED; `--resume` goes on exactly.
+    A second Ctrl-C stops at once (KeyboardInterrupt, one line from `main`)."""
 
     def __init__(self):
         import signal
@@ -569,7 +535,12 @@ class Preemption:
 
     def _handle(self, signum, frame):
         import signal
-        self.signal = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if name == "SIGINT":
+            if self.signal is not None:
+                raise KeyboardInterrupt
+            print("\nCtrl-C: finishing this step, then a checkpoint (Ctrl-C again stops at once)", file=sys.stderr)
+        self.signal = name
 
     def requested(self, world: int, device) -> bool:
         """Whether any process got a signal (every process must stop at the same step)."""
@@ -600,7 +571,7 @@ def compile_layers(model: torch.nn.Module) -> int:
 
 
 def train_steps(cfg, run: Path, model, optimizer, scaler, batches, start: int, end: int, lr_fn, forward,
-                per_step: int, desc: str, after_step=None, find_unused: bool = False) -> int:
+                per_step: int, desc: str, after_step=None, find_unused: bool = False, next_hint: str = "") -> int:
     """Steps start..end-1: set the lr, run `forward(net, micro_batch, step) -> (losses, extras)` on
     each micro-batch of `batches[step]` (a batch or a list of micro-batches for gradient
     accumulation) under autocast, clip, step, log one line, checkpoint every `cfg.ckpt_every` steps
@@ -628,79 +599,81 @@ def train_steps(cfg, run: Path, model, optimizer, scaler, batches, start: int, e
         bar = tqdm(total=end, initial=start, desc=desc, dynamic_ncols=True)
     status, t_last, t_start, totals = 0, time.time(), time.time(), []
     preempt = Preemption()
-    for step, batch in zip(range(start, end), loader):
-        lr = lr_fn(step)
-        for g in optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_mult", 1.0)
-        micro = batch if isinstance(batch, list) else [batch]
-        optimizer.zero_grad(set_to_none=True)
-        sums, extras = {}, {}
-        for i, mb in enumerate(micro):
-            # DDP all-reduces the gradients once a step: after the last micro-batch
-            sync = contextlib.nullcontext() if world == 1 or i == len(micro) - 1 else net.no_sync()
-            with sync, torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                losses, extras = forward(net, mb, step)
-                loss = sum(losses.values()) / len(micro)
-                scaler.scale(loss).backward()
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float() / len(micro)
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        # every loss term of the step and the gradient norm in one tensor, averaged over processes (the
-        # norm is the same on each), then one transfer to the host: the step's only sync on a GPU
-        values = torch.stack([*sums.values(), grad_norm.detach().float()])
-        if world > 1:
-            dist.all_reduce(values)
-            values /= world
-        *term_values, grad_norm = values.tolist()
-        terms = dict(zip(sums, term_values))
-        total = sum(terms.values())
-        finite = math.isfinite(total) and math.isfinite(grad_norm)
-        if cfg.amp == "fp16":
-            scaler.step(optimizer)  # skips the update on an overflow; the scaler lowers its scale
-            finite = math.isfinite(total)
-        elif finite:
-            optimizer.step()
-        scaler.update()
-        now = time.time()
-        record = dict(step=step + 1, loss=total, **terms, **extras, grad_norm=grad_norm, lr=lr,
-                      samples_per_s=per_step / max(now - t_last, 1e-9),
-                      eta_s=round((now - t_start) / (step + 1 - start) * (end - step - 1)))
-        t_last = now
-        totals.append(total)
-        if rank == 0:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            bar.update(1)
-            bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}")
-        if not finite:
-            if rank == 0:
-                print(f"\nstep {step + 1}: non-finite loss ({total}) or gradient norm ({record['grad_norm']});"
-                      f" stopping. The run folder keeps the last checkpoint.", file=sys.stderr)
-            status = EXIT_NONFINITE
-            break
-        done = step + 1
-        if after_step is not None:
-            after_step(done, log, bar)
-        stop = preempt.requested(world, device)
-        if done % cfg.ckpt_every == 0 or done == end or stop:
-            rngs = [None] * world
+    try:  # a second Ctrl-C raises out of the loop: the signal handlers are restored all the same
+        for step, batch in zip(range(start, end), loader):
+            lr = lr_fn(step)
+            for g in optimizer.param_groups:
+                g["lr"] = lr * g.get("lr_mult", 1.0)
+            micro = batch if isinstance(batch, list) else [batch]
+            optimizer.zero_grad(set_to_none=True)
+            sums, extras = {}, {}
+            for i, mb in enumerate(micro):
+                # DDP all-reduces the gradients once a step: after the last micro-batch
+                sync = contextlib.nullcontext() if world == 1 or i == len(micro) - 1 else net.no_sync()
+                with sync, torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    losses, extras = forward(net, mb, step)
+                    loss = sum(losses.values()) / len(micro)
+                    scaler.scale(loss).backward()
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().float() / len(micro)
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            # every loss term of the step and the gradient norm in one tensor, averaged over processes (the
+            # norm is the same on each), then one transfer to the host: the step's only sync on a GPU
+            values = torch.stack([*sums.values(), grad_norm.detach().float()])
             if world > 1:
-                dist.all_gather_object(rngs, rng_state())
-            else:
-                rngs = [rng_state()]
+                dist.all_reduce(values)
+                values /= world
+            *term_values, grad_norm = values.tolist()
+            terms = dict(zip(sums, term_values))
+            total = sum(terms.values())
+            finite = math.isfinite(total) and math.isfinite(grad_norm)
+            if cfg.amp == "fp16":
+                scaler.step(optimizer)  # skips the update on an overflow; the scaler lowers its scale
+                finite = math.isfinite(total)
+            elif finite:
+                optimizer.step()
+            scaler.update()
+            now = time.time()
+            record = dict(step=step + 1, loss=total, **terms, **extras, grad_norm=grad_norm, lr=lr,
+                          samples_per_s=per_step / max(now - t_last, 1e-9),
+                          eta_s=round((now - t_start) / (step + 1 - start) * (end - step - 1)))
+            t_last = now
+            totals.append(total)
             if rank == 0:
-                save_checkpoint(run, model, dict(step=done, optimizer=optimizer.state_dict(),
-                                                 scaler=scaler.state_dict(), rng=rngs, config=dataclasses.asdict(cfg)))
-        if stop and done < end:
-            if rank == 0:
-                log.write(json.dumps(dict(step=done, preempted=preempt.signal or "another process")) + "\n")
+                log.write(json.dumps(record) + "\n")
                 log.flush()
-                print(f"\n{desc}: {preempt.signal or 'a signal'} at step {done}: checkpoint written; continue with "
-                      f"python train.py --resume {run}", file=sys.stderr)
-            status = EXIT_PREEMPTED
-            break
-    preempt.close()
+                bar.update(1)
+                bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}")
+            if not finite:
+                if rank == 0:
+                    print(f"\nstep {step + 1}: non-finite loss ({total}) or gradient norm ({record['grad_norm']});"
+                          f" stopping. The run folder keeps the last checkpoint.", file=sys.stderr)
+                status = EXIT_NONFINITE
+                break
+            done = step + 1
+            if after_step is not None:
+                after_step(done, log, bar)
+            stop = preempt.requested(world, device)
+            if done % cfg.ckpt_every == 0 or done == end or stop:
+                rngs = [None] * world
+                if world > 1:
+                    dist.all_gather_object(rngs, rng_state())
+                else:
+                    rngs = [rng_state()]
+                if rank == 0:
+                    save_checkpoint(run, model, dict(step=done, optimizer=optimizer.state_dict(),
+                                                     scaler=scaler.state_dict(), rng=rngs, config=dataclasses.asdict(cfg)))
+            if stop and done < end:
+                if rank == 0:
+                    log.write(json.dumps(dict(step=done, preempted=preempt.signal or "another process")) + "\n")
+                    log.flush()
+                    print(f"\n{desc}: {preempt.signal or 'a signal'} at step {done}: checkpoint written; continue with "
+                          f"python train.py --resume {run}", file=sys.stderr)
+                status = EXIT_PREEMPTED
+                break
+    finally:
+        preempt.close()
     if rank == 0:
         bar.close()
         log.close()
@@ -709,14 +682,15 @@ def train_steps(cfg, run: Path, model, optimizer, scaler, batches, start: int, e
               f"the last {len(last)}: {sum(last) / len(last):.4g}); run folder {run}" if totals else
               f"{desc}: nothing to do (step {start} of {end}); run folder {run}")
         if status == 0 and desc in NEXT_COMMAND:
-            print("next: " + NEXT_COMMAND[desc].format(run=run))
+            print("next: " + NEXT_COMMAND[desc].format(run=run, hint=next_hint))
     return status
 
 
 # what a finished run of each stage feeds (printed at its end)
 NEXT_COMMAND = {
     "csia": "python train.py --stage finetune --preset babelrs-tiny --init {run}   (paper: --preset babelrs)",
-    "finetune": "python eval.py --run {run} --predict IMAGES   (detections on any images; scores are in metrics.json)",
+    "finetune": "python eval.py --run {run} --predict IMAGES{hint}   (detections on any images; scores are in "
+                "metrics.json)",
     "mutdet": "python train.py --stage finetune --init {run}   (paper: --preset paper --data rgb:data/DIOR_R_dota)",
     "sam": "python train.py --stage mutdet --data {run}",
 }
@@ -847,6 +821,20 @@ def csia_corpus(cfg: CSIAConfig, sources: list, out: Path) -> Path:
 
 
 def csia(cfg: CSIAConfig) -> int:
+    """The csia stage. Its run folder holds the corpus and tokenizer before the models are built, so
+    a data or weight error met on the way removes the folder it made (`csia_run` does the work)."""
+    run = Path(cfg.resume or cfg.out or f"runs/csia-{time.strftime('%Y%m%d-%H%M%S')}")
+    fresh = not run.exists()
+    try:
+        return csia_run(cfg if cfg.resume else dataclasses.replace(cfg, out=str(run)))
+    except datasets.DatasetError:
+        if fresh and checkpoint_pair(run) is None and int(os.environ.get("RANK", "0")) == 0:
+            import shutil
+            shutil.rmtree(run, ignore_errors=True)
+        raise
+
+
+def csia_run(cfg: CSIAConfig) -> int:
     rank, world, device = setup_distributed()
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
@@ -898,11 +886,11 @@ def csia(cfg: CSIAConfig) -> int:
     model = babelrs.CSIA(vit, llm, tokenizer.convert_tokens_to_ids(babelrs.IMG_CONTEXT), cfg.merge,
                          tuple(cfg.layers), cfg.tau).to(device)
     if weights["init"]:  # an InternVL folder names its parts vision_model / mlp1 / language_model
-        state = {k.replace("vision_model.", "vit.", 1).replace("language_model.", "llm.", 1): v
-                 for k, v in read_weights(weights["init"]).items()}
         try:
-            load_init(model, weights["init"], state, cfg.init_strict)
-        except ValueError as e:
+            state = {k.replace("vision_model.", "vit.", 1).replace("language_model.", "llm.", 1): v
+                     for k, v in detection.read_weights(weights["init"]).items()}
+            detection.load_init(model, weights["init"], state, cfg.init_strict)
+        except (ValueError, FileNotFoundError) as e:
             raise datasets.DatasetError(str(e)) from None
     tokens_per_tile = (cfg.image_size // cfg.patch) ** 2 // 4
     data = babelrs.InstructionDataset(records, tokenizer, cfg.image_size, tokens_per_tile, cfg.max_tiles, cfg.max_length)
@@ -937,25 +925,12 @@ def csia(cfg: CSIAConfig) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def resolve_sources(cfg: FinetuneConfig, rank: int) -> list:
-    """--data MODALITY:PATH entries (or SynthSOI-RGB) -> list of dict(modality, root, train, test)."""
-    entries = list(cfg.data)
-    if not entries:
-        root = Path(cfg.synth_root)
+    """--data MODALITY:PATH entries (or SynthSOI, written by one process) -> datasets.detection_sources."""
+    if not cfg.data:
         if rank == 0:
-            datasets.make_synthetic(root)
+            datasets.make_synthetic(cfg.synth_root)
         barrier()
-        entries = [f"{m}:{root / m}" for m in cfg.synth_modalities]
-    sources = []
-    for e in entries:
-        modality, sep, path = e.partition(":")
-        if not sep or modality not in ("rgb", "sar", "ir"):
-            raise datasets.DatasetError(f"--data {e!r}: expected MODALITY:PATH with MODALITY one of rgb, sar, ir")
-        root = Path(path).resolve()
-        if not root.is_dir():
-            raise datasets.DatasetError(f"{root}: no such folder (from --data {e})")
-        sources.append(dict(modality=modality, root=str(root), train=str(datasets.find_split(root, "train")),
-                            test=str(datasets.find_split(root, "test"))))
-    return sources
+    return datasets.detection_sources(list(cfg.data), cfg.synth_root, cfg.synth_modalities)
 
 
 def model_args(cfg: FinetuneConfig, sources: list) -> dict:
@@ -984,6 +959,8 @@ def finetune(cfg: FinetuneConfig) -> int:
         ds.source = i
         s.update(classes=ds.classes, box_type=ds.box_type, train_images=len(ds))
         splits.append(ds)
+        if rank == 0 and ds.report():
+            print(ds.report())
     if cfg.source_ratio and len(cfg.source_ratio) != len(sources):
         raise SystemExit(f"error: --source_ratio needs one value per --data source ({len(sources)}), got {cfg.source_ratio}")
     ratios = list(cfg.source_ratio) or ([cfg.batch_size] if len(sources) == 1 else [1] * len(sources))
@@ -999,7 +976,7 @@ def finetune(cfg: FinetuneConfig) -> int:
     try:
         model = babelrs.build_detector(**margs).to(device)
         if init:
-            state = read_weights(init)
+            state = detection.read_weights(init)
             if detection.is_mmrotate_state(state):  # a released ARS-DETR / MutDet checkpoint (mmrotate names)
                 mutdet.load_official(model, init, state)
             elif any(k.startswith("detector.") for k in state):  # a mutdet run: its detector, class heads afresh
@@ -1010,14 +987,14 @@ def finetune(cfg: FinetuneConfig) -> int:
                     groups[group] = groups.get(group, 0) + 1
                 print(f"--init {init}: a MutDet pre-training run; dropped " +
                       ", ".join(f"{g} ({n} tensors)" for g, n in groups.items()))
-                load_init(model, init, state, cfg.init_strict)
+                detection.load_init(model, init, state, cfg.init_strict)
             elif cfg.backbone == "vit" and not any(k.startswith(("heads.", "backbone.")) for k in state):
                 # the ViT of a csia run, the BabelRS release, InternVL, or a transformers CLIP / DINOv2
                 babelrs.load_vit_weights(model.backbone.vit, init, family=cfg.vit_family)
                 print(f"--init {init}: loaded the ViT (patch and positions resized to {cfg.vit_patch} px, "
                       f"{cfg.image_size // cfg.vit_patch}^2 grid)")
             else:
-                load_init(model, init, state, cfg.init_strict)
+                detection.load_init(model, init, state, cfg.init_strict)
     except (ValueError, FileNotFoundError) as e:  # a weight file that is missing or of another model
         raise datasets.DatasetError(str(e)) from None
     run = run_folder(cfg, "finetune", rank)  # only now: a bad weight file leaves no empty run folder
@@ -1050,7 +1027,9 @@ def finetune(cfg: FinetuneConfig) -> int:
     status = train_steps(cfg, run, model, optimizer, scaler, batches, start, end,
                          lambda step: lr_at(step, cfg, steps_per_epoch), forward, per_step, "finetune", after_step,
                          # blocks after the last one the pyramid reads get no gradient
-                         find_unused=cfg.backbone == "vit" and bool(cfg.vit_taps) and max(cfg.vit_taps) < cfg.vit_depth)
+                         find_unused=cfg.backbone == "vit" and bool(cfg.vit_taps) and max(cfg.vit_taps) < cfg.vit_depth,
+                         # a run with several head sets predicts with one of them
+                         next_hint=f" --modality {sources[0]['modality']}" if len(sources) > 1 else "")
     if status == 0 and cfg.eval and rank == 0:
         evaluation.evaluate_run(run, device=device)
     shutdown_distributed()
@@ -1075,16 +1054,16 @@ def sam_stage(cfg: SAMConfig) -> int:
     samples = [(s["modality"], smp) for s in sources for smp in datasets.load_detection_split(s["train"], s["modality"]).samples]
     if cfg.max_steps:
         samples = samples[:cfg.max_steps]
-    run = run_folder(dataclasses.replace(cfg, out=cfg.resume or cfg.out), "sam", 0)
-    (run / "raw").mkdir(exist_ok=True)
-    (run / "cache").mkdir(exist_ok=True)
-    write_config(run, cfg)
-    try:
+    try:  # the models first: a missing weight file leaves no run folder behind
         weights = start_weights(cfg)
         sam = mutdet.build_sam(weights["sam"], cfg.sam_image_size) if cfg.masks == "sam" else None
         trunk = mutdet.resnet_trunk(cfg.embed_backbone, weights["resnet"])
     except (ValueError, OSError) as e:
         raise datasets.DatasetError(str(e)) from None
+    run = run_folder(dataclasses.replace(cfg, out=cfg.resume or cfg.out), "sam", 0)
+    (run / "raw").mkdir(exist_ok=True)
+    (run / "cache").mkdir(exist_ok=True)
+    write_config(run, cfg)
     norm = datasets.Normalize()
     log = open(run / "log.jsonl", "a")
     bar = tqdm(samples, desc="sam", unit="img", dynamic_ncols=True)
@@ -1177,7 +1156,7 @@ def mutdet_stage(cfg: MutDetConfig) -> int:
                                         cfg.enhance_depth, cfg.enhance_heads, cfg.enhance_mlp, cfg.embed_loss,
                                         cfg.freeze_backbone, cfg.dn_align).to(device)
         if weights["init"]:
-            load_init(model, weights["init"], strict=cfg.init_strict)
+            detection.load_init(model, weights["init"], strict=cfg.init_strict)
     except (ValueError, FileNotFoundError) as e:  # embeddings of another width, a bad weight file
         raise datasets.DatasetError(f"{cache}: {e}" if "embeddings" in str(e) else str(e)) from None
     run = run_folder(cfg, "mutdet", rank)
@@ -1364,13 +1343,13 @@ STAGES = {"finetune": (FinetuneConfig, finetune), "csia": (CSIAConfig, csia), "s
 def parse_config(argv=None, check_weights: bool = True):
     """(stage, config) from the command line: the preset, then the flags given, or the stored
     config of --resume DIR with the flags given on top."""
-    head = argparse.ArgumentParser(add_help=False)
+    head = datasets.ArgumentParser(add_help=False)
     head.add_argument("--stage", choices=list(STAGES), default=None, help="default: the stage of --resume RUN, "
                       "else finetune")
     head.add_argument("--preset", default="tiny", help="tiny | paper (finetune: paper = MutDet's DIOR-R at 800 px; "
                       "also babelrs-tiny | babelrs | ars-detr-dota at 1024 px)")
     known, rest = head.parse_known_args(argv)
-    peek = argparse.ArgumentParser(add_help=False)
+    peek = datasets.ArgumentParser(add_help=False)
     peek.add_argument("--resume", default="")
     resume = peek.parse_known_args(rest)[0].resume
     stored = None
@@ -1386,7 +1365,7 @@ def parse_config(argv=None, check_weights: bool = True):
     cls, _ = STAGES[known.stage]
     if known.preset not in PRESETS[known.stage]:
         raise SystemExit(f"--preset {known.preset}: the {known.stage} stage has presets {', '.join(PRESETS[known.stage])}")
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[head])
+    parser = datasets.ArgumentParser(description=__doc__.split("\n")[0], parents=[head])
     add_config_flags(parser, cls, PRESETS[known.stage])
     given = vars(parser.parse_args(argv))
     given.pop("stage"), given.pop("preset")
@@ -1422,6 +1401,15 @@ def format_config(stage: str, cfg) -> str:
 
 
 def main(argv=None) -> int:
+    try:
+        return run_main(argv)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (a build, a cache), or twice inside it
+        print("\ninterrupted: stopped at once; what was checkpointed or cached stays, and the same command "
+              "(or --resume RUN) goes on from it", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def run_main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--sweep" in argv:  # moved; no import of tables.py from here (DESIGN.md)
         print("error: the sweeps moved to tables.py: python tables.py --sweep NAME ...", file=sys.stderr)

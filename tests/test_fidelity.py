@@ -227,8 +227,8 @@ def test_paper_csia_needs_weights_and_strict_init_names_tensors(tmp_path):
     from safetensors.torch import save_file
     save_file({"weight": torch.zeros(2, 4), "extra": torch.zeros(1)}, str(tmp_path / "w.safetensors"))
     with pytest.raises(ValueError, match="weight.*extra|extra.*weight"):
-        train.load_init(model, str(tmp_path / "w.safetensors"), strict=True)
-    train.load_init(model, str(tmp_path / "w.safetensors"))  # non-strict: skips and lists
+        detection.load_init(model, str(tmp_path / "w.safetensors"), strict=True)
+    detection.load_init(model, str(tmp_path / "w.safetensors"))  # non-strict: skips and lists
 
 
 def test_ars_detr_dota_preset():

@@ -14,8 +14,8 @@ import torch
 import torchvision
 
 import babelrs
+import detection
 import mutdet
-import train
 
 A = 180
 
@@ -111,7 +111,7 @@ def _model(dec=2, classes=3, modalities=("rgb",)):
 def test_ars_detr_checkpoint_loads_every_tensor_and_runs(tmp_path, capsys):
     official = _checkpoint(tmp_path / "ars.pth", official_names())
     model = _model(modalities=("rgb", "ir"))
-    mutdet.load_official(model, str(tmp_path / "ars.pth"), train.read_weights(str(tmp_path / "ars.pth")))
+    mutdet.load_official(model, str(tmp_path / "ars.pth"), detection.read_weights(str(tmp_path / "ars.pth")))
     out = capsys.readouterr().out
     assert "an mmrotate ARS-DETR checkpoint" in out and "0 start fresh" in out and "angle_head" in out
     head = model.heads["ir"]
@@ -134,19 +134,19 @@ def test_a_missing_unknown_or_mismatched_tensor_is_an_error(tmp_path):
     del names["bbox_head.transformer.decoder.layers.1.norms.0.weight"]
     _checkpoint(tmp_path / "missing.pth", names)
     with pytest.raises(ValueError, match="missing heads.rgb.decoder.1.norm1.weight"):
-        mutdet.load_official(_model(), "missing.pth", train.read_weights(str(tmp_path / "missing.pth")))
+        mutdet.load_official(_model(), "missing.pth", detection.read_weights(str(tmp_path / "missing.pth")))
     _checkpoint(tmp_path / "other.pth", dict(official_names(), **{"bbox_head.something_new.weight": (2, 2)}))
     with pytest.raises(ValueError, match="bbox_head.something_new.weight"):
-        mutdet.load_official(_model(), "other.pth", train.read_weights(str(tmp_path / "other.pth")))
+        mutdet.load_official(_model(), "other.pth", detection.read_weights(str(tmp_path / "other.pth")))
     _checkpoint(tmp_path / "c5.pth", official_names(C=5))  # another label space
     with pytest.raises(ValueError, match=r"shape heads.rgb.cls_branches.0.weight: \(5, 32\)"):
-        mutdet.load_official(_model(), "c5.pth", train.read_weights(str(tmp_path / "c5.pth")))
+        mutdet.load_official(_model(), "c5.pth", detection.read_weights(str(tmp_path / "c5.pth")))
 
 
 def test_mutdet_pretraining_checkpoint_drops_its_modules_by_name(tmp_path, capsys):
     official = _checkpoint(tmp_path / "mutdet.pth", official_names(C=256, dec=2, mutdet=3))
     model = _model(dec=3, classes=3)  # 2/2 pre-training, 2/3 fine-tuning, a new label space
-    mutdet.load_official(model, str(tmp_path / "mutdet.pth"), train.read_weights(str(tmp_path / "mutdet.pth")))
+    mutdet.load_official(model, str(tmp_path / "mutdet.pth"), detection.read_weights(str(tmp_path / "mutdet.pth")))
     out = capsys.readouterr().out
     assert "MutDet / DETReg-row pre-training" in out
     assert "dropped: enhancement.layers.2.mlp.0.weight" in out and "dropped: feature_embed.2.weight" in out
