@@ -17,6 +17,7 @@ a clean exit. Objects with a side under `MIN_SIDE` px are dropped and counted, a
 May import: rotated_ops (DESIGN.md); every other file of the project may import this one.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -27,6 +28,7 @@ import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 import numpy as np
 import torch
@@ -67,6 +69,59 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; --help lists every flag\n")
 
 
+def _parse_bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def field_docs(cls) -> dict:
+    """{field name: the comment written beside it in the dataclass (with its `#   ` continuation
+    lines)}: what the field does and the paper's value, shown by `--help`."""
+    import inspect
+    import io
+    import tokenize
+    docs, current, line_of_field = {}, None, -1
+    tokens = list(tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline))
+    for i, tok in enumerate(tokens):
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and i + 1 < len(tokens) and tokens[i + 1].string == ":":
+            current, line_of_field = tok.string, tok.start[0]
+        elif tok.type == tokenize.COMMENT and current is not None:
+            text = tok.string.lstrip("#").strip()
+            if tok.start[0] == line_of_field:
+                docs[current] = text
+            elif tok.string.startswith("#  ") and current in docs:  # a `#   ` continuation line under it
+                docs[current] += " " + text
+            else:
+                current = None
+    return docs
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls, presets: dict) -> None:
+    """One flag per dataclass field (`--max_steps` and `--max-steps`), typed from the annotation;
+    flags not given keep the preset's value (default SUPPRESS). The help is the field's comment
+    (what it does, the paper's value) and every preset's value."""
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        values = ", ".join(f"{name} {getattr(p, f.name)!r}" for name, p in presets.items())
+        help_text = (docs.get(f.name, "") + f" [presets: {values}]").strip().replace("%", "%%")
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        if get_origin(f.type) is Literal:
+            kw.update(choices=list(get_args(f.type)))
+        elif f.type is bool:  # --enhance, --enhance false, --no-enhance
+            kw.update(type=_parse_bool, metavar="true|false", nargs="?", const=True)
+            parser.add_argument(*[f"--no-{n[2:]}" for n in names], dest=f.name, action="store_false",
+                                default=argparse.SUPPRESS, help=f"same as --{f.name} false")
+        elif get_origin(f.type) is list:
+            kw.update(nargs="*", type=get_args(f.type)[0])
+        else:
+            kw.update(type=f.type)
+        parser.add_argument(*names, **kw)
+
+
 def _fail(path, msg, line=None):
     where = f"{path}:{line}" if line is not None else f"{path}"
     raise DatasetError(f"{where}: {msg}")
@@ -89,6 +144,26 @@ def atomic_write_text(path, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def folder_lock(folder, wait: bool = True):
+    """Hold an exclusive lock on `folder` (a hidden `.<name>.lock` file beside it, so the folder itself
+    is not created before its inputs are checked) while the block runs. `wait`: queue behind another
+    holder (a data set or cache built once), else refuse in one line (a run folder in use)."""
+    import fcntl
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder.parent / f".{folder.name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise DatasetError(f"{folder}: in use by another process (a run or build of the same folder); wait "
+                               "for it or stop it") from None
+        yield folder
+    finally:
+        os.close(fd)
 
 
 def save_tensors_atomic(path, tensors: dict) -> None:
@@ -1172,6 +1247,11 @@ def make_synthetic(root, n_train=48, n_test=16, size=256, max_objects=8, seed=0,
     (marked by `root/.complete`) is not written again.
     """
     root = Path(root)
+    with folder_lock(root):  # two processes asking at once: the second waits, then finds it complete
+        return _write_synthetic(root, n_train, n_test, size, max_objects, seed, modalities)
+
+
+def _write_synthetic(root: Path, n_train, n_test, size, max_objects, seed, modalities) -> Path:
     marker = root / ".complete"
     wanted = json.dumps(dict(version=SYNTH_VERSION, n_train=n_train, n_test=n_test, size=size, max_objects=max_objects, seed=seed,
                              modalities=list(modalities), root=str(root.resolve())))  # meta.json holds absolute paths

@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import io
 import math
-import re
 import sys
 from pathlib import Path
 

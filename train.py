@@ -17,7 +17,6 @@ gradient norm is logged with its step and stops the run with exit status 3.
 
 May import: babelrs, mutdet, eval, detection, datasets, rotated_ops; never tables.py (DESIGN.md).
 """
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -28,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args, get_origin
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -41,6 +40,7 @@ import eval as evaluation
 import mutdet
 
 EXIT_BAD_DATA, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, 4  # 4: stopped by SIGTERM / SIGUSR1 after a checkpoint
+EXIT_WRITE_FAILED = 5  # a checkpoint could not be written (a full disk); the previous one stays
 PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")  # what cluster schedulers send before they kill a job, and Ctrl-C
 EXIT_INTERRUPTED = 130  # a second Ctrl-C: stopped at once, as a shell reports SIGINT
 
@@ -334,63 +334,6 @@ MUTDET_PRESETS = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Flags: one per config field
-# ---------------------------------------------------------------------------------------------
-
-def _parse_bool(s: str) -> bool:
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
-
-
-def field_docs(cls) -> dict:
-    """{field name: the comment written beside it in the dataclass (with its `#   ` continuation
-    lines)}: what the field does and the paper's value, shown by `--help`."""
-    import inspect
-    import io
-    import tokenize
-    docs, current, line_of_field = {}, None, -1
-    tokens = list(tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline))
-    for i, tok in enumerate(tokens):
-        if tok.type == tokenize.NAME and tok.start[1] == 4 and i + 1 < len(tokens) and tokens[i + 1].string == ":":
-            current, line_of_field = tok.string, tok.start[0]
-        elif tok.type == tokenize.COMMENT and current is not None:
-            text = tok.string.lstrip("#").strip()
-            if tok.start[0] == line_of_field:
-                docs[current] = text
-            elif tok.string.startswith("#  ") and current in docs:  # a `#   ` continuation line under it
-                docs[current] += " " + text
-            else:
-                current = None
-    return docs
-
-
-def add_config_flags(parser: argparse.ArgumentParser, cls, presets: dict) -> None:
-    """One flag per dataclass field (`--max_steps` and `--max-steps`), typed from the annotation;
-    flags not given keep the preset's value (default SUPPRESS). The help is the field's comment
-    (what it does, the paper's value) and every preset's value."""
-    docs = field_docs(cls)
-    for f in dataclasses.fields(cls):
-        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        values = ", ".join(f"{name} {getattr(p, f.name)!r}" for name, p in presets.items())
-        help_text = (docs.get(f.name, "") + f" [presets: {values}]").strip().replace("%", "%%")
-        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
-        if get_origin(f.type) is Literal:
-            kw.update(choices=list(get_args(f.type)))
-        elif f.type is bool:  # --enhance, --enhance false, --no-enhance
-            kw.update(type=_parse_bool, metavar="true|false", nargs="?", const=True)
-            parser.add_argument(*[f"--no-{n[2:]}" for n in names], dest=f.name, action="store_false",
-                                default=argparse.SUPPRESS, help=f"same as --{f.name} false")
-        elif get_origin(f.type) is list:
-            kw.update(nargs="*", type=get_args(f.type)[0])
-        else:
-            kw.update(type=f.type)
-        parser.add_argument(*names, **kw)
-
-
-# ---------------------------------------------------------------------------------------------
 # Distributed helpers (do nothing when WORLD_SIZE is unset)
 # ---------------------------------------------------------------------------------------------
 
@@ -432,8 +375,13 @@ def save_checkpoint(run: Path, model, state: dict) -> None:
     from safetensors.torch import save_file
     # clone: tied tensors (an LM's input and output embeddings) must not share storage in safetensors
     weights = {k: v.detach().cpu().clone().contiguous() for k, v in unwrap(model).state_dict().items()}
-    save_file(weights, str(run / "model.safetensors.tmp"), metadata=dict(step=str(state["step"])))
-    torch.save(state, run / "state.pt.tmp")
+    try:
+        save_file(weights, str(run / "model.safetensors.tmp"), metadata=dict(step=str(state["step"])))
+        torch.save(state, run / "state.pt.tmp")
+    except OSError:  # nothing of the new pair is left half-written; the current pair is untouched
+        for name in CHECKPOINT_FILES:
+            (run / (name + ".tmp")).unlink(missing_ok=True)
+        raise
     for name in CHECKPOINT_FILES:  # the current pair becomes the fallback
         if (run / name).exists():
             os.replace(run / name, run / (name + ".prev"))
@@ -645,25 +593,30 @@ def train_steps(cfg, run: Path, model, optimizer, scaler, batches, start: int, e
                 log.flush()
                 bar.update(1)
                 bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}")
-            if not finite:
+            if not finite:  # the update was skipped: the weights are still those of the last finite step
+                bad = [k for k, v in [*terms.items(), ("grad_norm", grad_norm)] if not math.isfinite(v)]
+                written = write_checkpoint(run, model, optimizer, scaler, cfg, step, rank, world)
                 if rank == 0:
-                    print(f"\nstep {step + 1}: non-finite loss ({total}) or gradient norm ({record['grad_norm']});"
-                          f" stopping. The run folder keeps the last checkpoint.", file=sys.stderr)
+                    print(f"\nstep {step + 1}: non-finite {', '.join(bad)}; stopped. "
+                          + (f"The last finite state (step {step}) is checkpointed: python train.py --resume {run} goes "
+                             "on from it (a lower --lr, or --amp bf16 / off, may get past it)" if written else
+                             "Its checkpoint could not be written; the run folder keeps the previous one"),
+                          file=sys.stderr)
                 status = EXIT_NONFINITE
                 break
             done = step + 1
             if after_step is not None:
                 after_step(done, log, bar)
             stop = preempt.requested(world, device)
-            if done % cfg.ckpt_every == 0 or done == end or stop:
-                rngs = [None] * world
-                if world > 1:
-                    dist.all_gather_object(rngs, rng_state())
-                else:
-                    rngs = [rng_state()]
+            if (done % cfg.ckpt_every == 0 or done == end or stop) and not write_checkpoint(
+                    run, model, optimizer, scaler, cfg, done, rank, world):
                 if rank == 0:
-                    save_checkpoint(run, model, dict(step=done, optimizer=optimizer.state_dict(),
-                                                     scaler=scaler.state_dict(), rng=rngs, config=dataclasses.asdict(cfg)))
+                    pair = checkpoint_pair(run)
+                    print(f"\n{desc}: the checkpoint of step {done} could not be written (a full disk?); "
+                          + (f"the one of step {pair[2]} stays loadable: free space, then python train.py --resume {run}"
+                             if pair else "no earlier checkpoint: free space and start again"), file=sys.stderr)
+                status = EXIT_WRITE_FAILED
+                break
             if stop and done < end:
                 if rank == 0:
                     log.write(json.dumps(dict(step=done, preempted=preempt.signal or "another process")) + "\n")
@@ -684,6 +637,28 @@ def train_steps(cfg, run: Path, model, optimizer, scaler, batches, start: int, e
         if status == 0 and desc in NEXT_COMMAND:
             print("next: " + NEXT_COMMAND[desc].format(run=run, hint=next_hint))
     return status
+
+
+def write_checkpoint(run: Path, model, optimizer, scaler, cfg, step: int, rank: int, world: int) -> bool:
+    """`save_checkpoint` of the state after `step` steps, by rank 0, with every rank's RNG; False on
+    every rank when the write failed (a full disk, a lost mount): the previous pair is untouched."""
+    rngs = [None] * world
+    if world > 1:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    ok = True
+    if rank == 0:
+        try:
+            save_checkpoint(run, model, dict(step=step, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                                             rng=rngs, config=dataclasses.asdict(cfg)))
+        except OSError:
+            ok = False
+    if world > 1:  # every process learns whether the write failed, so all stop at the same step
+        flag = torch.tensor([int(ok)], device=next(model.parameters()).device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        ok = bool(flag.item())
+    return ok
 
 
 # what a finished run of each stage feeds (printed at its end)
@@ -1124,12 +1099,14 @@ def sam_stage(cfg: SAMConfig) -> int:
 def synth_sam_cache(cfg: MutDetConfig, rank: int) -> str:
     """SynthSOI-RGB train through the sam stage's tiny preset, once (reused by later runs)."""
     cache = Path(f"{cfg.synth_root}-sam-{cfg.dim}d")
-    if rank == 0 and not (cache / "manifest.json").exists():
-        print(f"mutdet: no --data; caching SynthSOI-RGB's SAM proposals first in {cache}")
-        status = sam_stage(dataclasses.replace(SAM_PRESETS["tiny"], synth_root=cfg.synth_root, out=str(cache),
-                                               pca_dim=cfg.dim, seed=cfg.seed))
-        if status:
-            raise SystemExit(status)
+    if rank == 0:
+        with datasets.folder_lock(cache):  # built once, whoever asks first; the others wait for it
+            if not (cache / "manifest.json").exists():
+                print(f"mutdet: no --data; caching SynthSOI-RGB's SAM proposals first in {cache}")
+                status = sam_stage(dataclasses.replace(SAM_PRESETS["tiny"], synth_root=cfg.synth_root, out=str(cache),
+                                                       pca_dim=cfg.dim, seed=cfg.seed))
+                if status:
+                    raise SystemExit(status)
     barrier()
     return str(cache)
 
@@ -1320,13 +1297,15 @@ def standin(value: str, model: str) -> str:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # built by one process, before torchrun
         raise datasets.DatasetError(f"{path}: the {model} stand-in is not built; run python train.py --stage fractal "
                                     f"--model {model} once (one process), or pass an empty value for random init")
-    print(f"building the formula-driven stand-in of the {model} in {path.parent} (once, minutes; an empty value "
-          "instead of 'fractal' is random init)", flush=True)
     run = path.parent
-    cfg = dataclasses.replace(STANDIN_PRESETS[model], out=str(run),
-                              resume=str(run) if checkpoint_pair(run) else "")
-    if fractal_stage(cfg) != 0 or not path.exists():
-        raise datasets.DatasetError(f"{path}: building the {model} stand-in stopped; rerun to continue it")
+    with datasets.folder_lock(run):  # two runs asking at once: one builds, the other waits and reuses it
+        if path.exists():
+            return str(path)
+        print(f"building the formula-driven stand-in of the {model} in {run} (once, minutes; an empty value "
+              "instead of 'fractal' is random init)", flush=True)
+        cfg = dataclasses.replace(STANDIN_PRESETS[model], out=str(run), resume=str(run) if checkpoint_pair(run) else "")
+        if fractal_stage(cfg) != 0 or not path.exists():
+            raise datasets.DatasetError(f"{path}: building the {model} stand-in stopped; rerun to continue it")
     return str(path)
 
 
@@ -1366,7 +1345,7 @@ def parse_config(argv=None, check_weights: bool = True):
     if known.preset not in PRESETS[known.stage]:
         raise SystemExit(f"--preset {known.preset}: the {known.stage} stage has presets {', '.join(PRESETS[known.stage])}")
     parser = datasets.ArgumentParser(description=__doc__.split("\n")[0], parents=[head])
-    add_config_flags(parser, cls, PRESETS[known.stage])
+    datasets.add_config_flags(parser, cls, PRESETS[known.stage])
     given = vars(parser.parse_args(argv))
     given.pop("stage"), given.pop("preset")
     base = PRESETS[known.stage][known.preset]
@@ -1418,7 +1397,11 @@ def run_main(argv=None) -> int:
         stage, cfg = parse_config(argv)
         if int(os.environ.get("RANK", "0")) == 0:
             print(format_config(stage, cfg))
-        return STAGES[stage][1](cfg)
+        folder = cfg.resume or cfg.out  # a named run folder: one training (one torchrun) at a time
+        lock = (datasets.folder_lock(folder, wait=False) if folder and int(os.environ.get("RANK", "0")) == 0
+                else contextlib.nullcontext())  # under torchrun, rank 0 holds it for all
+        with lock:
+            return STAGES[stage][1](cfg)
     except datasets.DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_DATA

@@ -10,7 +10,6 @@ import stat
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import datasets

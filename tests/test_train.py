@@ -184,13 +184,13 @@ def test_mixed_precision_steps(synth, tmp_path, amp):
 
 def test_help_explains_every_flag_and_the_config_prints_as_a_table(capsys):
     for stage, (cls, _) in train.STAGES.items():
-        docs = train.field_docs(cls)
+        docs = datasets.field_docs(cls)
         assert set(docs) == {f.name for f in dataclasses.fields(cls)}, stage  # every field has its comment
         with pytest.raises(SystemExit):
             train.main(["--stage", stage, "--help"])
         text = " ".join(capsys.readouterr().out.split())
         assert "[presets: tiny" in text
-    assert "sample rate (repeat_time)" in train.field_docs(train.CSIAConfig)["rate_rgb"]
+    assert "sample rate (repeat_time)" in datasets.field_docs(train.CSIAConfig)["rate_rgb"]
     table = train.format_config("csia", train.CSIA_PRESETS["tiny"]).splitlines()
     assert table[0] == "CSIAConfig:" and table[1].split() == ["stage", "csia"]
     assert len({line.index(line.split()[1]) for line in table[1:]}) == 1  # values start in one column

@@ -7,7 +7,6 @@ import os
 import pytest
 import torch
 
-import datasets
 import detection
 import train
 
