@@ -440,6 +440,9 @@ def dynamic_tiles(image: torch.Tensor, size: int, max_tiles: int = 6, thumbnail:
     return torch.stack(tiles)
 
 
+MAX_REPEAT = 1000  # repeat_time beyond this is a corrupted meta file (the official mixes use up to 3)
+
+
 def read_instruction_meta(path) -> list:
     """The sources of an instruction mix (the official `BabelRS_ft_data_instruct.json` layout):
     {name: {root, annotation, modality, repeat_time}}. As the official loader: `annotation` is
@@ -451,20 +454,29 @@ def read_instruction_meta(path) -> list:
     path = Path(path)
     try:
         meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
         raise datasets.DatasetError(f"{path}: cannot read the instruction meta file ({e})") from None
+    if not isinstance(meta, dict):
+        raise datasets.DatasetError(f"{path}: expected {{name: {{root, annotation, ...}}}}, got a {type(meta).__name__}")
     records = []
     for name, src in meta.items():
         for key in ("root", "annotation"):
-            if key not in src:
-                raise datasets.DatasetError(f"{path}: source {name!r} has no {key!r}")
+            if not isinstance(src, dict) or not isinstance(src.get(key), str):
+                raise datasets.DatasetError(f"{path}: source {name!r} has no {key!r} path")
         root, ann = Path(src["root"]), Path(src["annotation"])
         if not root.is_absolute() and not root.is_dir() and (path.parent / root).is_dir():
             root = path.parent / root
         if not ann.is_absolute() and not ann.is_file() and (path.parent / ann).is_file():
             ann = path.parent / ann
+        if not ann.is_file():
+            raise datasets.DatasetError(f"{path}: source {name!r}: annotation file {ann} not found")
         rows = datasets.read_instruction_jsonl(ann)
-        rep = float(src.get("repeat_time", 1))
+        try:
+            rep = float(src.get("repeat_time", 1))
+        except (TypeError, ValueError):
+            rep = math.nan
+        if not math.isfinite(rep) or not 0 < rep <= MAX_REPEAT:
+            raise datasets.DatasetError(f"{path}: source {name!r}: repeat_time must be a number in (0, {MAX_REPEAT}]")
         if rep < 1:
             rows = rows[:max(1, int(len(rows) * rep))]
         elif rep != int(rep):
@@ -472,6 +484,8 @@ def read_instruction_meta(path) -> list:
         else:
             rows = rows * int(rep)
         modality = src.get("modality", "rgb")
+        if modality not in ("rgb", "sar", "ir"):
+            raise datasets.DatasetError(f"{path}: source {name!r}: modality must be rgb, sar or ir, got {modality!r}")
         records += [dict(image=root / r["image"], conversations=r["conversations"], modality=modality, source=name)
                     for r in rows]
     return records

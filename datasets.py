@@ -179,6 +179,16 @@ def save_tensors_atomic(path, tensors: dict) -> None:
 # Annotation readers and writers
 # ---------------------------------------------------------------------------------------------
 
+MAX_COORD = 1e6  # px: beyond any image of these data sets (DOTA's largest side is about 20,000)
+
+
+def _check_coords(path, values, line=None) -> None:
+    """A box's numbers are finite and within MAX_COORD of the image origin (larger ones overflow
+    float32 into inf and are corruption, not geometry)."""
+    if not all(math.isfinite(v) and abs(v) <= MAX_COORD for v in values):
+        _fail(path, f"coordinate not finite or beyond {MAX_COORD:g} px: {[round(v, 2) for v in values]}", line)
+
+
 def read_dota_txt(path) -> dict:
     """Read a DOTA annotation file.
 
@@ -203,8 +213,7 @@ def read_dota_txt(path) -> dict:
             diff = int(tokens[9]) if len(tokens) == 10 else 0
         except ValueError:
             _fail(path, f"non-numeric coordinate or difficulty in {line.strip()!r}", n)
-        if not all(math.isfinite(c) for c in coords):
-            _fail(path, "coordinate is not finite", n)
+        _check_coords(path, coords, n)
         polys.append(coords)
         labels.append(tokens[8])
         difficult.append(diff != 0)
@@ -242,6 +251,7 @@ def read_dior_xml(path) -> dict:
             polys.append([float(box.findtext(tag)) for tag in _DIOR_CORNERS])
         except (TypeError, ValueError):
             _fail(path, f"object {k}: <robndbox> needs numeric {', '.join(_DIOR_CORNERS)}")
+        _check_coords(path, polys[-1], f"object {k}")
         labels.append(name.strip())
         difficult.append((obj.findtext("difficult") or "0").strip() not in ("0", ""))
     return dict(polys=np.asarray(polys, dtype=np.float32).reshape(-1, 8), labels=labels,
@@ -260,10 +270,15 @@ def read_coco_json(path) -> dict:
         images = {im["id"]: dict(id=im["id"], file_name=im["file_name"], width=im.get("width"),
                                  height=im.get("height"), boxes=[], labels=[], iscrowd=[])
                   for im in data["images"]}
+        if not all(isinstance(n, str) and n for n in cats.values()):
+            _fail(path, "a category name is not text")
+        if not all(isinstance(im["file_name"], str) and im["file_name"] for im in images.values()):
+            _fail(path, "an image's file_name is not a path")
         for k, ann in enumerate(data.get("annotations", [])):
             if ann["image_id"] not in images:
                 _fail(path, f"annotation {k} refers to image id {ann['image_id']} that is not in 'images'")
             x, y, w, h = (float(v) for v in ann["bbox"])
+            _check_coords(path, [x, y, w, h], f"annotation {k}")
             im = images[ann["image_id"]]
             im["boxes"].append([x, y, x + w, y + h])
             im["labels"].append(cats[ann["category_id"]])
@@ -285,8 +300,8 @@ def read_instruction_jsonl(path) -> list:
     samples = []
     try:
         lines = Path(path).read_text().splitlines()
-    except OSError as e:
-        _fail(path, f"cannot read ({e.__class__.__name__})")
+    except (OSError, UnicodeDecodeError) as e:
+        _fail(path, f"cannot read as UTF-8 text ({e.__class__.__name__})")
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -294,9 +309,13 @@ def read_instruction_jsonl(path) -> list:
             sample = json.loads(line)
         except json.JSONDecodeError as e:
             _fail(path, f"invalid json ({e.msg})", n)
-        conv = sample.get("conversations")
-        if not isinstance(conv, list) or len(conv) < 2 or any(t.get("from") not in ("human", "gpt", "system") for t in conv):
-            _fail(path, "expected 'conversations': a list of {'from': 'human'|'gpt', 'value': ...} turns", n)
+        conv = sample.get("conversations") if isinstance(sample, dict) else None
+        if (not isinstance(conv, list) or len(conv) < 2
+                or any(not isinstance(t, dict) or t.get("from") not in ("human", "gpt", "system")
+                       or not isinstance(t.get("value"), str) for t in conv)):
+            _fail(path, "expected 'conversations': a list of {'from': 'human'|'gpt', 'value': text} turns", n)
+        if not isinstance(sample.get("image"), str) or not sample["image"]:
+            _fail(path, "expected 'image': the path of the sample's image (CSIA's samples all have one)", n)
         samples.append(sample)
     return samples
 
@@ -307,11 +326,14 @@ def read_instruction_jsonl(path) -> list:
 
 def load_image(path) -> np.ndarray:
     """Read an image as (H, W, 3) uint8 RGB whatever the file holds (RGBA, palette, grey, 16-bit,
-    float). High-bit-depth images are scaled by their own maximum (SAR and thermal data often use
-    only part of the 16-bit range)."""
+    float, CMYK). High-bit-depth images are scaled by their own maximum (SAR and thermal data often
+    use only part of the 16-bit range). An EXIF orientation is applied, as the official pipelines'
+    cv2.imread(IMREAD_COLOR) does. A truncated or corrupt file is a one-line DatasetError."""
+    from PIL import ImageOps
     try:
-        with Image.open(path) as im:
-            im.load()
+        with Image.open(path) as opened:
+            opened.load()
+            im = ImageOps.exif_transpose(opened)
             if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 a = np.asarray(im, dtype=np.float64)
                 a = np.clip(a, 0, None) * (255.0 / max(a.max(), 1e-12))
@@ -735,10 +757,11 @@ class RandomFlip:
 class RandomRotate:
     """Rotate the image about its centre with probability p (mmrotate PolyRandomRotate).
 
-    The angle is uniform in ±`angle_range`/2 degrees, or a multiple of 90° when the image holds an
-    object of `rect_classes` (whose boxes are only meaningful axis-aligned, e.g. storage tanks,
-    roundabouts). Objects whose centre leaves the image are dropped. `quarter_turns_only` restricts
-    every rotation to multiples of 90°.
+    The angle is uniform in ±`angle_range` degrees (mmrotate's `angles_range`: 180, any rotation), or,
+    when the image holds an object of `rect_classes` (whose boxes are only meaningful axis-aligned:
+    storage tanks, roundabouts), the first of [90, 180, -90, -180] shuffled, as the official code: a
+    quarter turn either way with 1/4 each and a half turn with 1/2. Objects whose centre leaves the
+    image are dropped. `quarter_turns_only` restricts every rotation to those turns.
     """
     p: float = 0.5
     angle_range: float = 180.0
@@ -751,9 +774,9 @@ class RandomRotate:
         if self.generator.random() >= self.p:
             return item
         if self.quarter_turns_only or any(int(l) in self.rect_classes for l in item["labels"]):
-            angle = self.generator.choice([90.0, 180.0, 270.0])
+            angle = self.generator.choice([90.0, 180.0, -90.0, -180.0])
         else:
-            angle = (self.generator.random() - 0.5) * self.angle_range
+            angle = (2 * self.generator.random() - 1) * self.angle_range
         polys = TF.rotate(_to_polys(item), angle)
         image = TF.rotate(item["image"], angle)
         h, w = image.shape[-2:]

@@ -570,9 +570,18 @@ class PseudoLabels(torch.utils.data.Dataset):
             meta = json.loads(manifest.read_text())
         except json.JSONDecodeError as e:
             raise datasets.DatasetError(f"{manifest}:{e.lineno}: not valid JSON ({e.msg})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise datasets.DatasetError(f"{manifest}: cannot read as UTF-8 text ({e.__class__.__name__})") from None
         missing = {"classes", "embed_dim", "images"} - set(meta) if isinstance(meta, dict) else {"classes"}
         if missing:
             raise datasets.DatasetError(f"{manifest}: not a sam manifest (no {', '.join(sorted(missing))})")
+        record = {"name": str, "image": str, "modality": str, "boxes": int}
+        if (not isinstance(meta["classes"], list) or not meta["classes"] or type(meta["embed_dim"]) is not int
+                or meta["embed_dim"] < 1 or not isinstance(meta["images"], list)
+                or not all(isinstance(r, dict) and all(type(r.get(k)) is t for k, t in record.items())
+                           and r["modality"] in ("rgb", "sar", "ir") for r in meta["images"])):
+            raise datasets.DatasetError(f"{manifest}: not a sam manifest: classes (a list), embed_dim (a number) and "
+                                        "images ({name, image, modality, boxes}) expected")
         self.clusters, self.embed_dim = meta["classes"], meta["embed_dim"]
         self.records = [r for r in meta["images"] if r["boxes"] > 0]  # DETReg, too, skips images without proposals
         self.classes = ["object"] if class_agnostic else self.clusters
@@ -580,6 +589,9 @@ class PseudoLabels(torch.utils.data.Dataset):
         if not self.records:
             raise datasets.DatasetError(f"{manifest}: the cache holds no image with a proposal")
         for r in self.records:
+            if not Path(r["image"]).is_file():
+                raise datasets.DatasetError(f"{manifest}: image {r['image']} (of {r['name']}) not found; the cache "
+                                            "names its images by absolute path: rerun the sam stage where they are")
             if not (self.root / "cache" / f"{r['name']}.safetensors").exists():
                 raise datasets.DatasetError(f"{self.root / 'cache' / (r['name'] + '.safetensors')}: missing "
                                             f"(listed in {manifest}); rerun the sam stage with --out {self.root}")
@@ -592,7 +604,18 @@ class PseudoLabels(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         from safetensors.torch import load_file
         r = self.records[i]
-        c = load_file(str(self.root / "cache" / f"{r['name']}.safetensors"))
+        path = self.root / "cache" / f"{r['name']}.safetensors"
+        try:
+            c = load_file(str(path))
+            ok = (c["boxes"].ndim == 2 and c["boxes"].shape[1] == 5 and len(c["labels"]) == len(c["boxes"])
+                  == len(c["embeds"]) and c["embeds"].shape[-1] == self.embed_dim
+                  and bool(torch.isfinite(c["boxes"]).all()) and bool(torch.isfinite(c["embeds"]).all())
+                  and bool(((c["labels"] >= 0) & (c["labels"] < len(self.clusters))).all()))
+        except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types on a damaged file
+            raise datasets.DatasetError(f"{path}: cannot read the cached proposals ({e.__class__.__name__})") from None
+        if not ok:
+            raise datasets.DatasetError(f"{path}: cached proposals do not fit {self.root / 'manifest.json'} (shapes, "
+                                        "non-finite boxes or embeddings, or labels outside its classes); rerun the sam stage")
         image = torch.from_numpy(datasets.load_image(r["image"])).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
         labels = torch.zeros_like(c["labels"]) if self.class_agnostic else c["labels"].long()
         item = dict(image=image, boxes=c["boxes"].float(), labels=labels, embeds=c["embeds"].float(),

@@ -96,3 +96,18 @@ def no_standin_builds(monkeypatch):
 @pytest.fixture
 def tmp_root(tmp_path):
     return tmp_path
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-cases", type=int, default=120, help="mutants a reader in tests/test_fuzz.py")
+    parser.addoption("--fuzz-seed", type=int, default=0, help="another campaign of tests/test_fuzz.py")
+
+
+@pytest.fixture
+def fuzz_cases(request):
+    return request.config.getoption("--fuzz-cases")
+
+
+@pytest.fixture
+def fuzz_seed(request):
+    return 1000 * request.config.getoption("--fuzz-seed")

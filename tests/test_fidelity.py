@@ -81,6 +81,28 @@ def test_rect_classes_turn_by_quarter_turns_only():
     assert rect == [1]
 
 
+def test_rotation_angles_follow_the_official_distribution(monkeypatch):
+    """mmrotate's PolyRandomRotate (ARS-DETR 0d96c5e transforms.py): a rect-class image turns by the first
+    of [90, 180, -90, -180] shuffled, so +90 and -90 with 1/4 each and a half turn with 1/2; any other
+    image by an angle uniform in ±angles_range = ±180 degrees."""
+    from torchvision.transforms.v2 import functional as TF
+    drawn = []
+    real = TF.rotate
+    monkeypatch.setattr(TF, "rotate", lambda x, angle, *a, **k: (drawn.append(angle), real(x, angle, *a, **k))[1])
+    gen = random.Random(0)
+    for _ in range(2000):
+        datasets.RandomRotate(1.0, rect_classes=(1,), generator=gen)(_item([1]))
+    turns = [a for a in drawn[::2]]  # image and polygons turn by the same angle
+    share = {k: turns.count(k) / len(turns) for k in (90.0, -90.0)}
+    half = sum(abs(a) == 180.0 for a in turns) / len(turns)
+    assert abs(share[90.0] - 0.25) < 0.03 and abs(share[-90.0] - 0.25) < 0.03 and abs(half - 0.5) < 0.03
+    drawn.clear()
+    for _ in range(2000):
+        datasets.RandomRotate(1.0, generator=gen)(_item([0]))
+    free = drawn[::2]
+    assert min(free) < -170 and max(free) > 170 and abs(sum(a > 90 or a < -90 for a in free) / len(free) - 0.5) < 0.05
+
+
 # 3. the DETReg row --------------------------------------------------------------------------
 
 def _pretrainer(**kw):
