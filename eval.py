@@ -677,8 +677,9 @@ def predict_images(run, paths: list, out, modality: str = "", score_thr: float =
         import zipfile
         unknown = [c for c in src["classes"] if c not in DOTA_V1_CLASSES]
         if unknown:
-            print(f"warning: --zip: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not DOTA-v1.0 "
-                  "classes; the evaluation server ignores their Task1 files", file=sys.stderr)
+            what = "is not a DOTA-v1.0 class" if len(unknown) == 1 else "are not DOTA-v1.0 classes"
+            print(f"warning: --zip: {', '.join(unknown)} {what}; the evaluation server ignores their Task1 files",
+                  file=sys.stderr)
         tmp = out / "submission.zip.tmp"
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
             for p in task1:

@@ -656,6 +656,12 @@ def load_official(model, path: str, state: dict) -> None:
     are dropped, and what the fine-tuning model has beyond it (deeper layers) starts fresh; both
     are listed by name."""
     ours, unused = detection.mmrotate_to_ours(state)
+    levels = next(iter(model.heads.values())).levels
+    if "H.level_embed" in ours and len(ours["H.level_embed"]) > levels:
+        # the official transformer is built with num_feature_levels=5 (dn_ars_rotated_transformer.py:88, no
+        # config overrides it) but its forward reads level_embeds[lvl] of the neck's 4 levels only (:290)
+        unused.append(f"bbox_head.transformer.level_embeds rows {levels}..{len(ours['H.level_embed']) - 1}")
+        ours["H.level_embed"] = ours["H.level_embed"][:levels]
     pretraining = any(k.startswith(("enhancement.", "patch_enc", "feature_embed.")) for k in ours)
     modalities = list(model.heads)
     if pretraining:  # our pre-trainer's names, then the fine-tuning load of a mutdet run

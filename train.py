@@ -125,11 +125,14 @@ class FinetuneConfig:
     synth_root: str = "data/synthsoi"  # where SynthSOI is written
     image_size: int = 256  # longer side after resizing; paper: RResize(800, 800) (MutDet base_settings_DIOR.py)
     data_fraction: float = 1.0  # fraction of each training split, drawn with --seed (MutDet's 10% DIOR-R)
+    filter_empty: bool = True  # leave training images without objects out (mmdet's filter_empty_gt=True, which
+    #   ARS-DETR's dn_arw config chain keeps, 0d96c5e); --no-filter-empty trains on them too
     seed: int = 0  # data order, augmentation, initialisation and the --data_fraction draw
     batch_size: int = 4  # images per process and micro-batch with one source (several: source_ratio); paper: 2
     global_batch: int = 4  # images per optimizer step over all processes; gradient accumulation makes up the
-    #   rest, so 1 or 8 GPUs train alike. MutDet / ARS-DETR 16 = 8 x 2 and BabelRS 32 = 8 x (2 + 1 + 1)
-    #   (8 GPUs: our assumption where the papers give no count)
+    #   rest, so 1 or 8 GPUs train alike. ARS-DETR on DOTA: 2 (its README's "Batch Size 2", mmrotate's
+    #   column of the images of one iteration over all GPUs: 1 x 2); MutDet 16 = 8 x 2 and BabelRS 32 =
+    #   8 x (2 + 1 + 1) (8 GPUs: our assumption, neither repository nor paper gives a count)
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"  # opt in: scale lr by global_batch / the preset's
     source_ratio: list[int] = field(default_factory=list)  # images of each source per batch (BabelRS: 2 SAR : 1 RGB : 1 IR)
     loss_weights: list[float] = field(default_factory=list)  # per source (BabelRS: RGB 1.5); default 1 each
@@ -207,14 +210,17 @@ FINETUNE_PRESETS = {
                               lr_steps=[8, 11], rotate_p=0.5, workers=4, ckpt_every=2000),
     # MutDet's fine-tuning on DIOR-R (Tab. 2): ARS-DETR R-50 at RResize(800, 800)
     # (MutDet `base_settings_DIOR.py`, `ars_detr_DIOR_MutDet.py`); the preset of the MutDet sweeps
-    "paper": FinetuneConfig(image_size=800, batch_size=2, global_batch=16, backbone="resnet50", frozen_bn=True, dim=256, heads=8,
+    "paper": FinetuneConfig(image_size=800, batch_size=2, global_batch=16, backbone="resnet50", frozen_bn=True,
+                            match_l1="official", dim=256, heads=8,
                             enc_layers=6, dec_layers=6, ffn=1024, dropout=0.1, num_queries=300, num_dn_queries=100,
                             lr=1e-4, lr_mult=0.1, warmup=500, epochs=36, lr_steps=[32], workers=4,
                             ckpt_every=2000),
 }
 # ARS-DETR on DOTA-v1.0 (MutDet Tab. 3): the same detector on 1024-px trainval patches (gap 200),
-# RResize(1024, 1024) (ARS-DETR `dn_arw_arm_arcsl_rdetr_r50_dota.py` and its bases); else as "paper"
-FINETUNE_PRESETS["ars-detr-dota"] = dataclasses.replace(FINETUNE_PRESETS["paper"], image_size=1024)
+# RResize(1024, 1024) (ARS-DETR `dn_arw_arm_arcsl_rdetr_r50_dota.py` and its bases), at the global batch of
+# its released 73.42 AP50: samples_per_gpu=2 in the config and "Batch Size 2" in the README's table (0d96c5e),
+# so one process of 2 images (lr 1e-4 unscaled, as the config); else as "paper"
+FINETUNE_PRESETS["ars-detr-dota"] = dataclasses.replace(FINETUNE_PRESETS["paper"], image_size=1024, global_batch=2)
 
 
 @dataclass
@@ -326,7 +332,8 @@ class MutDetConfig:
 
 MUTDET_PRESETS = {
     "tiny": MutDetConfig(resnet="fractal", frozen_bn=True),  # a pretrained frozen backbone keeps its statistics
-    "paper": MutDetConfig(image_size=1024, batch_size=2, global_batch=16, backbone="resnet50", frozen_bn=True, dim=256, heads=8,
+    "paper": MutDetConfig(image_size=1024, batch_size=2, global_batch=16, backbone="resnet50", frozen_bn=True,
+                          match_l1="official", dim=256, heads=8,
                           ffn=1024, dropout=0.1, num_queries=300, num_dn_queries=100, enhance_heads=8,
                           enhance_mlp=2048, lr=1e-4, lr_mult=0.1, warmup=500, epochs=36, lr_steps=[32], workers=4,
                           ckpt_every=2000),
@@ -930,6 +937,12 @@ def finetune(cfg: FinetuneConfig) -> int:
     splits = []
     for i, s in enumerate(sources):
         ds = datasets.load_detection_split(s["train"], s["modality"])
+        if cfg.filter_empty:
+            kept = [smp for smp in ds.samples if len(smp.labels)]
+            if rank == 0 and len(kept) < len(ds.samples):
+                print(f"{s['train']}: {len(ds.samples) - len(kept)} training images without objects left out "
+                      "(filter_empty_gt, as the official configs; --no-filter-empty keeps them)")
+            ds = dataclasses.replace(ds, samples=kept)
         ds = datasets.subset(ds, cfg.data_fraction, cfg.seed)
         ds.source = i
         s.update(classes=ds.classes, box_type=ds.box_type, train_images=len(ds))
@@ -1360,6 +1373,13 @@ def parse_config(argv=None, check_weights: bool = True):
         print(f"--lr_scaling {cfg.lr_scaling}: lr {cfg.lr:g} x {'' if cfg.lr_scaling == 'linear' else 'sqrt '}"
               f"({cfg.global_batch} / {reference}) = {lr:g} (stored in config.json)")
         cfg = dataclasses.replace(cfg, lr=lr)
+    resnet = getattr(cfg, "resnet", None)
+    if (check_weights and known.preset in ("paper", "ars-detr-dota") and known.stage in ("finetune", "mutdet", "sam")
+            and not resume and not resnet and not getattr(cfg, "init", "")):
+        # both papers start from ImageNet's ResNet-50; a random one is never what a paper preset means
+        raise SystemExit(f"error: --stage {known.stage} --preset {known.preset} starts from ImageNet's ResNet-50: give "
+                         "--resnet FILE (torchvision's resnet50-0676ba61.pth, ResNet50_Weights.IMAGENET1K_V1)"
+                         + (" or --init a pre-trained detector" if known.stage != "sam" else ""))
     if (check_weights and known.stage == "csia" and known.preset == "paper" and not resume
             and not (cfg.llm and (cfg.init or cfg.vit))):
         # BabelRS continues InternVL2.5-1B; a paper-size run from random weights is never what is meant

@@ -1,4 +1,4 @@
-"""Training that meets a fault (issue 27): a non-finite loss stops at its step with a checkpoint of the
+"""Training that meets a fault: a non-finite loss stops at its step with a checkpoint of the
 last finite state and names the term; a checkpoint that cannot be written (a full disk) leaves the
 previous one loadable and stops in one line; a second process on the same run folder is refused."""
 import errno

@@ -265,3 +265,25 @@ def test_ar_csl_closed_form_equals_exact_iou():
     torch.testing.assert_close(ro.ar_csl_window(r), ro.ar_csl_window_exact(r), rtol=0, atol=1e-9)
     square = ro.ar_csl_window(torch.ones(1, dtype=torch.float64))[0]
     assert float(square[0]) == pytest.approx(1.0, abs=1e-12) and square[90] == 1.0  # a square turned by -90° is itself
+
+
+def test_paper_presets_follow_the_official_training_setup(tmp_path, capsys):
+    """ARS-DETR 0d96c5e / MutDet: empty training images are left out (mmdet filter_empty_gt=True), the L1
+    matching cost is the official one, and training starts from ImageNet's ResNet-50, never a random one."""
+    assert all(train.FINETUNE_PRESETS[p].match_l1 == "official" for p in ("paper", "ars-detr-dota"))
+    assert train.MUTDET_PRESETS["paper"].match_l1 == "official"
+    for stage, preset in (("finetune", "paper"), ("finetune", "ars-detr-dota"), ("mutdet", "paper"), ("sam", "paper")):
+        with pytest.raises(SystemExit, match="--resnet FILE"):
+            train.parse_config(["--stage", stage, "--preset", preset])
+    assert train.parse_config(["--preset", "paper", "--resnet", "r50.pth"])[1].resnet == "r50.pth"
+    assert train.parse_config(["--preset", "paper", "--init", "runs/pre"])[1].init == "runs/pre"
+    root = datasets.make_synthetic(tmp_path / "synth", n_train=4, n_test=1, size=64, max_objects=2)
+    from PIL import Image
+    Image.new("RGB", (64, 64)).save(root / "rgb" / "train" / "images" / "empty.png")
+    (root / "rgb" / "train" / "labelTxt" / "empty.txt").write_text("")
+    argv = ["--stage", "finetune", "--resnet", "", "--data", f"rgb:{root / 'rgb'}", "--image_size", "64",
+            "--max-steps", "1", "--eval", "false"]
+    assert train.main(argv + ["--out", str(tmp_path / "a")]) == 0
+    assert "1 training images without objects left out" in capsys.readouterr().out
+    assert train.main(argv + ["--out", str(tmp_path / "b"), "--no-filter-empty"]) == 0
+    assert "without objects" not in capsys.readouterr().out

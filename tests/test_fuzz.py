@@ -1,4 +1,4 @@
-"""Readers under fuzzing (issue 27): real-format files of every reader are mutated (truncation, bit
+"""Readers under fuzzing: real-format files of every reader are mutated (truncation, bit
 flips, swapped fields, NaN / inf / huge / negative numbers, empty files, other encodings, duplicate
 keys and lines), seeded, and read through the same path training reads them. Each mutant is either
 read into boxes that pass a clean file's checks (finite, positive sides, labels in the class list)

@@ -1,4 +1,4 @@
-"""What a new user meets first on real scenes and at the command line (issue 30): prediction that
+"""What a new user meets first on real scenes and at the command line: prediction that
 never writes over an input or loses output, says why nothing was drawn, skips an unreadable image and
 says so; files readable under the usual umask; mistyped flags named with the closest right one;
 Ctrl-C that checkpoints; paper-scale sweeps that refuse to train on SynthSOI; the next command of a
@@ -164,3 +164,23 @@ def test_a_data_error_leaves_no_run_folder(tmp_path, capsys):
     assert train.main(["--stage", "sam", "--sam", str(tmp_path / "missing"), "--out", str(tmp_path / "sam"),
                        "--synth_root", str(tmp_path / "synth"), "--resnet", ""]) == 2
     assert not (tmp_path / "sam").exists()
+
+
+def test_foreign_class_names_are_said_not_dropped(tmp_path, images, capsys, monkeypatch):
+    """--zip with classes the DOTA server does not know, and --dets with Task1 files of classes the
+    annotations lack: one warning line naming them."""
+    run = _run(tmp_path)  # classes ship, plane: "plane" is DOTA's, "ship" too; add a foreign one
+    model_json = json.loads((run / "model.json").read_text())
+    model_json["sources"][0]["classes"] = ["ship", "tank"]
+    (run / "model.json").write_text(json.dumps(model_json))
+    assert ev.main(["--run", str(run), "--predict", str(images / "a.png"), "--out", str(tmp_path / "o"), "--zip"]) == 0
+    err = capsys.readouterr().err
+    assert "tank is not a DOTA-v1.0 class" in err.replace("are not DOTA-v1.0 classes", "is not a DOTA-v1.0 class")
+    ann = tmp_path / "ann"
+    datasets.write_dota_txt(ann / "labelTxt" / "a.txt", np.array([[10, 10, 40, 10, 40, 30, 10, 30.0]]), ["ship"])
+    (tmp_path / "dets").mkdir()
+    (tmp_path / "dets" / "Task1_ship.txt").write_text("a 0.9 10 10 40 10 40 30 10 30\n")
+    (tmp_path / "dets" / "Task1_vehicle.txt").write_text("a 0.9 10 10 40 10 40 30 10 30\n")
+    assert ev.main(["--dets", str(tmp_path / "dets"), "--ann", str(ann / "labelTxt")]) == 0
+    err = capsys.readouterr().err
+    assert "not scored: vehicle" in err and len(err.strip().splitlines()) == 1

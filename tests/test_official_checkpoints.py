@@ -56,7 +56,7 @@ def official_names(C=3, dim=32, ffn=64, heads=2, levels=4, points=2, enc=1, dec=
                         ("angle_head.0", (dim, dim)), ("angle_head.2", (dim, dim))):
         s[f"{t}decoder.{name}.weight"], s[f"{t}decoder.{name}.bias"] = shape, shape[:1]
     s[f"{t}decoder.norm.weight"] = s[f"{t}decoder.norm.bias"] = (dim,)
-    s[t + "level_embeds"] = (levels, dim)
+    s[t + "level_embeds"] = (5, dim)  # num_feature_levels=5 (dn_ars_rotated_transformer.py:88), whatever the neck gives
     s[t + "enc_output.weight"], s[t + "enc_output.bias"] = (dim, dim), (dim,)
     s[t + "enc_output_norm.weight"] = s[t + "enc_output_norm.bias"] = (dim,)
     s[t + "pos_trans.weight"], s[t + "pos_trans.bias"] = (2 * dim, 2 * dim), (2 * dim,)

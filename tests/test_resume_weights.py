@@ -1,5 +1,5 @@
-"""A resumed run takes its weights from its own checkpoint, whatever its config's weight fields hold
-(issue 28): each stage at its default tiny preset, the weight fields as the presets set them
+"""A resumed run takes its weights from its own checkpoint, whatever its config's weight fields hold:
+each stage at its default tiny preset, the weight fields as the presets set them
 ("fractal", resolved to stand-in files written here with random weights), stopped by SIGTERM or by
 --max-steps, then resumed, gives the straight run's losses; and it does so after the stand-in file
 it started from has been deleted. The sam stage resumes by skipping the images it has done."""

@@ -30,7 +30,7 @@ def read_log(run):
 
 
 def test_presets_and_flags():
-    stage, cfg = train.parse_config(["--preset", "paper", "--max-steps", "7", "--lr_steps", "30", "33"])
+    stage, cfg = train.parse_config(["--preset", "paper", "--resnet", "r50.pth", "--max-steps", "7", "--lr_steps", "30", "33"])
     assert stage == "finetune" and cfg.backbone == "resnet50" and cfg.lr == 1e-4 and cfg.lr_mult == 0.1
     assert cfg.max_steps == 7 and cfg.lr_steps == [30, 33] and cfg.frozen_bn and cfg.enc_layers == 6
     _, tiny = train.parse_config(["--augment", "false", "--data-fraction", "0.1"])
@@ -203,14 +203,16 @@ def test_table3_sweep_writes_submissions(tmp_path, capsys):
 
 
 def test_global_batch_and_explicit_lr_scaling(capsys):
-    stage, cfg = train.parse_config(["--stage", "finetune", "--preset", "paper"])
+    stage, cfg = train.parse_config(["--stage", "finetune", "--preset", "paper", "--resnet", "r50.pth"])
     assert (cfg.global_batch, cfg.batch_size, cfg.lr) == (16, 2, 1e-4)
     assert train.accumulation(cfg.global_batch, cfg.batch_size, world=1) == 8  # one GPU: 8 micro-batches a step
     assert train.accumulation(cfg.global_batch, cfg.batch_size, world=8) == 1
-    _, small = train.parse_config(["--stage", "finetune", "--preset", "paper", "--global_batch", "8"])
+    _, small = train.parse_config(["--stage", "finetune", "--preset", "paper", "--resnet", "r50.pth", "--global_batch", "8"])
     assert small.lr == 1e-4  # no silent rescaling
-    _, lin = train.parse_config(["--stage", "finetune", "--preset", "paper", "--global_batch", "8", "--lr_scaling", "linear"])
-    _, sq = train.parse_config(["--stage", "mutdet", "--preset", "paper", "--global_batch", "4", "--lr_scaling", "sqrt"])
+    _, lin = train.parse_config(["--stage", "finetune", "--preset", "paper", "--resnet", "r50.pth", "--global_batch", "8",
+                                   "--lr_scaling", "linear"])
+    _, sq = train.parse_config(["--stage", "mutdet", "--preset", "paper", "--resnet", "r50.pth", "--global_batch", "4",
+                                  "--lr_scaling", "sqrt"])
     assert lin.lr == pytest.approx(5e-5) and sq.lr == pytest.approx(1e-4 * 0.5)
     assert "lr 0.0001 x (8 / 16) = 5e-05" in capsys.readouterr().out
     assert train.CSIA_PRESETS["paper"].global_batch == 128 and train.FINETUNE_PRESETS["babelrs"].global_batch == 32

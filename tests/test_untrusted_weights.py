@@ -1,4 +1,4 @@
-"""Weight files are data (issue 27): a `.pth` is a pickle, and a released checkpoint comes from a
+"""Weight files are data: a `.pth` is a pickle, and a released checkpoint comes from a
 file-sharing link. Every flag that reads one reads it with `weights_only=True` (or as safetensors):
 a file whose pickle would run a command on load is refused in one line naming it, and the command
 never runs."""
