@@ -69,3 +69,53 @@ def test_a_second_process_on_one_run_folder_is_refused(synth, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "in use by another process" in err and len(err.strip().splitlines()) == 1 and not run.exists()
     assert train.main(CSIA + ["--synth_root", str(synth), "--out", str(run), "--max-steps", "1"]) == 0  # free again
+
+
+def test_a_dying_rank_stops_the_others_and_the_run_resumes(tmp_path):
+    """DDP with a rank killed (`kill -9`) mid-run: the other rank and torchrun stop within a stated time
+    (60 s here; gloo fails the collective whose peer is gone, torchrun tears the group down) instead of
+    hanging, and the run resumes from its last checkpoint in one process (accumulation 2 = 2 ranks)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    synth = datasets.make_synthetic(tmp_path / "synth", n_train=8, n_test=1, size=64, max_objects=2)
+    run = tmp_path / "ddp"
+    argv = ["--stage", "finetune", "--resnet", "", "--image_size", "64", "--dim", "32", "--heads", "2", "--enc_layers",
+            "1", "--dec_layers", "1", "--ffn", "32", "--num_queries", "10", "--num_dn_queries", "4", "--gn_groups", "8",
+            "--batch_size", "2", "--global_batch", "4", "--eval", "false", "--data", f"rgb:{synth / 'rgb'}",
+            "--max-steps", "400", "--ckpt_every", "2"]
+    torchrun = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                                 "29519", str(root / "train.py")] + argv + ["--out", str(run)], cwd=root,
+                                env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not (train.checkpoint_pair(run) or (None, None, 0))[2] >= 4:  # a few steps with checkpoints
+            assert time.time() < deadline and torchrun.poll() is None, "the DDP run did not start"
+            time.sleep(0.5)
+        workers = []
+        for proc in Path("/proc").iterdir():
+            try:
+                env = (proc / "environ").read_bytes().split(b"\0")
+                if proc.name.isdigit() and b"RANK=1" in env and b"LOCAL_RANK=1" in env and str(run).encode() in (
+                        proc / "cmdline").read_bytes():
+                    workers.append(int(proc.name))
+            except OSError:
+                continue
+        assert len(workers) == 1
+        os.kill(workers[0], signal.SIGKILL)
+        t0 = time.time()
+        status = torchrun.wait(timeout=60)
+        stopped = time.time() - t0
+    finally:
+        if torchrun.poll() is None:
+            os.killpg(torchrun.pid, signal.SIGKILL)
+    print(f"\n  the DDP run stopped {stopped:.1f} s after rank 1 was killed (exit {status})")
+    assert status != 0 and stopped < 60
+    step = train.checkpoint_pair(run)[2]
+    assert step >= 4 and train.main(["--resume", str(run), "--max-steps", str(step + 2)]) == 0
+    assert train.checkpoint_pair(run)[2] == step + 2
