@@ -12,6 +12,8 @@ Paper -> this file
     InternViT-300M (pre-norm, CLS, learned positions, layer scale, drop path)               ViT
     ChatML (InternVL 2.5) template with <img><IMG_CONTEXT>...</img>                         build_conversation
     dynamic tiling (<= 6 tiles of 448 px + thumbnail)                                       dynamic_tiles
+    App. D instruction tasks (grounding with counting, referring, classification) built from
+    detection sets, one shared concept vocabulary (Sec. 4.1)                                build_instruction_corpus, CONCEPT_MAP
     Sec. 3.3 detection: shared ViT -> pyramid of the adapter's group ends -> neck -> heads  ViTPyramid, group_end_blocks, build_detector
 
 Differences from the paper / official code
@@ -36,16 +38,20 @@ May import: detection, datasets, rotated_ops (DESIGN.md).
 """
 import json
 import math
+import random
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from PIL import Image
 from torch import nn
 
 import datasets
 import detection
+import rotated_ops as ro
 
 IGNORE_INDEX = -100  # label of tokens without loss (system, user turn, image tokens, padding)
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
@@ -562,6 +568,165 @@ def load_tokenizer(run_dir, records: list, llm: str = "", vocab_size: int = 1024
         tok = build_tokenizer(texts, vocab_size)
     tok.save_pretrained(str(stored))
     return tok
+
+
+# ---------------------------------------------------------------------------------------------
+# CSIA instruction corpus from detection sets (App. D task types)
+# ---------------------------------------------------------------------------------------------
+
+# Class names of the detection sets -> the shared concepts of the corpus (BabelRS Sec. 4.1: "unified
+# naming conventions for shared concepts"). Keys are lower case; a name not listed is used as it
+# is, lower case, with '-' and '_' as spaces. `--concept_map FILE.json` adds to or overrides it.
+CONCEPT_MAP = {
+    # DOTA-v1.0 / v1.5
+    "plane": "plane", "ship": "ship", "storage-tank": "tank", "harbor": "harbor", "bridge": "bridge",
+    "small-vehicle": "vehicle", "large-vehicle": "vehicle", "helicopter": "helicopter",
+    "baseball-diamond": "baseball field", "tennis-court": "tennis court", "basketball-court": "basketball court",
+    "ground-track-field": "ground track field", "soccer-ball-field": "soccer field", "roundabout": "roundabout",
+    "swimming-pool": "swimming pool", "container-crane": "container crane",
+    # DIOR-R
+    "airplane": "plane", "storagetank": "tank", "vehicle": "vehicle", "baseballfield": "baseball field",
+    "basketballcourt": "basketball court", "tenniscourt": "tennis court", "groundtrackfield": "ground track field",
+    "golffield": "golf field", "trainstation": "train station", "expressway-service-area": "expressway service area",
+    "expressway-toll-station": "expressway toll station",
+    # SARDet-100K / SARDet-50K
+    "aircraft": "plane", "car": "vehicle", "tank": "tank",
+    # DroneVehicle (infrared)
+    "truck": "vehicle", "bus": "vehicle", "van": "vehicle", "feright_car": "vehicle", "freight_car": "vehicle",
+    "freight car": "vehicle",
+}
+MODALITY_NAMES = {"rgb": "optical", "sar": "SAR", "ir": "infrared"}
+_NUMBERS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+            "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty")
+
+
+def concept_of(name: str, mapping: dict = None) -> str:
+    """A data set's class name -> its shared concept (CONCEPT_MAP, then `mapping` on top)."""
+    table = dict(CONCEPT_MAP, **{k.lower(): v for k, v in (mapping or {}).items()})
+    key = name.strip().lower()
+    return table.get(key, key.replace("_", " ").replace("-", " "))
+
+
+def _count(n: int, concept: str) -> str:
+    word = _NUMBERS[n] if n < len(_NUMBERS) else str(n)
+    plural = concept if n == 1 else (concept + "es" if concept.endswith(("s", "sh", "ch", "x")) else concept + "s")
+    return f"{word} {plural}"
+
+
+def _article(concept: str) -> str:
+    return ("An " if concept[0] in "aeiou" else "A ") + concept
+
+
+def box_to_1000(xyxy: np.ndarray, width: int, height: int) -> str:
+    """A horizontal box in pixels -> InternVL's `[[x1, y1, x2, y2]]` in 0-1000 of the image, clipped."""
+    x1, y1, x2, y2 = (min(max(v / s, 0.0), 1.0) * 1000 for v, s in zip(xyxy, (width, height, width, height)))
+    return "[[" + ", ".join(str(int(round(v))) for v in (x1, y1, x2, y2)) + "]]"
+
+
+def detection_instructions(image: str, width: int, height: int, concepts: list, boxes: np.ndarray, modality: str,
+                           vocabulary: list, rng: random.Random, referring: int = 1) -> list:
+    """The App. D tasks for one annotated image, as InternVL jsonl rows:
+    - grounding with counting: "Detect all objects shown in this {modality} image and describe using
+      horizontal bounding box. If an object category appears more than once, output the quantity
+      only." -> "There are N objects in the image, including <counts, and the box of each single one>.";
+    - visual referring, for `referring` random objects: "What is the category visible in the area
+      <box>[[x1, y1, x2, y2]]</box>? The classes are: ..." -> "A ship.";
+    - image-level classification: which of the vocabulary's concepts the image holds.
+    concepts: per object its shared concept; boxes (N, 4) xyxy pixels; vocabulary: the modality's concepts."""
+    name = MODALITY_NAMES[modality]
+    rows = []
+
+    def add(question, answer):
+        rows.append({"image": image, "width": width, "height": height,
+                     "conversations": [{"from": "human", "value": "<image>\n" + question},
+                                       {"from": "gpt", "value": answer}]})
+
+    counts = {}
+    for c in concepts:
+        counts[c] = counts.get(c, 0) + 1
+    if concepts:
+        parts = []
+        for c in sorted(counts):
+            if counts[c] == 1:
+                parts.append(f"{_article(c).lower()} <box>{box_to_1000(boxes[concepts.index(c)], width, height)}</box>")
+            else:
+                parts.append(_count(counts[c], c))
+        listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+        answer = (f"There {'is' if len(concepts) == 1 else 'are'} {_count(len(concepts), 'object')} in the image, "
+                  f"including {listed}.")
+    else:
+        answer = "There are no objects in the image."
+    add(f"Detect all objects shown in this {name} image and describe using horizontal bounding box. If an object "
+        "category appears more than once, output the quantity only.", answer)
+    classes = ", ".join(vocabulary)
+    for k in rng.sample(range(len(concepts)), min(referring, len(concepts))):
+        add(f"What is the category visible in the area <box>{box_to_1000(boxes[k], width, height)}</box>? "
+            f"The classes are: {classes}.", f"{_article(concepts[k])}.")
+    present = sorted(counts)
+    add(f"Which of these categories can be seen in this {name} image? The classes are: {classes}. "
+        "Answer with the categories present.",
+        (", ".join(present) + ".") if present else "None of them.")
+    return rows
+
+
+def instruction_sources(entries: list) -> list:
+    """`--data MODALITY:PATH ...` of the csia stage -> [(modality, train split folder)], checked."""
+    sources = []
+    for e in entries:
+        modality, sep, path = e.partition(":")
+        if not sep or modality not in ("rgb", "sar", "ir"):
+            raise datasets.DatasetError(f"--data {e!r}: expected one meta .json, or MODALITY:PATH detection folders "
+                                        "with MODALITY one of rgb, sar, ir")
+        if not Path(path).is_dir():
+            raise datasets.DatasetError(f"{path}: no such folder (from --data {e})")
+        sources.append((modality, datasets.find_split(path, "train")))
+    return sources
+
+
+def build_instruction_corpus(sources: list, out_dir, rates: dict = None, concept_map: dict = None, seed: int = 0,
+                             referring: int = 1) -> Path:
+    """An InternVL-format instruction corpus (the layout `--stage csia --data` reads) from detection
+    splits: `out_dir/{modality}.jsonl` + `out_dir/meta.json` (absolute paths; `repeat_time` from
+    `rates`, the sample rate of each modality). sources: list of (modality, split folder) in any
+    format `datasets.load_detection_split` reads (DOTA, DIOR-R, COCO / SARDet, DroneVehicle). Written
+    atomically; deterministic from `seed`. Returns the meta file."""
+    out_dir = Path(out_dir)
+    rates = rates or {}
+    by_modality = {}
+    for modality, split_dir in sources:
+        ds = datasets.load_detection_split(split_dir, modality)
+        by_modality.setdefault(modality, []).append(ds)
+    meta = {}
+    for modality, splits in by_modality.items():
+        rng = random.Random(f"{seed}-{modality}")
+        vocabulary = sorted({concept_of(c, concept_map) for ds in splits for c in ds.classes})
+        rows = []
+        for ds in splits:
+            clipped = dropped = 0
+            for s in ds.samples:
+                with Image.open(s.image) as im:
+                    width, height = im.size
+                # InternVL's boxes are horizontal, in 0-1000 of the image: a box reaching past the image is
+                # clipped to it, one wholly outside (nothing of it visible) is left out of the answers
+                xyxy = ro.obb2hbb(torch.from_numpy(s.boxes).double()).numpy()
+                inside = np.clip(xyxy, 0, [width, height, width, height])
+                visible = (inside[:, 2] - inside[:, 0] >= 1) & (inside[:, 3] - inside[:, 1] >= 1)
+                clipped += int((visible & (np.abs(inside - xyxy) > 1).any(1)).sum())
+                dropped += int((~visible).sum())
+                concepts = [concept_of(ds.classes[int(l)], concept_map) for l, v in zip(s.labels, visible) if v]
+                rows += detection_instructions(str(Path(s.image).resolve()), width, height, concepts, inside[visible],
+                                               modality, vocabulary, rng, referring)
+            notes = [n for n in (ds.report(), f"{clipped} boxes clipped to their image" if clipped else "",
+                                 f"{dropped} boxes wholly outside their image left out" if dropped else "") if n]
+            if notes:
+                print(f"csia corpus, {ds.root}: " + "; ".join(n.removeprefix(f"{ds.root}: ") for n in notes))
+        ann = out_dir / f"{modality}.jsonl"
+        datasets.atomic_write_text(ann, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        meta[f"detections_{modality}"] = dict(root="/", annotation=str(ann.resolve()), modality=modality,
+                                              repeat_time=rates.get(modality, 1.0), length=len(rows))
+    meta_path = out_dir / "meta.json"
+    datasets.atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
+    return meta_path
 
 
 # ---------------------------------------------------------------------------------------------

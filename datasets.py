@@ -1,5 +1,7 @@
 """Data on disk and in batches: DOTA txt, DIOR-R xml, COCO json, instruction jsonl, DOTA-style image
-splitting and merging, transforms on oriented boxes, the SynthSOI generator, and a multi-source sampler.
+splitting and merging, transforms on oriented boxes, the SynthSOI generator, a multi-source sampler
+and a step's batches, FractalDB-style images; and what every command line and run folder shares:
+the argument parser and dataclass flags, atomic writes and folder locks, a run's provenance.
 
 Formats (the official layouts of the data sets both papers use):
 - DOTA txt (DOTA-v1.0, SOI-Det's DOTA and DroneVehicle parts): one object a line,
@@ -173,6 +175,58 @@ def save_tensors_atomic(path, tensors: dict) -> None:
     tmp = path.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Provenance: what a run's numbers depend on beyond its config (train.py's config.json)
+# ---------------------------------------------------------------------------------------------
+
+def machine() -> dict:
+    """What a run's numbers depend on beyond its config: torch, threads (the order of float sums),
+    deterministic kernels, the CPU or GPU."""
+    import platform
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return dict(torch=torch.__version__, python=platform.python_version(), threads=torch.get_num_threads(),
+                deterministic=torch.are_deterministic_algorithms_enabled(), cpu=cpu,
+                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+
+
+def code_version() -> str:
+    """The git commit of this code (with "+dirty" when files differ from it), or "" outside a checkout."""
+    import subprocess
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else ""
+
+
+def weight_hashes(weights: dict) -> dict:
+    """{field: {path: sha256}} of the weight files a run loaded (`start_weights`; a folder: its
+    .safetensors files), so that a run's numbers can be traced to the exact files."""
+    import hashlib
+    out = {}
+    for field_name, value in weights.items():
+        p = Path(value) if value else None
+        if p is None or not p.exists():
+            continue
+        files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
+        hashes = {}
+        for f in files:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(chunk)
+            hashes[str(f)] = h.hexdigest()
+        out[field_name] = hashes
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,6 +569,24 @@ def find_split(root, split: str):
         if (root / name).is_dir():
             return root / name
     return root
+
+
+def detection_sources(entries: list, synth_root="data/synthsoi", synth_modalities=("rgb",)) -> list:
+    """`--data MODALITY:PATH ...` (none: the `synth_modalities` of SynthSOI under `synth_root`, which
+    must exist) -> list of dict(modality, root, train, test), each folder checked."""
+    if not entries:
+        entries = [f"{m}:{Path(synth_root) / m}" for m in synth_modalities]
+    sources = []
+    for e in entries:
+        modality, sep, path = e.partition(":")
+        if not sep or modality not in ("rgb", "sar", "ir"):
+            raise DatasetError(f"--data {e!r}: expected MODALITY:PATH with MODALITY one of rgb, sar, ir")
+        root = Path(path).resolve()
+        if not root.is_dir():
+            raise DatasetError(f"{root}: no such folder (from --data {e})")
+        sources.append(dict(modality=modality, root=str(root), train=str(find_split(root, "train")),
+                            test=str(find_split(root, "test"))))
+    return sources
 
 
 # ---------------------------------------------------------------------------------------------
@@ -965,183 +1037,6 @@ class StepBatches(torch.utils.data.Dataset):
     def __getitem__(self, k: int):
         micro = [self.micro_batch(k * self.accum + a) for a in range(self.accum)]
         return micro if self.accum > 1 else micro[0]
-
-
-# ---------------------------------------------------------------------------------------------
-# CSIA instruction corpus from detection sets (BabelRS App. D task types)
-# ---------------------------------------------------------------------------------------------
-
-# Class names of the detection sets -> the shared concepts of the corpus (BabelRS Sec. 4.1: "unified
-# naming conventions for shared concepts"). Keys are lower case; a name not listed is used as it
-# is, lower case, with '-' and '_' as spaces. `--concept_map FILE.json` adds to or overrides it.
-CONCEPT_MAP = {
-    # DOTA-v1.0 / v1.5
-    "plane": "plane", "ship": "ship", "storage-tank": "tank", "harbor": "harbor", "bridge": "bridge",
-    "small-vehicle": "vehicle", "large-vehicle": "vehicle", "helicopter": "helicopter",
-    "baseball-diamond": "baseball field", "tennis-court": "tennis court", "basketball-court": "basketball court",
-    "ground-track-field": "ground track field", "soccer-ball-field": "soccer field", "roundabout": "roundabout",
-    "swimming-pool": "swimming pool", "container-crane": "container crane",
-    # DIOR-R
-    "airplane": "plane", "storagetank": "tank", "vehicle": "vehicle", "baseballfield": "baseball field",
-    "basketballcourt": "basketball court", "tenniscourt": "tennis court", "groundtrackfield": "ground track field",
-    "golffield": "golf field", "trainstation": "train station", "expressway-service-area": "expressway service area",
-    "expressway-toll-station": "expressway toll station",
-    # SARDet-100K / SARDet-50K
-    "aircraft": "plane", "car": "vehicle", "tank": "tank",
-    # DroneVehicle (infrared)
-    "truck": "vehicle", "bus": "vehicle", "van": "vehicle", "feright_car": "vehicle", "freight_car": "vehicle",
-    "freight car": "vehicle",
-}
-MODALITY_NAMES = {"rgb": "optical", "sar": "SAR", "ir": "infrared"}
-_NUMBERS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-            "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty")
-
-
-def concept_of(name: str, mapping: dict = None) -> str:
-    """A data set's class name -> its shared concept (CONCEPT_MAP, then `mapping` on top)."""
-    table = dict(CONCEPT_MAP, **{k.lower(): v for k, v in (mapping or {}).items()})
-    key = name.strip().lower()
-    return table.get(key, key.replace("_", " ").replace("-", " "))
-
-
-def _count(n: int, concept: str) -> str:
-    word = _NUMBERS[n] if n < len(_NUMBERS) else str(n)
-    plural = concept if n == 1 else (concept + "es" if concept.endswith(("s", "sh", "ch", "x")) else concept + "s")
-    return f"{word} {plural}"
-
-
-def _article(concept: str) -> str:
-    return ("An " if concept[0] in "aeiou" else "A ") + concept
-
-
-def box_to_1000(xyxy: np.ndarray, width: int, height: int) -> str:
-    """A horizontal box in pixels -> InternVL's `[[x1, y1, x2, y2]]` in 0-1000 of the image, clipped."""
-    x1, y1, x2, y2 = (min(max(v / s, 0.0), 1.0) * 1000 for v, s in zip(xyxy, (width, height, width, height)))
-    return "[[" + ", ".join(str(int(round(v))) for v in (x1, y1, x2, y2)) + "]]"
-
-
-def detection_instructions(image: str, width: int, height: int, concepts: list, boxes: np.ndarray, modality: str,
-                           vocabulary: list, rng: random.Random, referring: int = 1) -> list:
-    """The App. D tasks for one annotated image, as InternVL jsonl rows:
-    - grounding with counting: "Detect all objects shown in this {modality} image and describe using
-      horizontal bounding box. If an object category appears more than once, output the quantity
-      only." -> "There are N objects in the image, including <counts, and the box of each single one>.";
-    - visual referring, for `referring` random objects: "What is the category visible in the area
-      <box>[[x1, y1, x2, y2]]</box>? The classes are: ..." -> "A ship.";
-    - image-level classification: which of the vocabulary's concepts the image holds.
-    concepts: per object its shared concept; boxes (N, 4) xyxy pixels; vocabulary: the modality's concepts."""
-    name = MODALITY_NAMES[modality]
-    rows = []
-
-    def add(question, answer):
-        rows.append({"image": image, "width": width, "height": height,
-                     "conversations": [{"from": "human", "value": "<image>\n" + question},
-                                       {"from": "gpt", "value": answer}]})
-
-    counts = {}
-    for c in concepts:
-        counts[c] = counts.get(c, 0) + 1
-    if concepts:
-        parts = []
-        for c in sorted(counts):
-            if counts[c] == 1:
-                parts.append(f"{_article(c).lower()} <box>{box_to_1000(boxes[concepts.index(c)], width, height)}</box>")
-            else:
-                parts.append(_count(counts[c], c))
-        listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-        answer = (f"There {'is' if len(concepts) == 1 else 'are'} {_count(len(concepts), 'object')} in the image, "
-                  f"including {listed}.")
-    else:
-        answer = "There are no objects in the image."
-    add(f"Detect all objects shown in this {name} image and describe using horizontal bounding box. If an object "
-        "category appears more than once, output the quantity only.", answer)
-    classes = ", ".join(vocabulary)
-    for k in rng.sample(range(len(concepts)), min(referring, len(concepts))):
-        add(f"What is the category visible in the area <box>{box_to_1000(boxes[k], width, height)}</box>? "
-            f"The classes are: {classes}.", f"{_article(concepts[k])}.")
-    present = sorted(counts)
-    add(f"Which of these categories can be seen in this {name} image? The classes are: {classes}. "
-        "Answer with the categories present.",
-        (", ".join(present) + ".") if present else "None of them.")
-    return rows
-
-
-def detection_sources(entries: list, synth_root="data/synthsoi", synth_modalities=("rgb",)) -> list:
-    """`--data MODALITY:PATH ...` (none: the `synth_modalities` of SynthSOI under `synth_root`, which
-    must exist) -> list of dict(modality, root, train, test), each folder checked."""
-    if not entries:
-        entries = [f"{m}:{Path(synth_root) / m}" for m in synth_modalities]
-    sources = []
-    for e in entries:
-        modality, sep, path = e.partition(":")
-        if not sep or modality not in ("rgb", "sar", "ir"):
-            raise DatasetError(f"--data {e!r}: expected MODALITY:PATH with MODALITY one of rgb, sar, ir")
-        root = Path(path).resolve()
-        if not root.is_dir():
-            raise DatasetError(f"{root}: no such folder (from --data {e})")
-        sources.append(dict(modality=modality, root=str(root), train=str(find_split(root, "train")),
-                            test=str(find_split(root, "test"))))
-    return sources
-
-
-def instruction_sources(entries: list) -> list:
-    """`--data MODALITY:PATH ...` of the csia stage -> [(modality, train split folder)], checked."""
-    sources = []
-    for e in entries:
-        modality, sep, path = e.partition(":")
-        if not sep or modality not in ("rgb", "sar", "ir"):
-            raise DatasetError(f"--data {e!r}: expected one meta .json, or MODALITY:PATH detection folders "
-                                        "with MODALITY one of rgb, sar, ir")
-        if not Path(path).is_dir():
-            raise DatasetError(f"{path}: no such folder (from --data {e})")
-        sources.append((modality, find_split(path, "train")))
-    return sources
-
-
-def build_instruction_corpus(sources: list, out_dir, rates: dict = None, concept_map: dict = None, seed: int = 0,
-                             referring: int = 1) -> Path:
-    """An InternVL-format instruction corpus (the layout `--stage csia --data` reads) from detection
-    splits: `out_dir/{modality}.jsonl` + `out_dir/meta.json` (absolute paths; `repeat_time` from
-    `rates`, the sample rate of each modality). sources: list of (modality, split folder) in any
-    format `load_detection_split` reads (DOTA, DIOR-R, COCO / SARDet, DroneVehicle). Written
-    atomically; deterministic from `seed`. Returns the meta file."""
-    out_dir = Path(out_dir)
-    rates = rates or {}
-    by_modality = {}
-    for modality, split_dir in sources:
-        ds = load_detection_split(split_dir, modality)
-        by_modality.setdefault(modality, []).append(ds)
-    meta = {}
-    for modality, splits in by_modality.items():
-        rng = random.Random(f"{seed}-{modality}")
-        vocabulary = sorted({concept_of(c, concept_map) for ds in splits for c in ds.classes})
-        rows = []
-        for ds in splits:
-            clipped = dropped = 0
-            for s in ds.samples:
-                with Image.open(s.image) as im:
-                    width, height = im.size
-                # InternVL's boxes are horizontal, in 0-1000 of the image: a box reaching past the image is
-                # clipped to it, one wholly outside (nothing of it visible) is left out of the answers
-                xyxy = ro.obb2hbb(torch.from_numpy(s.boxes).double()).numpy()
-                inside = np.clip(xyxy, 0, [width, height, width, height])
-                visible = (inside[:, 2] - inside[:, 0] >= 1) & (inside[:, 3] - inside[:, 1] >= 1)
-                clipped += int((visible & (np.abs(inside - xyxy) > 1).any(1)).sum())
-                dropped += int((~visible).sum())
-                concepts = [concept_of(ds.classes[int(l)], concept_map) for l, v in zip(s.labels, visible) if v]
-                rows += detection_instructions(str(Path(s.image).resolve()), width, height, concepts, inside[visible],
-                                               modality, vocabulary, rng, referring)
-            notes = [n for n in (ds.report(), f"{clipped} boxes clipped to their image" if clipped else "",
-                                 f"{dropped} boxes wholly outside their image left out" if dropped else "") if n]
-            if notes:
-                print(f"csia corpus, {ds.root}: " + "; ".join(n.removeprefix(f"{ds.root}: ") for n in notes))
-        ann = out_dir / f"{modality}.jsonl"
-        atomic_write_text(ann, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        meta[f"detections_{modality}"] = dict(root="/", annotation=str(ann.resolve()), modality=modality,
-                                              repeat_time=rates.get(modality, 1.0), length=len(rows))
-    meta_path = out_dir / "meta.json"
-    atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
-    return meta_path
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ class CSIAConfig:
     rate_rgb: float = 1.0  # sample rate (repeat_time) of a corpus built from detections, per modality
     rate_sar: float = 0.6  # Tab. 1: SARLang 0.6
     rate_ir: float = 1.0  # Tab. 1: MMRS-1M IR 1 (the public meta json repeats it x3)
-    concept_map: str = ""  # json {class name: shared concept} on top of datasets.CONCEPT_MAP
+    concept_map: str = ""  # json {class name: shared concept} on top of babelrs.CONCEPT_MAP
     synth_root: str = "data/synthsoi"  # where SynthSOI is written
     image_size: int = 128  # tile side; paper: 448 (force_image_size)
     max_tiles: int = 1  # dynamic tiles per image (+ a thumbnail when > 1); paper: 6 (max_dynamic_patch)
@@ -717,26 +717,16 @@ def start_weights(cfg) -> dict:
     return dict(resnet=standin(cfg.resnet, cfg.backbone), init=cfg.init)
 
 
-def machine() -> dict:
-    """What a run's numbers depend on beyond its config: torch, threads (the order of float sums),
-    deterministic kernels, the CPU or GPU."""
-    import platform
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return dict(torch=torch.__version__, python=platform.python_version(), threads=torch.get_num_threads(),
-                deterministic=torch.are_deterministic_algorithms_enabled(), cpu=cpu,
-                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "")
-
-
-def write_config(run: Path, cfg) -> None:
-    """config.json: the stage and the resolved config, so that `--resume RUN` needs nothing else, and
-    the machine it ran on (`machine`; the last session's, for a resumed run)."""
+def write_config(run: Path, cfg, weights: dict = None) -> None:
+    """config.json: the stage and the resolved config, so that `--resume RUN` needs nothing else; the
+    machine it ran on (`machine`), the code's commit and the SHA-256 of every weight file it started
+    from (`weights`: `start_weights`' result; a resumed run keeps the record of its start)."""
     stage = next(name for name, (cls, _) in STAGES.items() if isinstance(cfg, cls))
-    datasets.atomic_write_text(run / "config.json", json.dumps(dict(stage=stage, **dataclasses.asdict(cfg),
-                                                                    machine=machine()), indent=2) + "\n")
+    previous = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
+    loaded = datasets.weight_hashes(weights) if weights and any(weights.values()) else previous.get("weights", {})
+    datasets.atomic_write_text(run / "config.json", json.dumps(dict(
+        stage=stage, **dataclasses.asdict(cfg), machine=datasets.machine(), commit=datasets.code_version(), weights=loaded),
+        indent=2) + "\n")
 
 
 def accumulation(global_batch: int, micro: int, world: int) -> int:
@@ -796,7 +786,7 @@ def csia_corpus(cfg: CSIAConfig, sources: list, out: Path) -> Path:
             mapping = json.loads(Path(cfg.concept_map).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise datasets.DatasetError(f"{cfg.concept_map}: cannot read the concept map ({e})") from None
-    meta = datasets.build_instruction_corpus(sources, out, dict(rgb=cfg.rate_rgb, sar=cfg.rate_sar, ir=cfg.rate_ir),
+    meta = babelrs.build_instruction_corpus(sources, out, dict(rgb=cfg.rate_rgb, sar=cfg.rate_sar, ir=cfg.rate_ir),
                                              mapping, cfg.seed)
     print(f"csia: instruction corpus from {len(sources)} detection sets written to {out}")
     return meta
@@ -832,7 +822,7 @@ def csia_run(cfg: CSIAConfig) -> int:
     elif len(entries) == 1 and entries[0].endswith(".json"):
         meta = entries[0]
     else:  # detection sets: the corpus is built into (and reused from) the run folder
-        sources = datasets.instruction_sources(entries)
+        sources = babelrs.instruction_sources(entries)
         run = run_folder(cfg, "csia", rank)
         meta = str(run / "corpus" / "meta.json")
         if rank == 0 and not Path(meta).exists():
@@ -882,7 +872,7 @@ def csia_run(cfg: CSIAConfig) -> int:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     start = resume(run, model, optimizer, scaler, rank) if cfg.resume else 0
     if rank == 0:
-        write_config(run, cfg)
+        write_config(run, cfg, weights)
         modalities = sorted({r["modality"] for r in records})
         print(f"csia: {len(records)} instruction samples ({', '.join(modalities)}), "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {tokens_per_tile} tokens a tile")
@@ -997,7 +987,7 @@ def finetune(cfg: FinetuneConfig) -> int:
     stored_sources = [dict(m, root=s["root"], train=s["train"], test=s["test"], image_size=cfg.image_size)
                       for m, s in zip(margs["sources"], sources)]
     if rank == 0:
-        write_config(run, cfg)
+        write_config(run, cfg, weights)
         datasets.atomic_write_text(run / "model.json", json.dumps(dict(margs, sources=stored_sources), indent=2) + "\n")
 
     def forward(net, batch, step):
@@ -1051,7 +1041,7 @@ def sam_stage(cfg: SAMConfig) -> int:
     run = run_folder(dataclasses.replace(cfg, out=cfg.resume or cfg.out), "sam", 0)
     (run / "raw").mkdir(exist_ok=True)
     (run / "cache").mkdir(exist_ok=True)
-    write_config(run, cfg)
+    write_config(run, cfg, weights)
     norm = datasets.Normalize()
     log = open(run / "log.jsonl", "a")
     bar = tqdm(samples, desc="sam", unit="img", dynamic_ncols=True)
@@ -1159,7 +1149,7 @@ def mutdet_stage(cfg: MutDetConfig) -> int:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     start = resume(run, model, optimizer, scaler, rank) if cfg.resume else 0
     if rank == 0:
-        write_config(run, cfg)
+        write_config(run, cfg, weights)
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"mutdet: {len(data)} images of {cache}, {len(data.classes)} classes, {trained / 1e6:.1f}M trained "
               f"parameters, {end} steps ({steps_per_epoch} an epoch)")

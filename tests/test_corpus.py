@@ -5,6 +5,7 @@ import re
 import numpy as np
 from PIL import Image
 
+import babelrs
 import datasets
 import rotated_ops as ro
 import torch
@@ -48,7 +49,7 @@ def test_corpus_boxes_counts_and_concepts(tmp_path):
     synth = datasets.make_synthetic(tmp_path / "synth", n_train=3, n_test=1, size=64, max_objects=3)
     sources = [("rgb", synth / "rgb" / "train"), ("sar", synth / "sar" / "train"), ("rgb", _dior(tmp_path / "dior")),
                ("ir", _drone(tmp_path / "drone"))]
-    meta = datasets.build_instruction_corpus(sources, tmp_path / "corpus", dict(sar=0.6), seed=0)
+    meta = babelrs.build_instruction_corpus(sources, tmp_path / "corpus", dict(sar=0.6), seed=0)
     spec = json.loads(meta.read_text())
     assert spec["detections_sar"]["repeat_time"] == 0.6 and spec["detections_rgb"]["repeat_time"] == 1.0
     rows = _rows(meta)
@@ -65,14 +66,14 @@ def test_corpus_boxes_counts_and_concepts(tmp_path):
                           if r["image"] == str(s.image.resolve()) and "Detect all" in r["conversations"][0]["value"])
             n = len(s.labels)
             assert answer.startswith("There are no objects") if n == 0 else re.search(
-                rf"There (is|are) {datasets._NUMBERS[n]} object", answer), (answer, n)
+                rf"There (is|are) {babelrs._NUMBERS[n]} object", answer), (answer, n)
     text = " ".join(t["value"] for r in rows["rgb"] + rows["ir"] for t in r["conversations"])
     assert "airplane" not in text and "storagetank" not in text and "truck" not in text  # mapped to concepts
     dior = [r for r in rows["rgb"] if r["image"].endswith("00001.jpg")]
     assert "including a plane <box>" in dior[0]["conversations"][1]["value"] and "two tanks" in dior[0]["conversations"][1]["value"]
     drone = rows["ir"][0]["conversations"][1]["value"]
     assert "three vehicles" in drone and "infrared" in rows["ir"][0]["conversations"][0]["value"]
-    own = datasets.build_instruction_corpus([("ir", tmp_path / "drone")], tmp_path / "own", concept_map={"truck": "truck"})
+    own = babelrs.build_instruction_corpus([("ir", tmp_path / "drone")], tmp_path / "own", concept_map={"truck": "truck"})
     assert "a truck <box>" in _rows(own)["ir"][0]["conversations"][1]["value"]
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import babelrs
 import datasets
 import eval as ev
 import tables
@@ -144,7 +145,7 @@ def test_input_that_is_silently_wrong_is_counted_and_said(tmp_path, capsys):
     ds = datasets.load_detection_split(split)
     assert (ds.outside_boxes, ds.unlabelled_images) == (2, 1)
     assert "2 boxes reaching past their image kept" in ds.report() and "1 images without a label file" in ds.report()
-    meta = datasets.build_instruction_corpus([("rgb", split)], tmp_path / "corpus")
+    meta = babelrs.build_instruction_corpus([("rgb", split)], tmp_path / "corpus")
     out = capsys.readouterr().out
     assert "1 boxes clipped to their image" in out and "1 boxes wholly outside their image left out" in out
     rows = [json.loads(l) for l in (tmp_path / "corpus" / "rgb.jsonl").read_text().splitlines()]

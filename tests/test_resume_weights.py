@@ -139,3 +139,18 @@ def test_csia_resume_after_its_llm_folder_is_gone(synth, tmp_path):
     shutil.rmtree(llm)
     assert train.main(["--resume", str(tmp_path / "part"), "--max-steps", str(STEPS)]) == 0
     assert _losses(tmp_path / "part") == pytest.approx(_losses(tmp_path / "straight"), abs=1e-6)
+
+
+def test_config_records_the_commit_and_every_weight_file(synth, standins, tmp_path):
+    """config.json says which code and which weight files (SHA-256) a run started from; a resumed run
+    keeps that record although its stand-in has gone since."""
+    import hashlib
+    argv = STAGES["finetune"] + ["--synth_root", str(synth), "--max-steps", "1", "--out", str(tmp_path / "r")]
+    assert train.main(argv) == 0
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    standin = standins / "resnet18" / "resnet18.safetensors"
+    assert cfg["weights"]["resnet"] == {str(standin): hashlib.sha256(standin.read_bytes()).hexdigest()}
+    assert len(cfg["commit"].removesuffix("+dirty")) in (0, 40)  # 40 hex digits in a checkout
+    shutil.rmtree(standins)
+    assert train.main(["--resume", str(tmp_path / "r"), "--max-steps", "2"]) == 0
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["weights"] == cfg["weights"]
