@@ -830,6 +830,30 @@ def build_llm(path: str = "", vocab_size: int = 0, dim: int = 64, layers: int = 
     return Qwen2ForCausalLM(cfg)
 
 
+def internvl_llm_config(folder) -> dict:
+    """The language model's config inside an InternVL checkpoint folder (`config.json`'s `llm_config`,
+    InternVL2.5-1B: a Qwen2 of 151,674 tokens), or {} when `folder` is not one."""
+    path = Path(folder) / "config.json" if folder else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return config.get("llm_config", {}) if isinstance(config, dict) else {}
+
+
+def llm_from_internvl(folder) -> nn.Module:
+    """The causal LM as the official CSIA builds it: InternVL's own language-model config (its
+    vocabulary, with InternVL's added tokens), fresh weights that `--init` then loads."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    llm_config = dict(internvl_llm_config(folder))
+    model_type = llm_config.pop("model_type", "qwen2")
+    llm_config.pop("architectures", None)
+    config = AutoConfig.for_model(model_type, **llm_config)
+    return AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+
+
 def llm_from_config(folder) -> nn.Module:
     """A causal LM of the shape a `config.json` in `folder` describes, with fresh weights (a
     continuing csia run, whose weights come from its checkpoint)."""

@@ -223,14 +223,20 @@ def read_weights(path: str) -> dict:
     return state
 
 
-def load_init(model, path: str, state: dict = None, strict: bool = False) -> None:
+def load_init(model, path: str, state: dict = None, strict: bool = False, strict_shapes: bool = False) -> None:
     """Load any checkpoint of this project (a run folder or a weight file) and print what was
     skipped: parameters missing from the file, unexpected ones, and shape mismatches (e.g. a
     256-way pseudo-class head from MutDet pre-training). With `strict` (`--init_strict`) any of
-    them is an error naming the tensors, and nothing is loaded."""
+    them is an error naming the tensors, and nothing is loaded; with `strict_shapes` a tensor of
+    the file that the model holds in another shape is (the paper presets: nothing silently random)."""
     state = read_weights(path) if state is None else state
     own = model.state_dict()
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if strict_shapes and mismatched:
+        more = f" (and {len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
+        raise ValueError(f"--init {path}: {len(mismatched)} tensors have another shape here, which a paper preset "
+                         "does not skip: " + "; ".join(f"{k} {tuple(state[k].shape)} in the file, "
+                                                       f"{tuple(own[k].shape)} here" for k in mismatched[:3]) + more)
     if strict:
         problems = ([f"missing {k}" for k in own if k not in state] + [f"unexpected {k}" for k in state if k not in own]
                     + [f"shape {k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here" for k in mismatched])

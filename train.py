@@ -79,15 +79,16 @@ class CSIAConfig:
     patch: int = 8  # paper: 14
     drop_path: float = 0.0  # paper: 0.1 (--drop_path_rate)
     grad_checkpoint: bool = False  # paper: True
-    # LLM (Qwen2.5-0.5B-Instruct in the paper)
-    llm: str = ""  # local transformers causal-LM folder (with its tokenizer); empty = a small random Qwen2
+    # LLM (InternVL2.5-1B's Qwen2.5-0.5B in the paper: built from an InternVL --init's own llm_config)
+    llm: str = ""  # another local transformers causal-LM folder (with its tokenizer); empty = the InternVL
+    #   --init's LM, else a small random Qwen2
     llm_dim: int = 128  # width of the random Qwen2 (without --llm); Qwen2.5-0.5B: 896
     llm_layers: int = 2  # its layers; Qwen2.5-0.5B: 24
     llm_heads: int = 4  # its attention heads; Qwen2.5-0.5B: 14
     llm_kv_heads: int = 2  # its key/value heads; Qwen2.5-0.5B: 2
     llm_ffn: int = 256  # its MLP width; Qwen2.5-0.5B: 4864
     vocab_size: int = 1024  # of the tokenizer trained on the instruction corpus
-    init: str = ""  # a csia run or an InternVL2.5-1B folder (vision_model, mlp1, language_model)
+    init: str = ""  # a csia run or an InternVL2.5-1B folder (vision_model, mlp1, language_model, tokenizer)
     init_strict: bool = False  # --init must match every tensor (else a one-line error); default: skip and list
     # LVSA (Sec. 3.2)
     merge: Literal["lvsa", "last", "concat", "sum", "per-layer"] = "lvsa"  # Tab. 5 rows
@@ -830,11 +831,13 @@ def csia_run(cfg: CSIAConfig) -> int:
         barrier()
     records = babelrs.read_instruction_meta(meta)
     run = run or run_folder(cfg, "csia", rank)
+    # the LM's tokenizer: --llm's, else an InternVL --init's own (the official CSIA's), else trained here
+    vocab_from = cfg.llm or (cfg.init if babelrs.internvl_llm_config(cfg.init) else "")
     if rank == 0:  # one process trains (or adapts) and stores the tokenizer; the others read it back
-        tokenizer = babelrs.load_tokenizer(run, records, cfg.llm, cfg.vocab_size)
+        tokenizer = babelrs.load_tokenizer(run, records, vocab_from, cfg.vocab_size)
     barrier()
     if rank != 0:
-        tokenizer = babelrs.load_tokenizer(run, records, cfg.llm, cfg.vocab_size)
+        tokenizer = babelrs.load_tokenizer(run, records, vocab_from, cfg.vocab_size)
     try:
         vit = babelrs.ViT(cfg.vit_dim, cfg.vit_depth, cfg.vit_heads, cfg.patch, cfg.image_size,
                           drop_path=cfg.drop_path, grad_checkpoint=cfg.grad_checkpoint)
@@ -844,13 +847,16 @@ def csia_run(cfg: CSIAConfig) -> int:
         # an LM folder gives the LM's shape and weights; a continuing run has the shape in its own folder
         # (stored at its start) and the weights in its checkpoint, so the folder may have moved since
         stored_llm = run / "llm" / "config.json"
-        if cfg.llm and continues_from_checkpoint(cfg) and stored_llm.exists():
+        internvl = babelrs.internvl_llm_config(cfg.init)
+        if (cfg.llm or internvl) and continues_from_checkpoint(cfg) and stored_llm.exists():
             llm = babelrs.llm_from_config(stored_llm.parent)
+        elif internvl and not cfg.llm:  # as the official code: the LM of the InternVL checkpoint it continues
+            llm = babelrs.llm_from_internvl(cfg.init)
         else:
             llm = babelrs.build_llm(cfg.llm, len(tokenizer), cfg.llm_dim, cfg.llm_layers, cfg.llm_heads,
                                     cfg.llm_kv_heads, cfg.llm_ffn)
-            if cfg.llm and rank == 0:
-                llm.config.save_pretrained(str(stored_llm.parent))
+        if (cfg.llm or internvl) and rank == 0 and not stored_llm.exists():
+            llm.config.save_pretrained(str(stored_llm.parent))
     except (ValueError, OSError) as e:
         raise datasets.DatasetError(str(e)) from None
     if llm.get_input_embeddings().num_embeddings < len(tokenizer):
@@ -861,7 +867,11 @@ def csia_run(cfg: CSIAConfig) -> int:
         try:
             state = {k.replace("vision_model.", "vit.", 1).replace("language_model.", "llm.", 1): v
                      for k, v in detection.read_weights(weights["init"]).items()}
-            detection.load_init(model, weights["init"], state, cfg.init_strict)
+            # at paper scale every tensor of the checkpoint must land: a skipped embedding (an LM of another
+            # vocabulary) would leave the continued model half random
+            paper = cfg.vit_dim >= 1024
+            detection.load_init(model, weights["init"], state, cfg.init_strict,
+                                strict_shapes=paper and not cfg.init_strict)
         except (ValueError, FileNotFoundError) as e:
             raise datasets.DatasetError(str(e)) from None
     tokens_per_tile = (cfg.image_size // cfg.patch) ** 2 // 4
@@ -1371,10 +1381,10 @@ def parse_config(argv=None, check_weights: bool = True):
                          "--resnet FILE (torchvision's resnet50-0676ba61.pth, ResNet50_Weights.IMAGENET1K_V1)"
                          + (" or --init a pre-trained detector" if known.stage != "sam" else ""))
     if (check_weights and known.stage == "csia" and known.preset == "paper" and not resume
-            and not (cfg.llm and (cfg.init or cfg.vit))):
+            and not (cfg.init or (cfg.llm and cfg.vit))):
         # BabelRS continues InternVL2.5-1B; a paper-size run from random weights is never what is meant
-        raise SystemExit("error: --stage csia --preset paper needs --llm (Qwen2.5-0.5B-Instruct folder) and "
-                         "--init (InternVL2.5-1B folder) or --vit (InternViT-300M weights)")
+        raise SystemExit("error: --stage csia --preset paper needs --init (the InternVL2.5-1B folder: its ViT, "
+                         "projector, language model and tokenizer) or --llm (a causal LM folder) with --vit")
     return known.stage, cfg
 
 

@@ -301,3 +301,37 @@ def test_truncation_never_splits_the_image(tokenizer):
     ids, labels = babelrs.build_conversation(tokenizer, conv, 20, max_length=15)
     img = tokenizer.convert_tokens_to_ids(babelrs.IMG_CONTEXT)
     assert int((ids == img).sum()) == 20 and (labels == babelrs.IGNORE_INDEX).all()
+
+
+def test_csia_continues_internvl_with_its_own_language_model(tmp_path):
+    """As the official CSIA: `--init INTERNVL_FOLDER` alone gives the ViT, the projector, the language
+    model built from the folder's own `llm_config` (its vocabulary) and its tokenizer, so every tensor
+    loads; an LM of another vocabulary is a one-line error at the paper preset, not skipped embeddings."""
+    import detection
+    from safetensors.torch import save_file
+    synth = datasets.make_synthetic(tmp_path / "synth")
+    records = babelrs.read_instruction_meta(synth / "instructions" / "meta.json")
+    folder = tmp_path / "InternVL-tiny"
+    tok = babelrs.load_tokenizer(folder, records, "", 300)  # written to folder/tokenizer
+    for f in (folder / "tokenizer").iterdir():
+        f.rename(folder / f.name)
+    torch.manual_seed(0)
+    llm = babelrs.build_llm("", len(tok), 32, 1, 4, 2, 64)
+    model = babelrs.CSIA(babelrs.ViT(64, 4, 4, 8, 32), llm, tok.convert_tokens_to_ids(babelrs.IMG_CONTEXT), "lvsa",
+                         (1, 2, 3, 4), 10.0)
+    names = {"vit.": "vision_model.", "llm.": "language_model."}
+    state = {next((names[p] + k[len(p):] for p in names if k.startswith(p)), k): v.contiguous()
+             for k, v in model.state_dict().items() if "lm_head" not in k}
+    save_file(state, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"llm_config": llm.config.to_dict()}))
+    run = tmp_path / "run"
+    assert train.main(["--stage", "csia", "--synth_root", str(synth), "--init", str(folder), "--image_size", "32",
+                       "--max-steps", "1", "--out", str(run)]) == 0
+    stored = json.loads((run / "llm" / "config.json").read_text())
+    assert stored["vocab_size"] == len(tok) and (run / "tokenizer" / "tokenizer.json").read_text() == \
+        (folder / "tokenizer.json").read_text()
+    other = babelrs.CSIA(babelrs.ViT(64, 4, 4, 8, 32), babelrs.build_llm("", len(tok) + 50, 32, 1, 4, 2, 64), 5,
+                         "lvsa", (1, 2, 3, 4), 10.0)
+    with pytest.raises(ValueError, match="embed_tokens.weight"):
+        detection.load_init(other, str(folder), {k.replace("language_model.", "llm.").replace("vision_model.", "vit."): v
+                                                 for k, v in state.items()}, strict_shapes=True)
