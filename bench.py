@@ -7,6 +7,7 @@ same run, on this machine.
     python bench.py sam    # the sam stage's images/s (tiny preset) and SAM ViT-B mask generation vs its image encoder alone
     python bench.py mutdet # MutDet pre-training steps (tiny preset, paper size) vs the DETReg row (one plain pass)
     python bench.py vit    # CSIA steps (tiny preset), InternViT-300M forward+backward vs torch.nn.TransformerEncoder
+    python bench.py tiny   # every tiny step part by part (data, forward, matching, losses, backward, optimizer) vs this CPU's matmul rate
     python bench.py gpu    # the prepared GPU check (README: "The GPU check"); --dry-run runs it on the CPU
 
 May import: every file of the project (it sits at the top of the import graph, DESIGN.md).
@@ -528,6 +529,169 @@ def bench_paper(args):
 
 
 # ---------------------------------------------------------------------------------------------
+# The tiny steps against what this CPU can do (python bench.py tiny)
+# ---------------------------------------------------------------------------------------------
+
+def _matmul_gflops(n: int = 2048, repeat: int = 3) -> float:
+    """This machine's float32 matrix-product rate, measured now (the ceiling of dense work)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t, _ = _best_of(lambda: a @ b, repeat)
+    return 2 * n ** 3 / t / 1e9
+
+
+class _PartTimer:
+    """Seconds spent inside the matcher and the criterion (wrapped for the benchmark only, restored
+    after): the rest of a forward pass is the model itself."""
+
+    def __init__(self):
+        import detection
+        self.classes = (detection.HungarianMatcher, detection.SetCriterion)
+        self.seconds = {"matching": 0.0, "losses": 0.0}
+        self.saved = [cls.forward for cls in self.classes]
+
+    def __enter__(self):
+        for cls, key, real in zip(self.classes, ("matching", "losses"), self.saved):
+            def timed(module, *a, _real=real, _key=key, **k):
+                t0 = time.perf_counter()
+                try:
+                    return _real(module, *a, **k)
+                finally:
+                    self.seconds[_key] += time.perf_counter() - t0
+            cls.forward = timed
+        return self
+
+    def __exit__(self, *exc):
+        for cls, real in zip(self.classes, self.saved):
+            cls.forward = real
+
+
+def _tiny_models(quick: bool) -> dict:
+    """{name: (model, batch function k -> inputs, loss function(model, inputs))} for every tiny step,
+    on the data its stage trains on (SynthSOI through the training batches; MutDet on synthetic SAM
+    boxes, whose cache takes minutes to build)."""
+    import babelrs
+    import datasets
+    import detection
+    import mutdet
+    import tables
+    import train
+    root = datasets.make_synthetic("data/synthsoi", **(QUICK_SYNTH if quick else {}))
+    small = dict(image_size=64) if quick else {}
+    out = {}
+    for name, preset in (("finetune tiny", "tiny"), ("finetune babelrs-tiny", "babelrs-tiny")):
+        cfg = dataclasses.replace(train.FINETUNE_PRESETS[preset], resnet="", init="", **small)
+        mods = cfg.synth_modalities
+        splits = [datasets.load_detection_split(root / m / "train", m) for m in mods]
+        for i, s in enumerate(splits):
+            s.source = i
+        ratios = list(cfg.source_ratio) or [cfg.batch_size]
+        sources = [dict(modality=m, classes=s.classes, box_type=s.box_type) for m, s in zip(mods, splits)]
+        model = babelrs.build_detector(**train.model_args(cfg, sources)).train()
+        batches = datasets.StepBatches(splits, datasets.MultiSourceSampler([len(s) for s in splits], ratios), cfg, 0)
+
+        def loss(m, b):
+            t = [dict(boxes=x, labels=l, size=s) for x, l, s in zip(b["boxes"], b["labels"], b["size"])]
+            return sum(m(b["images"], b["masks"], b["modality"], t)["losses"].values())
+        out[name] = (model, batches.__getitem__, loss)
+    mcfg = dataclasses.replace(train.MUTDET_PRESETS["tiny"], resnet="", **small)
+    det = detection.build_detector([dict(modality="rgb", classes=[f"c{i}" for i in range(16)], box_type="obb")],
+                                   mcfg.backbone, "", mcfg.frozen_bn, mcfg.dim, mcfg.heads, mcfg.levels, mcfg.points,
+                                   mcfg.enc_layers, mcfg.dec_layers, mcfg.ffn, mcfg.dropout, mcfg.num_queries,
+                                   mcfg.num_dn_queries, mcfg.gn_groups)
+    pre = mutdet.MutDetPretrainer(det, mcfg.dim, mcfg.enhance, mcfg.align, mcfg.siamese, mcfg.enhance_depth,
+                                  mcfg.enhance_heads, mcfg.enhance_mlp, mcfg.embed_loss, mcfg.freeze_backbone,
+                                  mcfg.dn_align).train()
+
+    def mutdet_batch(k):
+        g = torch.Generator().manual_seed(k)
+        targets = tables._synthetic_targets(mcfg.batch_size, mcfg.image_size, 16, g, objects=40)
+        for t in targets:
+            t["embeds"] = F.normalize(torch.randn(len(t["labels"]), mcfg.dim, generator=g), dim=-1)
+        return dict(images=torch.randn(mcfg.batch_size, 3, mcfg.image_size, mcfg.image_size, generator=g),
+                    masks=torch.zeros(mcfg.batch_size, mcfg.image_size, mcfg.image_size, dtype=torch.bool), targets=targets)
+    out["mutdet tiny (synthetic SAM boxes)"] = (pre, mutdet_batch, lambda m, b: sum(m(b["images"], b["masks"], b["targets"]).values()))
+    cfg = dataclasses.replace(train.CSIA_PRESETS["tiny"], vit="", **(dict(image_size=32) if quick else {}))
+    records = babelrs.read_instruction_meta(root / "instructions" / "meta.json")
+    import tempfile
+    tok = babelrs.load_tokenizer(Path(tempfile.mkdtemp()), records, "", cfg.vocab_size)
+    vit = babelrs.ViT(cfg.vit_dim, cfg.vit_depth, cfg.vit_heads, cfg.patch, cfg.image_size)
+    llm = babelrs.build_llm("", len(tok), cfg.llm_dim, cfg.llm_layers, cfg.llm_heads, cfg.llm_kv_heads, cfg.llm_ffn)
+    csia = babelrs.CSIA(vit, llm, tok.convert_tokens_to_ids(babelrs.IMG_CONTEXT), cfg.merge, tuple(cfg.layers), cfg.tau)
+    data = babelrs.InstructionDataset(records, tok, cfg.image_size, (cfg.image_size // cfg.patch) ** 2 // 4,
+                                      cfg.max_tiles, cfg.max_length)
+    ib = babelrs.InstructionBatches(data, datasets.MultiSourceSampler([len(data)], [cfg.batch_size]), 1, tok.pad_token_id)
+    out["csia tiny"] = (csia.train(), lambda k: ib[k][0], lambda m, b: m(b["pixels"], b["input_ids"], b["attention_mask"],
+                                                                           b["labels"], step=10)["loss"])
+    return out
+
+
+def bench_tiny(args):
+    """Every tiny step, part by part (data, model forward, matching, losses, backward, optimizer), with its
+    FLOPs (torch.utils.flop_counter) as GFLOP/s and as a fraction of this machine's float32 matrix-product
+    rate measured in the same run; and one evaluation pass of the tiny finetune model."""
+    import eval as evaluation
+    from torch.utils.flop_counter import FlopCounterMode
+    peak = _matmul_gflops(512 if args.quick else 2048)
+    print(f"tiny steps, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}; float32 matmul: {peak:.1f} GFLOP/s")
+    parts = ("data", "forward", "matching", "losses", "backward", "optimizer")
+    print(f"  {'step':<36}{'s/step':>8}{'GFLOP':>8}{'GFLOP/s':>9}{'of matmul':>10}  " + "  ".join(f"{p:>9}" for p in parts))
+    results = {}
+    for name, (model, batch, loss_fn) in _tiny_models(args.quick).items():
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        with FlopCounterMode(display=False) as counter:  # FLOPs of forward + backward, counted once
+            loss_fn(model, batch(0)).backward()
+        opt.zero_grad(set_to_none=True)
+        flops = counter.get_total_flops()
+        times = []
+        for k in range(1 + args.repeat):  # the first step warms up
+            t = dict.fromkeys(parts, 0.0)
+            t0 = time.perf_counter()
+            b = batch(k)
+            t["data"] = time.perf_counter() - t0
+            with _PartTimer() as timer:
+                t0 = time.perf_counter()
+                loss = loss_fn(model, b)
+                forward = time.perf_counter() - t0
+            t["losses"] = timer.seconds["losses"] - timer.seconds["matching"]
+            t["matching"] = timer.seconds["matching"]
+            t["forward"] = forward - timer.seconds["losses"]
+            t0 = time.perf_counter()
+            loss.backward()
+            t["backward"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            t["optimizer"] = time.perf_counter() - t0
+            times.append(t)
+        med = {p: float(np.median([t[p] for t in times[1:]])) for p in parts}
+        total = sum(med.values())
+        rate = flops / 1e9 / total
+        results[name] = dict(seconds=total, gflop=flops / 1e9, gflops_per_s=rate, of_matmul=rate / peak, parts=med)
+        print(f"  {name:<36}{total:8.2f}{flops / 1e9:8.1f}{rate:9.2f}{rate / peak:10.1%}  "
+              + "  ".join(f"{med[p]:9.3f}" for p in parts))
+    # one evaluation pass: the tiny finetune model over SynthSOI-RGB's test split
+    import datasets
+    import train
+    root = datasets.make_synthetic("data/synthsoi", **(QUICK_SYNTH if args.quick else {}))
+    cfg = dataclasses.replace(train.FINETUNE_PRESETS["tiny"], resnet="", **(dict(image_size=64) if args.quick else {}))
+    split = datasets.load_detection_split(root / "rgb" / "test", "rgb")
+    import babelrs
+    det = babelrs.build_detector(**train.model_args(cfg, [dict(modality="rgb", classes=split.classes, box_type="obb")]))
+    src = dict(modality="rgb", classes=split.classes, box_type="obb", test=str(root / "rgb" / "test"),
+               image_size=cfg.image_size)
+    t0 = time.perf_counter()
+    evaluation.evaluate_model(det.eval(), [src], progress=False)
+    t_eval = time.perf_counter() - t0
+    print(f"  one evaluation pass of the tiny finetune model ({len(split)} test images): {t_eval:.2f} s")
+    results["evaluation"] = dict(seconds=t_eval, images=len(split))
+    if not args.quick:
+        path = Path(__file__).resolve().parent / "results" / "tiny_profile.json"
+        path.write_text(json.dumps(dict(matmul_gflops=peak, threads=torch.get_num_threads(), steps=results), indent=2) + "\n")
+        print(f"written to {path}")
+
+
+# ---------------------------------------------------------------------------------------------
 # The GPU check (python bench.py gpu): what a first visit to a GPU must tell, in one prepared run
 # ---------------------------------------------------------------------------------------------
 # 1. every model of the project runs forward and backward on the device in float32, bf16 and fp16
@@ -969,6 +1133,9 @@ def main(argv=None):
     q.add_argument("--tiny", action="store_true", help="the tiny presets instead (results/tiny_step.json)")
     q.add_argument("--one", default="", help=argparse.SUPPRESS)  # STAGE:PRESET, run in a child process
     q.set_defaults(fn=bench_paper)
+    q = sub.add_parser("tiny", parents=[common], help="every tiny step part by part, against this CPU's matmul rate")
+    q.add_argument("--repeat", type=int, default=3, help="timed steps after one warm-up step")
+    q.set_defaults(fn=bench_tiny)
     q = sub.add_parser("gpu", parents=[common], help="the prepared GPU check: correctness on the device, a tiny row, "
                        "the paper presets' step costs, the peers (results/gpu/<device>.json and .md)")
     q.add_argument("--dry-run", action="store_true", help="every part at the smallest sizes on the CPU")

@@ -5,7 +5,7 @@ import pytest
 import bench
 
 
-@pytest.mark.parametrize("command", ["iou", "eval", "detr", "vit", "sam", "mutdet", "paper"])
+@pytest.mark.parametrize("command", ["iou", "eval", "detr", "vit", "sam", "mutdet", "paper", "tiny"])
 def test_benchmark_runs_quick(command, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # SynthSOI goes to tmp_path/data
     bench.main([command, "--quick", "--threads", "2"])
