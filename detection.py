@@ -112,13 +112,14 @@ def sine_embed_boxes(boxes: torch.Tensor, num_feats: int, temperature: float = 1
     return torch.cat(parts, dim=-1)
 
 
-def _mean_over_ranks(x: float, device) -> float:
-    """Average a number over DDP ranks (mmdet `reduce_mean`), clamped to >= 1: loss normaliser."""
+def _mean_over_ranks(x: float, device) -> torch.Tensor:
+    """Average a number over DDP ranks (mmdet `reduce_mean`), clamped to >= 1: loss normaliser. A
+    0-d tensor on `device`, so that a GPU step does not wait for the host here."""
     t = torch.tensor(float(x), device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
         t = t / dist.get_world_size()
-    return max(t.item(), 1.0)
+    return t.clamp(min=1.0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -348,7 +348,11 @@ MUTDET_PRESETS = {
 def setup_distributed():
     """(rank, world_size, device); initialises the process group under torchrun. Float32 matrix
     products stay in full float32 on a GPU, PyTorch's default and so the official runs' (convolutions
-    use TF32 by default); TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 trades that for TF32's speed."""
+    use TF32 by default); TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 trades that for TF32's speed. cuDNN picks
+    its fastest convolutions per input shape (`cudnn.benchmark`): the presets resize every image to
+    one size, so the shapes repeat."""
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
