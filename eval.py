@@ -379,6 +379,68 @@ def build_run_model(run: Path, device="cpu"):
     return model.to(device).eval(), sources
 
 
+# The released checkpoints of the presets that claim a paper's setting, scored or used without a run
+# folder (eval.py --weights FILE --preset NAME): the test size and class order of the preset of the same
+# name in train.py, and the published number to compare with.
+DIOR_R_CLASSES = ("airplane", "airport", "baseballfield", "basketballcourt", "bridge", "chimney", "dam",
+                  "Expressway-Service-area", "Expressway-toll-station", "golffield", "groundtrackfield", "harbor",
+                  "overpass", "ship", "stadium", "storagetank", "tenniscourt", "trainstation", "vehicle",
+                  "windmill")  # MutDet 097ce90 configs/Step3_Finetuning/base_settings_DIOR.py, in its order
+RELEASED = {
+    "ars-detr-dota": dict(image_size=1024, classes=None, metric="voc07_ap50", paper=73.42,  # classes: DOTA_V1_CLASSES
+                          cite="ARS-DETR README (0d96c5e), dn_arw_arm_arcsl_rdetr_r50_dota: 73.42 AP50 on the DOTA-v1.0 "
+                               "test server"),
+    "paper": dict(image_size=800, classes=DIOR_R_CLASSES, metric="voc07_ap50", paper=65.7,
+                  cite="MutDet Tab. 2, ARS-DETR R-50 without pre-training: 65.7 AP50 (VOC07) on DIOR-R test"),
+}
+
+
+def build_weights_model(path: str, preset: str, device="cpu"):
+    """A detector from a weight file alone (an mmrotate `.pth` of ARS-DETR / MutDet fine-tuning, or a
+    `.safetensors` of this project) at a paper preset: the architecture read off the tensors (width,
+    layers, FFN, queries, classes, ResNet depth; 8 heads as both papers), the test size and class
+    order from RELEASED. Returns (model, sources) as `build_run_model`."""
+    import babelrs
+    import detection
+    import mutdet
+    if preset not in RELEASED:
+        raise datasets.DatasetError(f"--preset {preset}: --weights takes one of {', '.join(RELEASED)}")
+    try:
+        state = detection.read_weights(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise datasets.DatasetError(str(e)) from None
+    ours = detection.mmrotate_to_ours(state)[0] if detection.is_mmrotate_state(state) else state
+    if not detection.is_mmrotate_state(state):  # our names: the first head set stands for the architecture
+        prefix = next((k.split(".")[0] + "." + k.split(".")[1] + "." for k in ours if k.startswith("heads.")), None)
+        ours = {("H." + k[len(prefix):] if prefix and k.startswith(prefix) else k): v for k, v in ours.items()}
+    try:
+        dim = ours["H.level_embed"].shape[1]
+        classes_n = ours["H.cls_branches.0.weight"].shape[0]
+        arch = dict(dim=dim, heads=8, levels=4, enc_layers=len({k.split(".")[2] for k in ours if k.startswith("H.encoder.")}),
+                    dec_layers=len({k.split(".")[2] for k in ours if k.startswith("H.decoder.")}),
+                    ffn=ours["H.encoder.0.ffn.net.0.weight"].shape[0], num_queries=ours["H.query_embed.weight"].shape[0],
+                    backbone="resnet50" if any(".conv3." in k for k in ours if k.startswith("backbone.")) else "resnet18")
+        arch["points"] = ours["H.encoder.0.self_attn.attention_weights.weight"].shape[0] // (arch["heads"] * arch["levels"])
+    except KeyError as e:
+        raise datasets.DatasetError(f"{path}: not a rotated DETR checkpoint (no {e.args[0]})") from None
+    spec = RELEASED[preset]
+    names = list(spec["classes"] or DOTA_V1_CLASSES)
+    if classes_n != len(names):
+        raise datasets.DatasetError(f"{path}: {classes_n} classes, while --preset {preset} scores {len(names)}")
+    sources = [dict(modality="rgb", classes=names, box_type="obb", image_size=spec["image_size"], test="")]
+    model = babelrs.build_detector(sources=[dict(modality="rgb", classes=names, box_type="obb")], resnet="",
+                                   frozen_bn=True, dropout=0.0, num_dn_queries=0, gn_groups=32, **arch)
+    try:
+        if detection.is_mmrotate_state(state):
+            mutdet.load_official(model, path, state)
+        else:
+            detection.load_init(model, path, {k.replace("H.", "heads.rgb.", 1) if k.startswith("H.") else k: v
+                                               for k, v in ours.items()}, strict=False)
+    except ValueError as e:
+        raise datasets.DatasetError(str(e)) from None
+    return model.to(device).eval(), sources
+
+
 @torch.no_grad()
 def predict_split(model, split, modality: str, image_size: int, device="cpu", batch_size: int = 4, progress=True):
     """Detections of `model` on every image of a split: list over images of a list over classes of
@@ -629,7 +691,7 @@ def predict_images(run, paths: list, out, modality: str = "", score_thr: float =
     if clashes:
         raise datasets.DatasetError(f"{clashes[0][0]} and {clashes[0][1]}: one name ({clashes[0][0].stem}) for two "
                                     "images; Task1 files and drawings name images by it: rename one")
-    model, sources = build_run_model(run, device)
+    model, sources = run if isinstance(run, tuple) else build_run_model(run, device)  # (model, sources): --weights
     modalities = [s["modality"] for s in sources]
     if not modality and len(modalities) == 1:
         modality = modalities[0]
@@ -775,6 +837,11 @@ def format_table(names, ap, thrs) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = datasets.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", help="a run folder of train.py: score its checkpoint on each source's test split")
+    p.add_argument("--weights", help="a weight file without a run folder (a released ARS-DETR / MutDet .pth, or our "
+                   ".safetensors), with --preset: --predict with it, or score it on --data")
+    p.add_argument("--preset", choices=list(RELEASED), help="--weights: the paper preset it was trained at (test size, "
+                   "classes, the published number)")
+    p.add_argument("--data", help="--weights: MODALITY:FOLDER of the split to score (e.g. rgb:data/DOTA/val)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for --run")
     p.add_argument("--dets", help="folder of DOTA Task1_<class>.txt files")
     p.add_argument("--ann", help="annotation folder (DOTA labelTxt/ or annfiles/, or DIOR-R xml) of the scored split")
@@ -805,11 +872,31 @@ def main(argv=None) -> int:
         return 2
     p = build_parser()
     args = p.parse_args(argv)
-    if args.predict:
-        if not args.run:
-            p.error("--predict needs --run RUN (the trained detector)")
+    if args.weights and not args.preset:
+        p.error("--weights needs --preset (ars-detr-dota or paper): the size and classes it was trained at")
+    if args.weights and not (args.predict or args.data):
+        p.error("--weights FILE --preset NAME needs --predict PATH... or --data MODALITY:FOLDER")
+    if args.weights and args.data:
         try:
-            summary = predict_images(args.run, args.predict, args.out or "predictions", args.modality, args.score,
+            model, sources = build_weights_model(args.weights, args.preset, args.device)
+            modality, sep, folder = args.data.partition(":")
+            if not sep or not Path(folder).is_dir():
+                raise datasets.DatasetError(f"--data {args.data!r}: expected MODALITY:FOLDER of a split")
+            src = dict(sources[0], test=str(datasets.find_split(folder, "test")))
+            metrics = evaluate_model(model, [src], args.device, args.batch)
+        except datasets.DatasetError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(format_run_metrics(metrics))
+        spec, r = RELEASED[args.preset], metrics["sources"]["rgb"]
+        print(f"ours {100 * r[spec['metric']]:.2f} AP50 (VOC07) against {spec['paper']:.2f}: {spec['cite']}")
+        return 0
+    if args.predict:
+        if not (args.run or args.weights):
+            p.error("--predict needs --run RUN (the trained detector) or --weights FILE --preset NAME")
+        try:
+            detector = build_weights_model(args.weights, args.preset, args.device) if args.weights else args.run
+            summary = predict_images(detector, args.predict, args.out or "predictions", args.modality, args.score,
                                      args.patch, args.gap, args.zip, args.device, args.batch)
         except datasets.DatasetError as e:
             print(f"error: {e}", file=sys.stderr)

@@ -153,3 +153,35 @@ def test_mutdet_pretraining_checkpoint_drops_its_modules_by_name(tmp_path, capsy
     assert "start fresh: heads.rgb.cls_branches.0.weight" in out and "start fresh: heads.rgb.decoder.2.norm1.weight" in out
     # by name, the pre-training's encoder-proposal branch (index 2 of 2 layers) lands in decoder layer 3
     assert torch.equal(model.heads["rgb"].reg_branches[2][4].weight, official["bbox_head.reg_branches.2.4.weight"])
+
+
+def test_a_released_checkpoint_scores_and_predicts_without_a_run_folder(tmp_path, capsys):
+    """`eval.py --weights FILE --preset ars-detr-dota`: the architecture read off the official names and
+    shapes, the preset's size and DOTA's class order; scored on a split beside the published 73.42, or
+    used for prediction; a checkpoint of another class count is refused in one line."""
+    import numpy as np
+    from PIL import Image
+
+    import datasets
+    import eval as ev
+    ckpt = tmp_path / "ars.pth"
+    _checkpoint(ckpt, official_names(C=15, heads=8, points=1))
+    model, sources = ev.build_weights_model(str(ckpt), "ars-detr-dota")
+    head = model.heads["rgb"]
+    assert (head.dim, len(head.encoder), len(head.decoder), head.num_queries) == (32, 1, 2, 10)
+    assert sources[0]["classes"][0] == "plane" and sources[0]["image_size"] == 1024
+    split = tmp_path / "dota" / "val"
+    (split / "images").mkdir(parents=True)
+    Image.fromarray(np.zeros((96, 96, 3), np.uint8)).save(split / "images" / "p1.png")
+    datasets.write_dota_txt(split / "labelTxt" / "p1.txt", np.array([[10, 10, 50, 10, 50, 30, 10, 30.0]]), ["ship"])
+    capsys.readouterr()
+    assert ev.main(["--weights", str(ckpt), "--preset", "ars-detr-dota", "--data", f"rgb:{tmp_path / 'dota'}"]) == 0
+    assert "against 73.42" in capsys.readouterr().out
+    out = tmp_path / "pred"
+    assert ev.main(["--weights", str(ckpt), "--preset", "ars-detr-dota", "--predict", str(split / "images"),
+                    "--out", str(out)]) == 0
+    assert (out / "Task1_plane.txt").exists() and (out / "p1.png").exists()
+    capsys.readouterr()
+    assert ev.main(["--weights", str(ckpt), "--preset", "paper", "--predict", str(split / "images")]) == 2
+    err = capsys.readouterr().err
+    assert "15 classes, while --preset paper scores 20" in err and len(err.strip().splitlines()) == 1
