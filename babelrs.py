@@ -729,6 +729,20 @@ def build_instruction_corpus(sources: list, out_dir, rates: dict = None, concept
     return meta_path
 
 
+def corpus_from_detection_sets(sources: list, out: Path, rates: dict, concept_map: str = "", seed: int = 0) -> Path:
+    """`--stage csia --data MODALITY:PATH ...`: the App. D corpus of those detection sets in `out`, with
+    the modality sample `rates` and a `concept_map` json file on top of CONCEPT_MAP."""
+    mapping = {}
+    if concept_map:
+        try:
+            mapping = json.loads(Path(concept_map).read_text())
+        except (OSError, ValueError) as e:
+            raise datasets.DatasetError(f"{concept_map}: cannot read the concept map ({e})") from None
+    meta = build_instruction_corpus(sources, out, rates, mapping, seed)
+    print(f"csia: instruction corpus from {len(sources)} detection sets written to {out}")
+    return meta
+
+
 # ---------------------------------------------------------------------------------------------
 # CSIA: the alignment pre-training model (Sec. 3.1 + 3.2)
 # ---------------------------------------------------------------------------------------------

@@ -813,7 +813,8 @@ def format_run_metrics(metrics: dict) -> str:
     if "h_map" in metrics:  # BabelRS Tab. 2: AP@50 / mAP overall and per modality, then H-mAP
         mods = list(metrics["sources"])
         lines.append("")
-        lines.append("AP50 / mAP in %, over the union of all classes (Overall) and per modality; H-mAP in %")
+        lines.append("AP50 / mAP in %, over the union of all classes (Overall) and per modality; H-mAP in %, "
+                     f"over the {len(mods)} modalities present")
         lines.append(f"{'Overall':>15}" + "".join(f"{m:>15}" for m in mods) + f"{'H-mAP':>9}")
         cells = [f"{metrics['overall_ap50'] * 100:.2f} / {metrics['overall_map'] * 100:.2f}"]
         cells += [f"{metrics['sources'][m]['ap50'] * 100:.2f} / {metrics['sources'][m]['map'] * 100:.2f}" for m in mods]

@@ -275,6 +275,9 @@ def format_table_runs(name: str, runs: list) -> dict:
                  "babelrs-fig6": f"{f['label']}" + (" (AMP)" if f["amp"] != "off" else "")}.get(name, f["label"])
         if name.startswith("babelrs") and f["backbone"] in ("resnet18", "resnet50"):  # a ViT table: say so
             label += {"resnet18": ", ResNet-18", "resnet50": ", ResNet-50"}[f["backbone"]]
+        mods = list((f["metrics"] or {}).get("sources", {}))
+        if name.startswith("babelrs") and mods and set(mods) != {"sar", "rgb", "ir"}:  # trained on a subset
+            label += f" [{' + '.join(mods)} only: H-mAP over {len(mods)}]"
         g = groups.setdefault(f["row"], dict(label=label, name=label, key=row_key(name, f), seeds={},
                                              missing=[]))
         if f["metrics"] is None:

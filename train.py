@@ -782,21 +782,6 @@ def cosine_lr(step: int, cfg) -> float:
 # The csia stage (BabelRS Sec. 3.1-3.2)
 # ---------------------------------------------------------------------------------------------
 
-def csia_corpus(cfg: CSIAConfig, sources: list, out: Path) -> Path:
-    """Detection sets -> an instruction corpus in the run folder (App. D tasks, shared concepts,
-    the modality sample rates of the config)."""
-    mapping = {}
-    if cfg.concept_map:
-        try:
-            mapping = json.loads(Path(cfg.concept_map).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise datasets.DatasetError(f"{cfg.concept_map}: cannot read the concept map ({e})") from None
-    meta = babelrs.build_instruction_corpus(sources, out, dict(rgb=cfg.rate_rgb, sar=cfg.rate_sar, ir=cfg.rate_ir),
-                                             mapping, cfg.seed)
-    print(f"csia: instruction corpus from {len(sources)} detection sets written to {out}")
-    return meta
-
-
 def csia(cfg: CSIAConfig) -> int:
     """The csia stage. Its run folder holds the corpus and tokenizer before the models are built, so
     a data or weight error met on the way removes the folder it made (`csia_run` does the work)."""
@@ -831,7 +816,8 @@ def csia_run(cfg: CSIAConfig) -> int:
         run = run_folder(cfg, "csia", rank)
         meta = str(run / "corpus" / "meta.json")
         if rank == 0 and not Path(meta).exists():
-            csia_corpus(cfg, sources, run / "corpus")
+            babelrs.corpus_from_detection_sets(sources, run / "corpus", dict(rgb=cfg.rate_rgb, sar=cfg.rate_sar,
+                                               ir=cfg.rate_ir), cfg.concept_map, cfg.seed)
         barrier()
     records = babelrs.read_instruction_meta(meta)
     run = run or run_folder(cfg, "csia", rank)
@@ -933,6 +919,27 @@ def model_args(cfg: FinetuneConfig, sources: list) -> dict:
                 if cfg.backbone == "vit" else None, vit_taps=list(cfg.vit_taps))
 
 
+BABELRS_ORDER = ("sar", "rgb", "ir")  # the order of the babelrs presets' 2 : 1 : 1 ratio and loss weights
+
+
+def modality_subset(cfg: FinetuneConfig, sources: list, rank: int) -> FinetuneConfig:
+    """A babelrs preset (three values of --source_ratio / --loss_weights, SAR, RGB, IR) trained on one or
+    two of the modalities: each present modality keeps its share and weight (SAR + RGB: 2 : 1), and a
+    step keeps its number of micro-batches (8 of 2 + 1 + 1 = 32 images -> 8 of 2 + 1 = 24); said once."""
+    mods = [s["modality"] for s in sources]
+    if len(cfg.source_ratio) != 3 or not 0 < len(mods) < 3 or len(set(mods)) != len(mods):
+        return cfg
+    pick = [BABELRS_ORDER.index(m) for m in mods]
+    micro_steps = max(1, cfg.global_batch // sum(cfg.source_ratio))
+    ratio = [cfg.source_ratio[i] for i in pick]
+    weights = [cfg.loss_weights[i] for i in pick] if len(cfg.loss_weights) == 3 else list(cfg.loss_weights)
+    if rank == 0:
+        print(f"modalities {' + '.join(mods)} of SAR, RGB, IR: ratio {' : '.join(map(str, ratio))}, loss weights "
+              f"{weights or 'equal'}, global batch {micro_steps * sum(ratio)} ({micro_steps} micro-batches a step, as "
+              f"{cfg.global_batch} of {sum(cfg.source_ratio)}); H-mAP is over the modalities present")
+    return dataclasses.replace(cfg, source_ratio=ratio, loss_weights=weights, global_batch=micro_steps * sum(ratio))
+
+
 def finetune(cfg: FinetuneConfig) -> int:
     rank, world, device = setup_distributed()
     torch.manual_seed(cfg.seed + rank)
@@ -953,6 +960,7 @@ def finetune(cfg: FinetuneConfig) -> int:
         splits.append(ds)
         if rank == 0 and ds.report():
             print(ds.report())
+    cfg = modality_subset(cfg, sources, rank)
     if cfg.source_ratio and len(cfg.source_ratio) != len(sources):
         raise SystemExit(f"error: --source_ratio needs one value per --data source ({len(sources)}), got {cfg.source_ratio}")
     ratios = list(cfg.source_ratio) or ([cfg.batch_size] if len(sources) == 1 else [1] * len(sources))

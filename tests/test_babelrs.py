@@ -335,3 +335,24 @@ def test_csia_continues_internvl_with_its_own_language_model(tmp_path):
     with pytest.raises(ValueError, match="embed_tokens.weight"):
         detection.load_init(other, str(folder), {k.replace("language_model.", "llm.").replace("vision_model.", "vit."): v
                                                  for k, v in state.items()}, strict_shapes=True)
+
+
+def test_babelrs_trains_and_scores_on_a_subset_of_the_modalities(tmp_path, capsys):
+    """The babelrs presets on SAR + RGB only: each keeps its share of the 2 : 1 : 1 batch and its loss
+    weight, a step keeps its micro-batches, H-mAP is over the two present, and the tables say so."""
+    import json
+
+    import tables
+    synth = datasets.make_synthetic(tmp_path / "synth")  # every class in train and test
+    run = tmp_path / "run"
+    argv = ["--stage", "finetune", "--preset", "babelrs-tiny", "--init", "", "--image_size", "64", "--max-steps", "2",
+            "--data", f"rgb:{synth / 'rgb'}", f"sar:{synth / 'sar'}", "--out", str(run)]
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "modalities rgb + sar of SAR, RGB, IR: ratio 1 : 2, loss weights [1.5, 1.0], global batch 3" in out
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["source_ratio"] == [1, 2] and cfg["global_batch"] == 3
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["sources"]) == {"rgb", "sar"} and "h_map" in metrics
+    assert "[rgb + sar only: H-mAP over 2]" in tables.format_table_runs("babelrs-table3", [run])["markdown"]
+    assert train.main(["--resume", str(run), "--max-steps", "3"]) == 0  # resumes as it started
