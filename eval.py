@@ -677,6 +677,77 @@ def detect_scene(detect, image: np.ndarray, size: int, gap: int, num_classes: in
     return datasets.merge_patch_detections(found, iou_thr)["scene"] if found else [np.zeros((0, 6))] * num_classes
 
 
+def parse_tta(spec: str) -> list:
+    """`--tta flip,rot90,scale=0.5/1.0/1.5` -> the views, each (kind, value): the image itself, then
+    horizontal and vertical flips ("flip"), turns by 90, 180 and 270 degrees ("rot90"), and resizes by
+    each factor but 1 ("scale=...")."""
+    views = [("none", 0)]
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, value = item.partition("=")
+        if name == "flip":
+            views += [("hflip", 0), ("vflip", 0)]
+        elif name == "rot90":
+            views += [("rot90", k) for k in (1, 2, 3)]
+        elif name == "scale":
+            try:
+                views += [("scale", float(s)) for s in value.split("/") if float(s) != 1.0]
+            except ValueError:
+                raise datasets.DatasetError(f"--tta {spec}: scale=a/b/c takes numbers, got {value!r}") from None
+        else:
+            raise datasets.DatasetError(f"--tta {spec}: {item!r} is none of flip, rot90, scale=a/b/c")
+    return views
+
+
+def _view(image: np.ndarray, kind: str, value) -> tuple:
+    """The image of a view and the map of its pixel coordinates back to the image's, (N, 2) -> (N, 2)."""
+    H, W = image.shape[:2]
+    if kind == "hflip":
+        return image[:, ::-1], lambda p: np.c_[W - p[:, 0], p[:, 1]]
+    if kind == "vflip":
+        return image[::-1], lambda p: np.c_[p[:, 0], H - p[:, 1]]
+    if kind == "rot90":  # np.rot90 turns counter-clockwise: (x, y) -> (y, W - x) for one turn
+        def back(p, k=value):
+            q = p.copy()
+            size = (W, H) if k % 2 == 0 else (H, W)  # the view's (width, height)
+            for _ in range(k):  # undo one counter-clockwise turn at a time
+                vw, vh = size
+                q = np.c_[vh - q[:, 1], q[:, 0]]
+                size = (vh, vw)
+            return q
+        return np.rot90(image, value), back
+    if kind == "scale":
+        from PIL import Image
+        w, h = max(1, round(W * value)), max(1, round(H * value))
+        return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR)), \
+            lambda p: p * np.array([W / w, H / h])
+    return image, lambda p: p
+
+
+def detect_scene_tta(detect, image: np.ndarray, size: int, gap: int, num_classes: int, views: list,
+                     batch_size: int = 4, iou_thr: float = 0.1, on_batch=None) -> list:
+    """`detect_scene` on every view of `parse_tta` (the image flipped, turned, resized), the boxes of
+    each mapped back through their corners (angles included, as le90 boxes again) and merged with
+    class-wise rotated NMS at `iou_thr`, as the patches of a scene are."""
+    merged = [[] for _ in range(num_classes)]
+    for kind, value in views:
+        shown, back = _view(image, kind, value)
+        dets = detect_scene(detect, np.ascontiguousarray(shown), size, gap, num_classes, batch_size, iou_thr, on_batch)
+        for c, d in enumerate(dets):
+            d = np.asarray(d, np.float64).reshape(-1, 6)
+            if len(d):
+                corners = ro.obb2poly(torch.from_numpy(d[:, :5])).numpy().reshape(-1, 2)  # (4K, 2) view pixels
+                boxes = ro.poly2obb(torch.from_numpy(back(corners).reshape(-1, 8))).numpy()
+                merged[c].append(np.c_[boxes, d[:, 5]])
+    out = []
+    for parts in merged:
+        d = np.concatenate(parts) if parts else np.zeros((0, 6))
+        if len(d) > 1:
+            keep = ro.nms_rotated(torch.from_numpy(d[:, :5]), torch.from_numpy(d[:, 5]), iou_thr).numpy()
+            d = d[keep]
+        out.append(d)
+    return out
+
+
 def run_detector(model, modality: str, image_size: int, device="cpu"):
     """`detect` for `detect_scene`: a run's model on a list of (h, w, 3) uint8 patches, each resized
     as at test time (longer side `image_size`)."""
@@ -749,12 +820,13 @@ def default_gap(patch: int) -> int:
 
 
 def predict_images(run, paths: list, out, modality: str = "", score_thr: float = 0.3, patch: int = 0, gap: int = -1,
-                   make_zip: bool = False, device="cpu", batch_size: int = 4) -> dict:
+                   make_zip: bool = False, device="cpu", batch_size: int = 4, tta: str = "") -> dict:
     """`eval.py --run RUN --predict PATH...`: detect on every image (large ones cut into patches of
     the run's training size, or `patch`, with `gap`, and merged), write `<image>.png` drawings and,
     for the whole set, DOTA Task1 files `Task1_<class>.txt` (detections with score >= TASK1_SCORE),
     with `make_zip` also `submission.zip` for the DOTA evaluation server. A negative `gap` follows
-    the patch size as DOTA's 200 px follow its 1024 (`default_gap`).
+    the patch size as DOTA's 200 px follow its 1024 (`default_gap`). `tta` (`parse_tta`) adds flipped,
+    turned or resized views of every image, merged as patches are (`detect_scene_tta`).
 
     Nothing is written over an input: an `out` folder holding an input image, or two inputs of one
     name (Task1 files name images by their stem), is refused before anything runs. An image that
@@ -789,6 +861,7 @@ def predict_images(run, paths: list, out, modality: str = "", score_thr: float =
     if gap >= size:
         raise datasets.DatasetError(f"--gap {gap}: the overlap must be smaller than the patch ({size} px)")
     detect = run_detector(model, modality, src["image_size"], device)
+    views = parse_tta(tta)
     from PIL import Image
 
     skipped, counts = [], {}
@@ -801,7 +874,7 @@ def predict_images(run, paths: list, out, modality: str = "", score_thr: float =
             skipped.append(f"{f} ({e.__class__.__name__})")
             print(f"warning: {f}: cannot read the image ({e.__class__.__name__}), skipped", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=sum(counts.values()), unit="patch", desc=f"predict {modality}")
+    bar = tqdm(total=sum(counts.values()) * len(views), unit="patch", desc=f"predict {modality}")
     by_image, drawn, max_score = {}, 0, 0.0
     for i, f in enumerate(counts):
         try:
@@ -809,9 +882,9 @@ def predict_images(run, paths: list, out, modality: str = "", score_thr: float =
         except (datasets.DatasetError, OSError) as e:
             skipped.append(str(e))
             bar.write(f"warning: {e}; skipped", file=sys.stderr)  # a line of its own, above the bar
-            bar.update(counts[f])
+            bar.update(counts[f] * len(views))
             continue
-        dets = detect_scene(detect, image, size, gap, len(src["classes"]), batch_size, on_batch=bar.update)
+        dets = detect_scene_tta(detect, image, size, gap, len(src["classes"]), views, batch_size, on_batch=bar.update)
         max_score = max([max_score] + [float(d[:, 5].max()) for d in dets if len(d)])
         by_image[f.stem] = [d[d[:, 5] >= TASK1_SCORE] for d in dets]
         drawn += draw_detections(image, dets, src["classes"], out / f"{f.stem}.png", score_thr)
@@ -949,6 +1022,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "size x 200 / 1024, DOTA's 200 px at 1024)")
     p.add_argument("--zip", action="store_true", help="--predict: also write submission.zip for the DOTA server")
     p.add_argument("--batch", type=int, default=4, help="--predict: patches per forward pass (default 4)")
+    p.add_argument("--tta", default="", help="--predict: test-time views merged with the image's, e.g. "
+                   "flip,rot90,scale=0.5/1.0/1.5 (flips, quarter turns, resizes; each view costs one more pass)")
     return p
 
 
@@ -985,7 +1060,7 @@ def main(argv=None) -> int:
         try:
             detector = build_weights_model(args.weights, args.preset, args.device) if args.weights else args.run
             summary = predict_images(detector, args.predict, args.out or "predictions", args.modality, args.score,
-                                     args.patch, args.gap, args.zip, args.device, args.batch)
+                                     args.patch, args.gap, args.zip, args.device, args.batch, args.tta)
         except datasets.DatasetError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -126,3 +126,30 @@ def test_predict_names_the_modalities_of_a_multi_modal_run(tmp_path, capsys):
     assert ev.main(["--run", str(run), "--predict", str(tmp_path / "a.png"), "--out", str(tmp_path / "o"),
                     "--modality", "rgb"]) == 0
     assert ev.main(["--run", str(run), "--predict", str(tmp_path / "missing.png")]) == 2
+
+
+def test_test_time_views_map_back_exactly(tmp_path):
+    """--tta flip,rot90,scale: every view of the scene, detected by the exact stand-in detector, maps its
+    boxes back onto the true ones (angles included), and merging keeps each object once."""
+    image, boxes, areas = _scene()
+    views = ev.parse_tta("flip,rot90,scale=0.5/1.0")
+    assert [k for k, _ in views] == ["none", "hflip", "vflip", "rot90", "rot90", "rot90", "scale"]
+    for kind, value in views[:6]:  # each exact view alone gives the true boxes back
+        dets = ev.detect_scene_tta(_exact_detector(areas), image, 1024, 200, 2, [(kind, value)])
+        found = torch.from_numpy(np.concatenate(dets)[:, :5])
+        iou = ro.box_iou_rotated(found, boxes)
+        assert len(found) == len(OBJECTS) and (iou.max(1).values > 0.9).all(), kind
+    merged = torch.from_numpy(np.concatenate(ev.detect_scene_tta(_exact_detector(areas), image, 1024, 200, 2,
+                                                                 views[:6]))[:, :5])
+    assert len(merged) == len(OBJECTS)  # six views of each object, merged into one
+    assert (ro.box_iou_rotated(merged, boxes).max(0).values > 0.9).all()
+    with pytest.raises(ev.datasets.DatasetError, match="none of flip"):
+        ev.parse_tta("mirror")
+
+
+def test_predict_with_test_time_views(tmp_path, capsys):
+    run = _run(tmp_path)
+    Image.fromarray(np.zeros((64, 80, 3), np.uint8)).save(tmp_path / "a.png")
+    assert ev.main(["--run", str(run), "--predict", str(tmp_path / "a.png"), "--out", str(tmp_path / "o"),
+                    "--tta", "flip,rot90"]) == 0
+    assert (tmp_path / "o" / "Task1_ship.txt").exists()
