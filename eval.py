@@ -95,7 +95,7 @@ def _best_gt_per_detection(det_boxes, det_keys, gt_boxes, gt_keys):
     return ovmax, best
 
 
-def eval_rbbox_map(dets, annots, iou_thrs=(0.5,), metric="area", strict=False) -> dict:
+def eval_rbbox_map(dets, annots, iou_thrs=(0.5,), metric="area", strict=False, curves: bool = False) -> dict:
     """Rotated VOC mAP with the DOTA devkit's greedy matching.
 
     Args:
@@ -107,7 +107,8 @@ def eval_rbbox_map(dets, annots, iou_thrs=(0.5,), metric="area", strict=False) -
             default IoU >= thr (mmrotate's `eval_rbbox_map`).
     Returns:
         dict(ap (T, C) with NaN for classes without a non-difficult ground truth, map (T,) the mean
-        over the other classes, mean = the mean of map over thresholds, num_gts (C,), num_dets (C,)).
+        over the other classes, mean = the mean of map over thresholds, num_gts (C,), num_dets (C,));
+        with `curves`, also pr {(t, c): (recall, precision)} arrays along the ranked detections.
 
     Matching, per class: detections of all images by decreasing score (stable: ties keep image
     order, then input order); each takes its highest-IoU ground truth in its image (matched or not,
@@ -155,6 +156,7 @@ def eval_rbbox_map(dets, annots, iou_thrs=(0.5,), metric="area", strict=False) -
 
     ovmax, best = _best_gt_per_detection(d_boxes, d_keys, gt_boxes, gt_keys)
     gt_class = gt_keys % num_classes if num_classes else gt_keys
+    pr = {}
     for c in range(num_classes):
         npos = int(np.sum((gt_class == c) & ~gt_diff))
         num_gts[c] = npos
@@ -180,9 +182,45 @@ def eval_rbbox_map(dets, annots, iou_thrs=(0.5,), metric="area", strict=False) -
             recall = tp / npos
             precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
             ap[t, c] = voc_ap(recall, precision, metric)
+            if curves:
+                pr[t, c] = (recall, precision)
     valid = num_gts > 0
     mean_ap = np.nanmean(ap[:, valid], axis=1) if valid.any() else np.full(T, np.nan)
-    return dict(ap=ap, map=mean_ap, mean=float(np.mean(mean_ap)), num_gts=num_gts, num_dets=num_dets)
+    out = dict(ap=ap, map=mean_ap, mean=float(np.mean(mean_ap)), num_gts=num_gts, num_dets=num_dets)
+    return dict(out, pr=pr) if curves else out
+
+
+def confusion_matrix(dets, annots, num_classes: int, iou_thr: float = 0.5, score_thr: float = 0.3) -> np.ndarray:
+    """(C + 1, C + 1) counts, rows the ground-truth class, columns the detected class, the last row and
+    column background: per image, the detections at or above `score_thr` of every class, by decreasing
+    score, each take the free non-difficult ground truth of highest IoU >= `iou_thr` whatever its class
+    (a hit on the diagonal, a confusion off it); a detection left over is a false alarm (background
+    row), a ground truth left over a miss (background column)."""
+    C = num_classes
+    m = np.zeros((C + 1, C + 1), np.int64)
+    for i, a in enumerate(annots):
+        keep = ~np.asarray(a.get("difficult", np.zeros(len(a["labels"]), bool)), bool).reshape(-1)
+        gt = np.asarray(a["boxes"], np.float64).reshape(-1, 5)[keep]
+        gl = np.asarray(a["labels"], np.int64).reshape(-1)[keep]
+        d = [np.c_[np.asarray(x, np.float64).reshape(-1, 6), np.full(len(np.asarray(x).reshape(-1, 6)), c)]
+             for c, x in enumerate(dets[i] if i < len(dets) else [])]
+        d = np.concatenate(d) if d else np.zeros((0, 7))
+        d = d[d[:, 5] >= score_thr]
+        d = d[np.argsort(-d[:, 5], kind="stable")]
+        iou = (ro.box_iou_rotated(torch.from_numpy(d[:, :5]), torch.from_numpy(gt)).numpy()
+               if len(d) and len(gt) else np.zeros((len(d), len(gt))))
+        taken = np.zeros(len(gt), bool)
+        for k in range(len(d)):
+            free = np.where(taken, -1.0, iou[k])
+            g = int(np.argmax(free)) if len(gt) else -1
+            if g >= 0 and free[g] >= iou_thr:
+                taken[g] = True
+                m[gl[g], int(d[k, 6])] += 1
+            else:
+                m[C, int(d[k, 6])] += 1
+        for g in np.nonzero(~taken)[0]:
+            m[gl[g], C] += 1
+    return m
 
 
 # ---------------------------------------------------------------------------------------------

@@ -582,6 +582,46 @@ def plot_table_bars(name: str, table: dict, path) -> None:
     plt.close(fig)
 
 
+def plot_pr_and_confusion(run, path, device="cpu", score_thr: float = 0.3) -> None:
+    """A scored fine-tuning run on its first source's test split: precision against recall per class at
+    IoU 0.5 (the ranked detections, VOC matching) beside the confusion matrix at IoU 0.5 and score
+    `score_thr`, with a background row (false alarms) and column (misses), counts in each cell."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    model, sources = evaluation.build_run_model(run, device)
+    src = sources[0]
+    split = datasets.load_detection_split(src["test"], src["modality"], src["classes"])
+    dets, annots = evaluation.predict_split(model, split, src["modality"], src["image_size"], device, progress=False)
+    names = list(src["classes"])
+    pr = evaluation.eval_rbbox_map(dets, annots, (0.5,), "area", curves=True)
+    cm = evaluation.confusion_matrix(dets, annots, len(names), 0.5, score_thr)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    colours = plt.get_cmap("tab10")
+    for c, name in enumerate(names):
+        if (0, c) in pr["pr"] and len(pr["pr"][0, c][0]):
+            recall, precision = pr["pr"][0, c]
+            axes[0].plot(recall, precision, color=colours(c % 10), lw=1.3,
+                         label=f"{name} (AP50 {100 * pr['ap'][0, c]:.1f})")
+    axes[0].set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
+                title=f"{Path(run).name}, {src['modality']}: precision-recall at IoU 0.5")
+    axes[0].grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    labels = names + ["background"]
+    axes[1].imshow(np.log1p(cm), cmap="Blues")
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            if cm[i, j]:
+                axes[1].text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7)
+    axes[1].set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
+    axes[1].set_yticks(range(len(labels)), labels, fontsize=7)
+    axes[1].set(xlabel="detected as", ylabel="ground truth",
+                title=f"confusion at IoU 0.5, score >= {score_thr} (last row: false alarms; column: misses)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 def plot_runs(runs: list, out, image: str = "", device="cpu", score_thr: float = 0.3) -> list:
     """Every figure that applies to the runs given, into folder `out`: training-loss curves (BabelRS
     Fig. 4), loss and gradient norm (Fig. 7) and iterations survived (Fig. 2) for fine-tuning runs,
@@ -622,6 +662,8 @@ def plot_runs(runs: list, out, image: str = "", device="cpu", score_thr: float =
         if kinds[r] == "finetune" and (Path(r) / "model.safetensors").exists():
             written.append(out / f"detections_{Path(r).name}.png")
             evaluation.plot_detections(r, written[-1], image, score_thr=score_thr, device=device)
+            written.append(out / f"pr_confusion_{Path(r).name}.png")
+            plot_pr_and_confusion(r, written[-1], device, score_thr)
     return written
 
 

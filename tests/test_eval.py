@@ -366,3 +366,17 @@ def test_rotated_coco_ap_by_hand_and_against_pycocotools():
     ours, ref = ev.rotated_coco_ap(dets, annots, 3), ev.coco_bbox_map(dets, annots, 3)
     assert ours["map"] == pytest.approx(ref["map"], abs=1e-9) and ours["ap75"] == pytest.approx(ref["ap75"], abs=1e-9)
     assert np.allclose(ours["ap"].mean(0), ref["ap"], atol=1e-9, equal_nan=True)
+
+
+def test_confusion_matrix_by_hand():
+    """Two ground truths (classes 0, 1) and three detections above the score: a hit, the class-1 object
+    detected as class 0 (a confusion), and a false alarm; a difficult ground truth counts nowhere."""
+    gt = np.array([[20.0, 20, 10, 10, 0], [60, 60, 10, 10, 0], [100, 100, 10, 10, 0]])
+    annots = [dict(boxes=gt, labels=np.array([0, 1, 1]), difficult=np.array([False, False, True]))]
+    dets = [[np.array([[20.0, 20, 10, 10, 0, 0.9], [60, 60, 10, 10, 0, 0.8]]),  # class 0: a hit, a confusion
+             np.array([[150.0, 150, 10, 10, 0, 0.7], [40, 40, 10, 10, 0, 0.1]])]]  # class 1: a false alarm, one too weak
+    m = ev.confusion_matrix(dets, annots, 2, 0.5, 0.3)
+    assert m.tolist() == [[1, 0, 0], [1, 0, 0], [0, 1, 0]]  # rows gt 0, gt 1, background; columns det 0, det 1, bg
+    r = ev.eval_rbbox_map(dets, annots, (0.5,), curves=True)
+    recall, precision = r["pr"][0, 0]
+    assert recall.tolist() == [1.0, 1.0] and precision.tolist() == [1.0, 0.5]

@@ -122,7 +122,7 @@ def test_two_sources_init_and_eval_run(synth, tmp_path, capsys):
     # the figures of these runs and Tab. 2 over the scored one
     assert tables.main(["--plot", str(both), str(rgb), "--out", str(tmp_path / "figs")]) == 0
     names = {p.name for p in (tmp_path / "figs").iterdir()}
-    assert {"loss.png", "iterations.png", "detections_both.png", "detections_rgb.png"} <= names
+    assert {"loss.png", "iterations.png", "detections_both.png", "detections_rgb.png", "pr_confusion_rgb.png"} <= names
     assert "loss_grad_norm.png" not in names  # Fig. 7 is drawn for runs trained with AMP
     assert tables.main(["--table", "babelrs-table2", str(both), "--out", str(tmp_path / "t2")]) == 0
     row = (tmp_path / "t2.csv").read_text().splitlines()[1].split(",")
