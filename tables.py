@@ -503,7 +503,7 @@ def fig6_series(facts: list) -> dict:
 
 def plot_fig6(ours: dict, path) -> None:
     """BabelRS Fig. 6: mAP and H-mAP against the CSIA steps (left) and against τ (right); ours
-    (`fig6_series` of our runs) on top, the paper's (eval.PAPER, read off the figure) below, as the
+    (`fig6_series` of our runs) on top, the paper's (PAPER, read off the figure) below, as the
     scales differ by 40 points."""
     import matplotlib
     matplotlib.use("Agg")
