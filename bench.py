@@ -571,8 +571,6 @@ def _tiny_models(quick: bool) -> dict:
     boxes, whose cache takes minutes to build)."""
     import babelrs
     import datasets
-    import detection
-    import mutdet
     import tables
     import train
     root = datasets.make_synthetic("data/synthsoi", **(QUICK_SYNTH if quick else {}))
@@ -594,19 +592,11 @@ def _tiny_models(quick: bool) -> dict:
             return sum(m(b["images"], b["masks"], b["modality"], t)["losses"].values())
         out[name] = (model, batches.__getitem__, loss)
     mcfg = dataclasses.replace(train.MUTDET_PRESETS["tiny"], resnet="", **small)
-    det = detection.build_detector([dict(modality="rgb", classes=[f"c{i}" for i in range(16)], box_type="obb")],
-                                   mcfg.backbone, "", mcfg.frozen_bn, mcfg.dim, mcfg.heads, mcfg.levels, mcfg.points,
-                                   mcfg.enc_layers, mcfg.dec_layers, mcfg.ffn, mcfg.dropout, mcfg.num_queries,
-                                   mcfg.num_dn_queries, mcfg.gn_groups)
-    pre = mutdet.MutDetPretrainer(det, mcfg.dim, mcfg.enhance, mcfg.align, mcfg.siamese, mcfg.enhance_depth,
-                                  mcfg.enhance_heads, mcfg.enhance_mlp, mcfg.embed_loss, mcfg.freeze_backbone,
-                                  mcfg.dn_align).train()
+    pre = train.mutdet_model(mcfg, [f"c{i}" for i in range(16)], mcfg.dim).train()
 
     def mutdet_batch(k):
         g = torch.Generator().manual_seed(k)
-        targets = tables._synthetic_targets(mcfg.batch_size, mcfg.image_size, 16, g, objects=40)
-        for t in targets:
-            t["embeds"] = F.normalize(torch.randn(len(t["labels"]), mcfg.dim, generator=g), dim=-1)
+        targets = tables.synthetic_targets(mcfg.batch_size, mcfg.image_size, 16, g, objects=40, embed_dim=mcfg.dim)
         return dict(images=torch.randn(mcfg.batch_size, 3, mcfg.image_size, mcfg.image_size, generator=g),
                     masks=torch.zeros(mcfg.batch_size, mcfg.image_size, mcfg.image_size, dtype=torch.bool), targets=targets)
     out["mutdet tiny (synthetic SAM boxes)"] = (pre, mutdet_batch, lambda m, b: sum(m(b["images"], b["masks"], b["targets"]).values()))

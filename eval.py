@@ -497,12 +497,15 @@ def build_run_model(run: Path, device="cpu"):
 # The released checkpoints of the presets that claim a paper's setting, scored or used without a run
 # folder (eval.py --weights FILE --preset NAME): the test size and class order of the preset of the same
 # name in train.py, and the published number to compare with.
+DOTA_V1_CLASSES = ("plane", "baseball-diamond", "bridge", "ground-track-field", "small-vehicle", "large-vehicle", "ship",
+                   "tennis-court", "basketball-court", "storage-tank", "soccer-ball-field", "roundabout", "harbor",
+                   "swimming-pool", "helicopter")  # the server's Task1 class names
 DIOR_R_CLASSES = ("airplane", "airport", "baseballfield", "basketballcourt", "bridge", "chimney", "dam",
                   "Expressway-Service-area", "Expressway-toll-station", "golffield", "groundtrackfield", "harbor",
                   "overpass", "ship", "stadium", "storagetank", "tenniscourt", "trainstation", "vehicle",
                   "windmill")  # MutDet 097ce90 configs/Step3_Finetuning/base_settings_DIOR.py, in its order
 RELEASED = {
-    "ars-detr-dota": dict(image_size=1024, classes=None, metric="voc07_ap50", paper=73.42,  # classes: DOTA_V1_CLASSES
+    "ars-detr-dota": dict(image_size=1024, classes=DOTA_V1_CLASSES, metric="voc07_ap50", paper=73.42,
                           cite="ARS-DETR README (0d96c5e), dn_arw_arm_arcsl_rdetr_r50_dota: 73.42 AP50 on the DOTA-v1.0 "
                                "test server"),
     "paper": dict(image_size=800, classes=DIOR_R_CLASSES, metric="voc07_ap50", paper=65.7,
@@ -539,7 +542,7 @@ def build_weights_model(path: str, preset: str, device="cpu"):
     except KeyError as e:
         raise datasets.DatasetError(f"{path}: not a rotated DETR checkpoint (no {e.args[0]})") from None
     spec = RELEASED[preset]
-    names = list(spec["classes"] or DOTA_V1_CLASSES)
+    names = list(spec["classes"])
     if classes_n != len(names):
         raise datasets.DatasetError(f"{path}: {classes_n} classes, while --preset {preset} scores {len(names)}")
     sources = [dict(modality="rgb", classes=names, box_type="obb", image_size=spec["image_size"], test="")]
@@ -947,9 +950,6 @@ def predict_images(run, paths: list, out, modality: str = "", score_thr: float =
     return summary
 
 
-DOTA_V1_CLASSES = ("plane", "baseball-diamond", "bridge", "ground-track-field", "small-vehicle", "large-vehicle", "ship",
-                   "tennis-court", "basketball-court", "storage-tank", "soccer-ball-field", "roundabout", "harbor",
-                   "swimming-pool", "helicopter")  # the server's Task1 class names
 
 
 def plot_detections(run, path, image: str = "", modality: str = "", score_thr: float = 0.3, device="cpu") -> None:

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 
 import babelrs
 import datasets
-import detection
 import eval as evaluation
 import mutdet
 import train
@@ -684,7 +683,10 @@ PAPER_CLASSES = {"sar": ("hbb", 6), "rgb": ("obb", 15), "ir": ("obb", 5)}  # SOI
 OBJECTS_PER_IMAGE = 20  # synthetic ground truth of a measured step (DOTA averages about 20 a patch)
 
 
-def _synthetic_targets(n: int, size: int, classes: int, g: torch.Generator, objects: int = OBJECTS_PER_IMAGE) -> list:
+def synthetic_targets(n: int, size: int, classes: int, g: torch.Generator, objects: int = OBJECTS_PER_IMAGE,
+                      embed_dim: int = 0) -> list:
+    """`n` images' worth of random le90 boxes and labels (and, with `embed_dim`, unit object embeddings
+    as MutDet's SAM cache holds), drawn from `g`: the inputs of a measured step."""
     out = []
     for _ in range(n):
         xy = torch.rand(objects, 2, generator=g) * size * 0.8 + size * 0.1
@@ -692,6 +694,9 @@ def _synthetic_targets(n: int, size: int, classes: int, g: torch.Generator, obje
         theta = (torch.rand(objects, 1, generator=g) - 0.5) * math.pi
         out.append(dict(boxes=torch.cat([xy, wh.sort(1, descending=True).values, theta], 1),
                         labels=torch.randint(0, classes, (objects,), generator=g), size=(size, size)))
+    if embed_dim:
+        for t in out:
+            t["embeds"] = F.normalize(torch.randn(len(t["labels"]), embed_dim, generator=g), dim=-1)
     return out
 
 
@@ -747,17 +752,9 @@ def measure_step(stage: str, cfg, tiles: int = 1, sam_points: int = 64, device="
     else:
         size = cfg.image_size
         if stage == "mutdet":
-            det = detection.build_detector([dict(modality="rgb", classes=[str(i) for i in range(256)], box_type="obb")],
-                                           cfg.backbone, "", cfg.frozen_bn, cfg.dim, cfg.heads, cfg.levels, cfg.points,
-                                           cfg.enc_layers, cfg.dec_layers, cfg.ffn, cfg.dropout, cfg.num_queries,
-                                           cfg.num_dn_queries, cfg.gn_groups)
-            model = mutdet.MutDetPretrainer(det, cfg.dim, cfg.enhance, cfg.align, cfg.siamese, cfg.enhance_depth,
-                                            cfg.enhance_heads, cfg.enhance_mlp, cfg.embed_loss, cfg.freeze_backbone,
-                                            cfg.dn_align).train()
+            model = train.mutdet_model(cfg, [str(i) for i in range(256)], cfg.dim).train()
             micro = cfg.batch_size
-            targets = _synthetic_targets(micro, size, 256, g, objects=200)  # SAM boxes an image
-            for t in targets:
-                t["embeds"] = F.normalize(torch.randn(len(t["labels"]), cfg.dim, generator=g), dim=-1)
+            targets = synthetic_targets(micro, size, 256, g, objects=200, embed_dim=cfg.dim)  # SAM boxes an image
 
             def run():
                 sum(model(images, masks, targets).values()).backward()
@@ -769,7 +766,7 @@ def measure_step(stage: str, cfg, tiles: int = 1, sam_points: int = 64, device="
             model = babelrs.build_detector(**dict(train.model_args(cfg, sources), resnet="")).train()  # weights cost nothing
             modalities = [m for m, r in zip(mods, ratios) for _ in range(r)]
             micro = len(modalities)
-            targets = _synthetic_targets(micro, size, 5, g)
+            targets = synthetic_targets(micro, size, 5, g)
 
             def run():
                 sum(model(images, masks, modalities, targets)["losses"].values()).backward()
