@@ -983,11 +983,15 @@ def _peers_on_device(device, dry_run: bool) -> list:
         b1, b2 = (_boxes(n, 1024.0, s).to(device=device, dtype=dtype) for s in (0, 1))
         d1, d2 = (torch.cat([b[:, :4], -torch.rad2deg(b[:, 4:])], 1) for b in (b1, b2))
         fns = [lambda: ro.box_iou_rotated(b1, b2), lambda: torchvision.ops.box_iou(d1, d2, fmt="cxcywhr")]
-        for f in fns:
-            f()
-        t_ours, t_peer = timed(fns, repeat)
-        rows.append(dict(work=f"rotated IoU {n} x {n}, {str(dtype)[6:]}", peer=f"torchvision {torchvision.__version__} "
-                         "box_iou(fmt='cxcywhr')", ours_s=t_ours, peer_s=t_peer, ratio=t_ours / t_peer))
+        try:  # the rotated kernel came with torchvision 0.29; an older one on the device is said so, not fatal
+            fns[1]()
+        except TypeError:
+            fns = fns[:1]
+        fns[0]()
+        t_ours, t_peer = (timed(fns, repeat) + [math.nan])[:2]
+        peer = f"torchvision {torchvision.__version__} box_iou(fmt='cxcywhr')" + ("" if len(fns) == 2 else " (not in this version)")
+        rows.append(dict(work=f"rotated IoU {n} x {n}, {str(dtype)[6:]}", peer=peer, ours_s=t_ours, peer_s=t_peer,
+                         ratio=t_ours / t_peer))
     for r in rows:
         print(f"  {r['work']}: ours {r['ours_s'] * 1e3:.1f} ms, {r['peer']} {r['peer_s'] * 1e3:.1f} ms, "
               f"ours / peer {r['ratio']:.2f}")
@@ -1023,6 +1027,9 @@ def _gpu_markdown(report: dict) -> str:
               "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in report["table_hours"].items()]
     lines += ["", "## 4. Peers on the device (interleaved repeats)", "", "| work | peer | ours / peer |", "|---|---|---|"]
     lines += [f"| {r['work']} | {r['peer']} | {r['ratio']:.2f} |" for r in report["peers"]]
+    if report.get("errors"):
+        lines += ["", "## Parts that failed", ""]
+        lines += [f"### {k}\n\n```\n{v.rstrip()}\n```" for k, v in report["errors"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -1039,14 +1046,32 @@ def bench_gpu(args):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     t_start = time.perf_counter()
     report = dict(device=name, dry_run=args.dry_run, torch=torch.__version__, cuda=torch.version.cuda or "",
-                  date=time.strftime("%Y-%m-%d"), threads=torch.get_num_threads())
+                  date=time.strftime("%Y-%m-%d"), threads=torch.get_num_threads(), errors={})
+    out = Path(args.out) if args.out else (None if args.dry_run else Path(__file__).resolve().parent / "results" / "gpu")
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")
+
+    def part(key, fn, default):
+        """One part; a failure is recorded with its traceback and the next part still runs (device
+        time is short: a single visit must bring back everything that works). The report is
+        rewritten after each part, so a visit cut short keeps what it measured."""
+        import traceback
+        try:
+            report[key] = fn()
+        except Exception:  # noqa: BLE001 - recorded in the report and fails the check
+            report[key] = default
+            report["errors"][key] = traceback.format_exc(limit=6)
+            print(f"   {key} FAILED:\n{report['errors'][key]}")
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory() as tmp:
         print(f"GPU check on {name}\n1. correctness on the device against the CPU")
-        report["correctness"] = _check_models(device, args.dry_run)
+        part("correctness", lambda: _check_models(device, args.dry_run), [])
         print("2. tiny rows end to end, then resumed")
-        report["tiny_rows"] = _tiny_rows(Path(tmp), args.dry_run)
+        part("tiny_rows", lambda: _tiny_rows(Path(tmp), args.dry_run), [])
     print("3. one micro-batch of every stage at its paper preset")
-    report["paper_steps"] = _paper_steps(device, args.dry_run)
+    part("paper_steps", lambda: _paper_steps(device, args.dry_run), {})
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
     report["peak_source"] = "data sheet" if peak else "measured bf16 matmul (device not in BF16_PEAK_TFLOPS)"
     if peak is None:
@@ -1057,17 +1082,15 @@ def bench_gpu(args):
     report["peak_tflops"] = peak
     for r in report["paper_steps"].values():
         r["mfu"] = r["tflops_per_s"] / peak
-    report["table_hours"] = _table_hours(report["paper_steps"])
+    part("table_hours", lambda: _table_hours(report["paper_steps"]), {})
     print("   GPU-hours at --scale 1gpu: " + ", ".join(f"{k} {v:.1f}" for k, v in report["table_hours"].items()))
     print("4. the peers on the device")
-    report["peers"] = _peers_on_device(device, args.dry_run)
+    part("peers", lambda: _peers_on_device(device, args.dry_run), [])
     report["seconds"] = time.perf_counter() - t_start
-    report["ok"] = all(all(r[p]["ok"] for p in ("float32", "bf16", "fp16")) if "float32" in r else r["ok"]
-                       for r in report["correctness"]) and all(r["ok"] for r in report["tiny_rows"])
-    out = Path(args.out) if args.out else (None if args.dry_run else Path(__file__).resolve().parent / "results" / "gpu")
+    report["ok"] = not report["errors"] and all(
+        all(r[p]["ok"] for p in ("float32", "bf16", "fp16")) if "float32" in r else r["ok"]
+        for r in report["correctness"]) and all(r["ok"] for r in report["tiny_rows"])
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")
         (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
         (out / f"{stem}.md").write_text(_gpu_markdown(report))
         print(f"written to {out / stem}.json and .md")
