@@ -421,7 +421,7 @@ def generate_masks(sam, image: torch.Tensor, points_per_side: int = 32, points_p
     scale = size / max(H, W)
     h, w = int(round(H * scale)), int(round(W * scale))
     x = F.interpolate(image[None].float(), size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-    x = (x - torch.tensor(SAM_MEAN).view(1, 3, 1, 1)) / torch.tensor(SAM_STD).view(1, 3, 1, 1)
+    x = (x - x.new_tensor(SAM_MEAN).view(1, 3, 1, 1)) / x.new_tensor(SAM_STD).view(1, 3, 1, 1)
     x = F.pad(x, (0, size - w, 0, size - h)).to(device)
     embeddings = sam.get_image_embeddings(x)
     # 2. a grid of single-point prompts, in the resized frame
