@@ -312,6 +312,103 @@ def read_dior_xml(path) -> dict:
                 difficult=np.asarray(difficult, dtype=bool))
 
 
+# Category lists of the data sets the readers know, in their official order (the order of the class
+# heads of a released checkpoint). `--data rgb:PATH:NAME` trains on PATH with the set NAME.
+DOTA_V1_CLASSES = ("plane", "baseball-diamond", "bridge", "ground-track-field", "small-vehicle", "large-vehicle", "ship",
+                   "tennis-court", "basketball-court", "storage-tank", "soccer-ball-field", "roundabout", "harbor",
+                   "swimming-pool", "helicopter")  # the DOTA server's Task1 class names
+HRSC_CLASS_IDS = ("01", "02", "03", "04", "05", "06", "07", "08", "09", "10", "11", "12", "13", "14", "15", "16", "17",
+                  "18", "19", "20", "22", "24", "25", "26", "27", "28", "29", "30", "31", "32", "33")  # Class_ID 1000000xx
+HRSC_CLASSES = ("ship", "aircraft carrier", "warcraft", "merchant ship", "Nimitz", "Enterprise", "Arleigh Burke",
+                "WhidbeyIsland", "Perry", "Sanantonio", "Ticonderoga", "Kitty Hawk", "Kuznetsov", "Abukuma", "Austen",
+                "Tarawa", "Blue Ridge", "Container", "OXo|--)", "Car carrier([]==[])", "Hovercraft", "yacht",
+                "CntShip(_|.--.--|_]=", "Cruise", "submarine", "lute", "Medical", "Car carrier(======|", "Ford-class",
+                "Midway-class", "Invincible-class")  # the 31 names of mmrotate's HRSCDataset, as the community uses them
+CLASS_SETS = {
+    "dota-v1.0": DOTA_V1_CLASSES,
+    "dota-v1.5": DOTA_V1_CLASSES + ("container-crane",),
+    "dota-v2.0": DOTA_V1_CLASSES + ("container-crane", "airport", "helipad"),
+    "dior-r": ("airplane", "airport", "baseballfield", "basketballcourt", "bridge", "chimney", "dam",
+               "Expressway-Service-area", "Expressway-toll-station", "golffield", "groundtrackfield", "harbor",
+               "overpass", "ship", "stadium", "storagetank", "tenniscourt", "trainstation", "vehicle", "windmill"),
+    "hrsc2016": ("ship",),  # HRSC2016's usual task: every object is a ship (mmrotate classwise=False)
+    "hrsc2016-31": HRSC_CLASSES,  # the 31-class task (classwise=True); objects of other Class_IDs are left out
+    "fair1m": ("Boeing737", "Boeing747", "Boeing777", "Boeing787", "C919", "A220", "A321", "A330", "A350", "ARJ21",
+               "other-airplane", "Passenger Ship", "Motorboat", "Fishing Boat", "Tugboat", "Engineering Ship",
+               "Liquid Cargo Ship", "Dry Cargo Ship", "Warship", "other-ship", "Small Car", "Bus", "Cargo Truck",
+               "Dump Truck", "Van", "Trailer", "Tractor", "Excavator", "Truck Tractor", "other-vehicle",
+               "Basketball Court", "Tennis Court", "Football Field", "Baseball Field", "Intersection", "Roundabout",
+               "Bridge"),  # FAIR1M-1.0 / 2.0's 37 fine-grained categories
+}
+
+
+def _xml_root(path):
+    try:
+        return ET.parse(path).getroot()
+    except (ET.ParseError, OSError) as e:
+        _fail(path, f"cannot parse xml ({e})")
+
+
+def _number(path, obj, tag, where):
+    try:
+        return float(obj.findtext(tag))
+    except (TypeError, ValueError):
+        _fail(path, f"{where}: <{tag}> missing or not a number")
+
+
+def read_hrsc_xml(path, classwise: bool = False) -> dict:
+    """Read an HRSC2016 annotation (`<HRSC_Image>` with `<HRSC_Objects>`); same dict as `read_dota_txt`.
+
+    Each object's rotated box `mbox_cx, mbox_cy, mbox_w, mbox_h, mbox_ang` (pixels, radians) is read in
+    le90, our convention, and turned into its polygon, as mmrotate's HRSCDataset does. `classwise`
+    names objects by their `Class_ID` (1000000xx) in the 31-class set and leaves out the other IDs;
+    otherwise every object is a "ship". As there, no object is difficult.
+    """
+    root = _xml_root(path)
+    if root.tag != "HRSC_Image":
+        _fail(path, f"not an HRSC2016 annotation (root <{root.tag}>, expected <HRSC_Image>)")
+    names = {"1" + "0" * 6 + i: c for i, c in zip(HRSC_CLASS_IDS, HRSC_CLASSES)}
+    boxes, labels = [], []
+    for k, obj in enumerate(root.iter("HRSC_Object"), start=1):
+        if classwise:
+            name = names.get((obj.findtext("Class_ID") or "").strip())
+            if name is None:
+                continue
+        else:
+            name = "ship"
+        boxes.append([_number(path, obj, tag, f"object {k}") for tag in ("mbox_cx", "mbox_cy", "mbox_w", "mbox_h", "mbox_ang")])
+        _check_coords(path, boxes[-1], f"object {k}")
+        labels.append(name)
+    polys = ro.obb2poly(torch.tensor(boxes, dtype=torch.float64).reshape(-1, 5)).numpy()
+    return dict(polys=polys.astype(np.float32).reshape(-1, 8), labels=labels, difficult=np.zeros(len(labels), bool))
+
+
+def read_fair1m_xml(path) -> dict:
+    """Read a FAIR1M annotation (`<objects><object><possibleresult><name>` and `<points>` of "x,y"
+    corners, the first repeated at the end); same dict as `read_dota_txt`. FAIR1M marks nothing difficult."""
+    root = _xml_root(path)
+    objects = root.find("objects")
+    if objects is None:
+        _fail(path, "not a FAIR1M annotation (no <objects>)")
+    polys, labels = [], []
+    for k, obj in enumerate(objects.iter("object"), start=1):
+        name = obj.findtext("possibleresult/name")
+        points = [p.text for p in obj.findall("points/point")]
+        if name is None or len(points) < 4:
+            _fail(path, f"object {k} has no <possibleresult><name> or fewer than 4 <point>s")
+        try:
+            xy = [float(v) for p in points[:4] for v in p.split(",")]
+        except (AttributeError, ValueError):
+            xy = []
+        if len(xy) != 8:
+            _fail(path, f"object {k}: a <point> is not 'x,y' ({points[:4]})")
+        _check_coords(path, xy, f"object {k}")
+        polys.append(xy)
+        labels.append(name.strip())
+    return dict(polys=np.asarray(polys, dtype=np.float32).reshape(-1, 8), labels=labels,
+                difficult=np.zeros(len(labels), bool))
+
+
 def read_coco_json(path) -> dict:
     """Read COCO detection json (horizontal boxes, as SARDet-50K).
 
@@ -470,27 +567,38 @@ def _polys_to_sample(path, polys, labels, difficult, classes, image, name):
 
 
 def detect_format(split_dir) -> str:
-    """'dota', 'dior' or 'coco' from what a split folder (or data set root) holds."""
+    """'dota', 'dior', 'hrsc', 'fair1m' or 'coco' from what a split folder (or data set root) holds."""
     d = Path(split_dir)
     if list(d.glob("*.json")) or list((d / "annotations").glob("*.json")):
         return "coco"
     if (d / "labelTxt").is_dir() or (d / "annfiles").is_dir():
         return "dota"
+    if (d / "labelXml").is_dir():
+        return "fair1m"
     if list(d.glob("Annotations*")) or list(d.glob("**/*.xml"))[:1]:
+        first = next(iter(_label_files(d, "dior")), None)
+        if first is not None:
+            with open(first, "rb") as f:
+                head = f.read(512)
+            if b"<HRSC_Image" in head:
+                return "hrsc"
         return "dior"
-    raise DatasetError(f"{d}: no labelTxt/ or annfiles/ (DOTA), *.json (COCO) or Annotations/ xml (DIOR-R) found")
+    raise DatasetError(f"{d}: no labelTxt/ or annfiles/ (DOTA), labelXml/ (FAIR1M), *.json (COCO) or Annotations/ xml "
+                       "(DIOR-R, HRSC2016) found")
 
 
 def _label_files(split_dir: Path, fmt: str):
     if fmt == "dota":
         folder = split_dir / "labelTxt" if (split_dir / "labelTxt").is_dir() else split_dir / "annfiles"
         return sorted(folder.glob("*.txt"))
+    if fmt == "fair1m":
+        return sorted((split_dir / "labelXml").glob("*.xml"))
     xml_dir = split_dir / "Annotations" / "Oriented Bounding Boxes"
     return sorted((xml_dir if xml_dir.is_dir() else split_dir / "Annotations").glob("*.xml"))
 
 
 def _image_folder(split_dir: Path):
-    for name in ("images", "png_images", "JPEGImages", "JPEGImages-trainval", "JPEGImages-test"):
+    for name in ("images", "png_images", "JPEGImages", "JPEGImages-trainval", "JPEGImages-test", "AllImages"):
         if (split_dir / name).is_dir():
             return split_dir / name
     return split_dir
@@ -512,7 +620,7 @@ def load_detection_split(split_dir, modality="rgb", classes=None, need_images: b
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
         raise DatasetError(f"{split_dir}: no such folder")
-    if not need_images and split_dir.name in ("labelTxt", "annfiles", "Annotations"):
+    if not need_images and split_dir.name in ("labelTxt", "annfiles", "Annotations", "labelXml"):
         split_dir = split_dir.parent  # a label folder given directly: its split folder
     fmt = detect_format(split_dir)
     images = _image_folder(split_dir)
@@ -535,7 +643,9 @@ def load_detection_split(split_dir, modality="rgb", classes=None, need_images: b
     files = _label_files(split_dir, fmt)
     if not files:
         raise DatasetError(f"{split_dir}: no annotation files found")
-    reader = read_dota_txt if fmt == "dota" else read_dior_xml
+    classwise = fmt == "hrsc" and classes is not None and len(classes) > 1  # the 31-class HRSC2016 task
+    reader = dict(dota=read_dota_txt, dior=read_dior_xml, fair1m=read_fair1m_xml,
+                  hrsc=lambda f: read_hrsc_xml(f, classwise))[fmt]
     annots = [(f, reader(f)) for f in files]
     if classes is None:
         classes = sorted({l for _, a in annots for l in a["labels"]})
@@ -564,7 +674,8 @@ def find_split(root, split: str):
     """The folder of `split` ('train' or 'test') under a data set root, or the root itself when it
     is a single split folder (it then serves for training and scoring alike)."""
     root = Path(root)
-    names = {"train": ("train", "trainval", "train_val", "dota_train"), "test": ("test", "val", "dota_test")}[split]
+    names = {"train": ("train", "trainval", "train_val", "dota_train", "Train", "TrainVal"),
+             "test": ("test", "val", "dota_test", "validation", "Test")}[split]
     for name in names:
         if (root / name).is_dir():
             return root / name
@@ -572,20 +683,26 @@ def find_split(root, split: str):
 
 
 def detection_sources(entries: list, synth_root="data/synthsoi", synth_modalities=("rgb",)) -> list:
-    """`--data MODALITY:PATH ...` (none: the `synth_modalities` of SynthSOI under `synth_root`, which
-    must exist) -> list of dict(modality, root, train, test), each folder checked."""
+    """`--data MODALITY:PATH[:CLASS_SET] ...` (none: the `synth_modalities` of SynthSOI under `synth_root`,
+    which must exist) -> list of dict(modality, root, train, test[, class_set, classes]), each folder
+    checked. A CLASS_SET (a key of CLASS_SETS) fixes the categories and their order, which a released
+    checkpoint's class heads need; without one they are the sorted names found in the training labels."""
     if not entries:
         entries = [f"{m}:{Path(synth_root) / m}" for m in synth_modalities]
     sources = []
     for e in entries:
         modality, sep, path = e.partition(":")
         if not sep or modality not in ("rgb", "sar", "ir"):
-            raise DatasetError(f"--data {e!r}: expected MODALITY:PATH with MODALITY one of rgb, sar, ir")
-        root = Path(path).resolve()
+            raise DatasetError(f"--data {e!r}: expected MODALITY:PATH[:CLASS_SET] with MODALITY one of rgb, sar, ir")
+        head, _, tail = path.rpartition(":")
+        class_set = tail if head and tail in CLASS_SETS else None
+        root = Path(head if class_set else path).resolve()
         if not root.is_dir():
-            raise DatasetError(f"{root}: no such folder (from --data {e})")
+            raise DatasetError(f"{root}: no such folder (from --data {e}; class sets: {', '.join(CLASS_SETS)})")
         sources.append(dict(modality=modality, root=str(root), train=str(find_split(root, "train")),
                             test=str(find_split(root, "test"))))
+        if class_set:
+            sources[-1].update(class_set=class_set, classes=list(CLASS_SETS[class_set]))
     return sources
 
 

@@ -497,13 +497,8 @@ def build_run_model(run: Path, device="cpu"):
 # The released checkpoints of the presets that claim a paper's setting, scored or used without a run
 # folder (eval.py --weights FILE --preset NAME): the test size and class order of the preset of the same
 # name in train.py, and the published number to compare with.
-DOTA_V1_CLASSES = ("plane", "baseball-diamond", "bridge", "ground-track-field", "small-vehicle", "large-vehicle", "ship",
-                   "tennis-court", "basketball-court", "storage-tank", "soccer-ball-field", "roundabout", "harbor",
-                   "swimming-pool", "helicopter")  # the server's Task1 class names
-DIOR_R_CLASSES = ("airplane", "airport", "baseballfield", "basketballcourt", "bridge", "chimney", "dam",
-                  "Expressway-Service-area", "Expressway-toll-station", "golffield", "groundtrackfield", "harbor",
-                  "overpass", "ship", "stadium", "storagetank", "tenniscourt", "trainstation", "vehicle",
-                  "windmill")  # MutDet 097ce90 configs/Step3_Finetuning/base_settings_DIOR.py, in its order
+DOTA_V1_CLASSES = datasets.DOTA_V1_CLASSES  # the server's Task1 class names
+DIOR_R_CLASSES = datasets.CLASS_SETS["dior-r"]  # MutDet 097ce90 configs/Step3_Finetuning/base_settings_DIOR.py, in its order
 RELEASED = {
     "ars-detr-dota": dict(image_size=1024, classes=DOTA_V1_CLASSES, metric="voc07_ap50", paper=73.42,
                           cite="ARS-DETR README (0d96c5e), dn_arw_arm_arcsl_rdetr_r50_dota: 73.42 AP50 on the DOTA-v1.0 "

@@ -947,7 +947,7 @@ def finetune(cfg: FinetuneConfig) -> int:
     sources = resolve_sources(cfg, rank)
     splits = []
     for i, s in enumerate(sources):
-        ds = datasets.load_detection_split(s["train"], s["modality"])
+        ds = datasets.load_detection_split(s["train"], s["modality"], s.get("classes"))  # --data ...:CLASS_SET
         if cfg.filter_empty:
             kept = [smp for smp in ds.samples if len(smp.labels)]
             if rank == 0 and len(kept) < len(ds.samples):
