@@ -549,6 +549,217 @@ def resnet_trunk(depth: str = "resnet50", weights: str = "") -> nn.Module:
     return trunk
 
 
+def pseudo_label_cache(run: Path, samples: list, clusters: int, pca_dim: int, fit_samples: int, seed: int) -> list:
+    """Phase 2 of the sam stage: the raw features of every image (run/raw/<image>.safetensors) ->
+    PCA to `pca_dim` and L2 normalisation -> spherical k-means -> one pseudo-class per box, written as
+    run/cache/<image>.safetensors (boxes, labels, embeds), run/pca.safetensors and manifest.json.
+    samples: [(modality, datasets.Sample)]. Returns the manifest's image list."""
+    from safetensors.torch import load_file
+    raws = {smp.name: load_file(str(run / "raw" / f"{smp.name}.safetensors")) for _, smp in samples}
+    feats = torch.cat([r["feats"] for r in raws.values()]).double()
+    if len(feats) < max(clusters, 2):
+        raise datasets.DatasetError(f"{run}: {len(feats)} proposals in all, fewer than --clusters {clusters}")
+    g = torch.Generator().manual_seed(seed)
+    sample = feats[torch.randperm(len(feats), generator=g)[:fit_samples]]
+    A, b = fit_pca(sample, min(pca_dim, sample.shape[1], len(sample)))
+    if A.shape[0] < pca_dim:
+        raise datasets.DatasetError(f"{run}: PCA to {pca_dim}-d needs at least that many features and proposals")
+    centres = kmeans_cosine(F.normalize(sample @ A.T + b, dim=-1), clusters, seed=seed)
+    datasets.save_tensors_atomic(run / "pca.safetensors", dict(pca_A=A.float(), pca_b=b.float(), ctrs=centres))
+    images = []
+    for modality, smp in samples:
+        r = raws[smp.name]
+        z = F.normalize(r["feats"].double() @ A.T + b, dim=-1).float()  # (K, pca_dim)
+        labels = (z @ centres.T).argmax(1) if len(z) else torch.zeros(0, dtype=torch.long)
+        datasets.save_tensors_atomic(run / "cache" / f"{smp.name}.safetensors", dict(boxes=r["boxes"], labels=labels, embeds=z))
+        images.append(dict(name=smp.name, image=str(Path(smp.image).resolve()), modality=modality, boxes=len(z)))
+    manifest = dict(classes=[f"cluster_{i + 1}" for i in range(clusters)], embed_dim=pca_dim, images=images)
+    datasets.atomic_write_text(run / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+    return images
+
+
+# ---------------------------------------------------------------------------------------------
+# Proposals without SAM (--proposals random | selective): MutDet's authors answered that these also
+# serve where SAM fails (floatingstarZ/MutDet issue 3); DETReg pre-trains on selective search.
+# ---------------------------------------------------------------------------------------------
+
+def proposal_statistics(run) -> dict:
+    """What `random_proposals` draws from: the boxes a finished sam run kept per image (counts) and
+    their sides as fractions of the image's longer side (sides (K, 2) w >= h)."""
+    from PIL import Image
+    from safetensors.torch import load_file
+    run = Path(run)
+    if not (run / "manifest.json").exists():
+        raise datasets.DatasetError(f"{run}: not a finished sam run (no manifest.json) for --proposals random")
+    counts, sides = [], []
+    for item in json.loads((run / "manifest.json").read_text())["images"]:
+        boxes = load_file(str(run / "cache" / f"{item['name']}.safetensors"))["boxes"].double()
+        with Image.open(item["image"]) as im:
+            longer = max(im.size)
+        counts.append(len(boxes))
+        sides.append(boxes[:, 2:4] / longer)
+    sides = torch.cat(sides) if sides else torch.zeros(0, 2, dtype=torch.float64)
+    if not len(sides):
+        raise datasets.DatasetError(f"{run}: the sam run kept no boxes to draw sizes from")
+    return dict(counts=torch.tensor(counts), sides=sides)
+
+
+def random_proposals(stats: dict, height: int, width: int, g: torch.Generator) -> torch.Tensor:
+    """Random rotated boxes with the count and size distribution of a sam run (`proposal_statistics`):
+    a count drawn from its images', that many (w, h) drawn from its boxes (scaled to this image's
+    longer side), centres uniform over the image, angles uniform in [-π/2, π/2). -> (K, 5) le90."""
+    k = int(stats["counts"][torch.randint(len(stats["counts"]), (1,), generator=g)])
+    wh = stats["sides"][torch.randint(len(stats["sides"]), (k,), generator=g)] * max(height, width)
+    centres = torch.rand(k, 2, generator=g, dtype=torch.float64) * torch.tensor([width, height], dtype=torch.float64)
+    theta = (torch.rand(k, 1, generator=g, dtype=torch.float64) - 0.5) * np.pi
+    return ro.regularize_obb(torch.cat([centres, wh, theta], 1))
+
+
+def felzenszwalb(image: np.ndarray, k: float = 100.0, sigma: float = 0.8, min_size: int = 50) -> np.ndarray:
+    """Graph-based segmentation (Felzenszwalb & Huttenlocher, IJCV 2004) on the colour image, as
+    selective search starts from it: the 8-neighbour grid graph of the Gaussian-smoothed image with
+    edge weights w = ||I(p) - I(q)||, edges in increasing weight, and components C1, C2 merged when
+        w <= min(Int(C1) + k / |C1|, Int(C2) + k / |C2|)        (Eq. 4: MInt, τ(C) = k / |C|)
+    with Int(C) the largest weight inside C; then components under `min_size` px join a neighbour
+    along the remaining edges, in the same order.
+
+    Args:
+        image: (H, W, 3) uint8 or float.
+    Returns:
+        (H, W) int64 labels 0..n-1.
+    """
+    from scipy import ndimage
+    H, W = image.shape[:2]
+    x = np.stack([ndimage.gaussian_filter(image[..., c].astype(np.float64), sigma) for c in range(image.shape[2])], -1)
+    idx = np.arange(H * W).reshape(H, W)
+    pairs = [(idx[:, :-1], idx[:, 1:]), (idx[:-1, :], idx[1:, :]), (idx[:-1, :-1], idx[1:, 1:]), (idx[:-1, 1:], idx[1:, :-1])]
+    a = np.concatenate([p.ravel() for p, _ in pairs])
+    b = np.concatenate([q.ravel() for _, q in pairs])
+    flat = x.reshape(-1, x.shape[-1])
+    w = np.linalg.norm(flat[a] - flat[b], axis=1)
+    order = np.argsort(w, kind="stable")
+    a, b, w = a[order].tolist(), b[order].tolist(), w[order].tolist()
+    parent, size, internal = list(range(H * W)), [1] * (H * W), [0.0] * (H * W)
+
+    def find(i):
+        root = i
+        while parent[root] != root:
+            root = parent[root]
+        while parent[i] != root:  # path compression
+            parent[i], i = root, parent[i]
+        return root
+    for p, q, wt in zip(a, b, w):
+        rp, rq = find(p), find(q)
+        if rp != rq and wt <= min(internal[rp] + k / size[rp], internal[rq] + k / size[rq]):
+            if size[rp] < size[rq]:
+                rp, rq = rq, rp
+            parent[rq], size[rp], internal[rp] = rp, size[rp] + size[rq], wt  # edges come sorted: wt is the max
+    for p, q in zip(a, b):
+        rp, rq = find(p), find(q)
+        if rp != rq and (size[rp] < min_size or size[rq] < min_size):
+            if size[rp] < size[rq]:
+                rp, rq = rq, rp
+            parent[rq], size[rp] = rp, size[rp] + size[rq]
+    roots = np.array([find(i) for i in range(H * W)])
+    return np.unique(roots, return_inverse=True)[1].reshape(H, W).astype(np.int64)
+
+
+def _region_features(image: np.ndarray, labels: np.ndarray, n: int) -> tuple:
+    """Per initial region: colour histograms (25 bins a channel) and texture histograms (Gaussian
+    derivatives, σ = 1, in 8 orientations a channel, 10 bins each), each L1-normalised (Uijlings §3.2)."""
+    from scipy import ndimage
+    img = image.astype(np.float64)
+    flat = labels.ravel()
+    colour = [np.bincount(flat * 25 + np.minimum(img[..., c].ravel() / 256 * 25, 24).astype(np.int64), minlength=n * 25)
+              .reshape(n, 25) for c in range(3)]
+    texture = []
+    for c in range(3):
+        dy = ndimage.gaussian_filter(img[..., c], 1.0, order=(1, 0))
+        dx = ndimage.gaussian_filter(img[..., c], 1.0, order=(0, 1))
+        for t in np.arange(8) * np.pi / 4:
+            r = np.maximum(np.cos(t) * dx + np.sin(t) * dy, 0)
+            bins = np.minimum(r / max(r.max(), 1e-12) * 10, 9).astype(np.int64).ravel()
+            texture.append(np.bincount(flat * 10 + bins, minlength=n * 10).reshape(n, 10))
+    colour, texture = np.concatenate(colour, 1).astype(np.float64), np.concatenate(texture, 1).astype(np.float64)
+    return colour / colour.sum(1, keepdims=True), texture / texture.sum(1, keepdims=True)
+
+
+def selective_search(image: np.ndarray, k: float = 100.0, sigma: float = 0.8, min_size: int = 50,
+                     max_boxes: int = 1000, seed: int = 0) -> torch.Tensor:
+    """Selective search (Uijlings et al., IJCV 2013), one strategy (RGB, all four similarities) in
+    pure NumPy: Felzenszwalb regions, then the most similar pair of neighbouring regions merged
+    until one is left, with
+        s(r_i, r_j) = s_colour + s_texture + s_size + s_fill                  (§3.2)
+        s_colour, s_texture = Σ_k min(c_i^k, c_j^k);  s_size = 1 - (|r_i| + |r_j|) / |im|;
+        s_fill = 1 - (|BB_ij| - |r_i| - |r_j|) / |im|
+    Every region of the hierarchy is a proposal, ranked as in §3.3: the region made last is 1, the
+    one before 2, ..., each times a uniform random number, ascending. As SAM masks become boxes
+    here (`mask_to_obb`), a region's box is the minimum-area rectangle of its pixel centres, so the
+    proposals are rotated (DETReg's, from OpenCV, are horizontal).
+
+    Args:
+        image: (H, W, 3) uint8.
+    Returns:
+        (K, 5) le90 boxes, K <= max_boxes, duplicates and sides under 2 px removed.
+    """
+    labels = felzenszwalb(image, k, sigma, min_size)
+    H, W = labels.shape
+    n = int(labels.max()) + 1
+    colour, texture = _region_features(image, labels, n)
+    ys, xs = np.mgrid[:H, :W]
+    flat = labels.ravel()
+    size = np.bincount(flat, minlength=n).astype(np.float64)
+    bbox = np.stack([np.full(n, W), np.full(n, H), np.full(n, -1), np.full(n, -1)], 1).astype(np.float64)
+    np.minimum.at(bbox[:, 0], flat, xs.ravel()), np.minimum.at(bbox[:, 1], flat, ys.ravel())
+    np.maximum.at(bbox[:, 2], flat, xs.ravel()), np.maximum.at(bbox[:, 3], flat, ys.ravel())
+    order = np.argsort(flat, kind="stable")
+    starts = np.searchsorted(flat[order], np.arange(n + 1))
+    pts = np.stack([xs.ravel(), ys.ravel()], 1)[order]
+    hulls = [convex_hull(pts[starts[i]:starts[i + 1]]) for i in range(n)]
+    # neighbouring regions: labels that differ across any of the 8-neighbour steps
+    pairs = np.concatenate([np.stack([labels[:, :-1].ravel(), labels[:, 1:].ravel()], 1),
+                            np.stack([labels[:-1].ravel(), labels[1:].ravel()], 1),
+                            np.stack([labels[:-1, :-1].ravel(), labels[1:, 1:].ravel()], 1),
+                            np.stack([labels[:-1, 1:].ravel(), labels[1:, :-1].ravel()], 1)])
+    pairs = np.unique(np.sort(pairs[pairs[:, 0] != pairs[:, 1]], 1), axis=0)
+    regions = {i: dict(size=size[i], bbox=bbox[i], colour=colour[i], texture=texture[i], hull=hulls[i]) for i in range(n)}
+    total = float(H * W)
+
+    def similarity(i, j):
+        ri, rj = regions[i], regions[j]
+        bb = np.concatenate([np.minimum(ri["bbox"][:2], rj["bbox"][:2]), np.maximum(ri["bbox"][2:], rj["bbox"][2:])])
+        bb_area = (bb[2] - bb[0] + 1) * (bb[3] - bb[1] + 1)
+        return (np.minimum(ri["colour"], rj["colour"]).sum() + np.minimum(ri["texture"], rj["texture"]).sum()
+                + 1 - (ri["size"] + rj["size"]) / total + 1 - (bb_area - ri["size"] - rj["size"]) / total)
+    sims = {(int(i), int(j)): similarity(int(i), int(j)) for i, j in pairs}
+    made = list(range(n))  # regions in the order they were made
+    while sims:
+        i, j = max(sims, key=sims.get)
+        ri, rj, t = regions[i], regions[j], len(regions)
+        s = ri["size"] + rj["size"]
+        regions[t] = dict(size=s, bbox=np.concatenate([np.minimum(ri["bbox"][:2], rj["bbox"][:2]),
+                                                       np.maximum(ri["bbox"][2:], rj["bbox"][2:])]),
+                          colour=(ri["size"] * ri["colour"] + rj["size"] * rj["colour"]) / s,
+                          texture=(ri["size"] * ri["texture"] + rj["size"] * rj["texture"]) / s,
+                          hull=convex_hull(np.concatenate([ri["hull"], rj["hull"]])))
+        made.append(t)
+        neighbours = {b if a in (i, j) else a for a, b in sims if a in (i, j) or b in (i, j)} - {i, j}
+        sims = {p: v for p, v in sims.items() if i not in p and j not in p}
+        sims.update({(m, t): similarity(m, t) for m in neighbours})
+    rng = np.random.default_rng(seed)
+    rank = np.arange(len(made), 0, -1) * rng.random(len(made))  # the last region made is 1 (§3.3)
+    boxes, seen = [], set()
+    for r in np.argsort(rank, kind="stable"):
+        box = min_area_rect(regions[made[r]]["hull"])
+        key = tuple(np.round(box.numpy(), 3))
+        if key not in seen and min(box[2], box[3]) >= datasets.MIN_SIDE - 1e-6:  # as SAM's boxes (proposals_from_masks)
+            seen.add(key)
+            boxes.append(box)
+        if len(boxes) == max_boxes:
+            break
+    return torch.stack(boxes) if boxes else torch.zeros(0, 5, dtype=torch.float64)
+
+
 # ---------------------------------------------------------------------------------------------
 # The pseudo-label cache as a training set, and the pre-trained detector for fine-tuning
 # ---------------------------------------------------------------------------------------------

@@ -93,6 +93,8 @@ PAPER = {
                    60.2, 54.2, 72.4, 70.7, 51.2)}),
     "mutdet-10pct": dict(cite="MutDet abstract: with 10% of DIOR-R, MutDet is +6.1 AP50 above DETReg (absolute "
                               "values not published)", rows={}),
+    "mutdet-proposals": dict(cite="MutDet's authors (floatingstarZ/MutDet issue 3): random or selective-search "
+                                  "proposals also work where SAM fails (no numbers published)", rows={}),
 }
 TABLES = tuple(PAPER)
 MERGE_NAMES = {"last": "Baseline (last layer only)", "concat": "(a) concat", "sum": "(b) element-wise sum",
@@ -144,6 +146,9 @@ def run_facts(run) -> dict:
                 (", L1" if icfg["embed_loss"] == "l1" and not detreg else "")
             if detreg and icfg.get("dn_align", True):  # runs before the DN switch existed aligned their DN queries
                 label += " + DN alignment"
+            cache = Path((icfg.get("data") or [""])[0]) / "config.json"  # the sam run it pre-trained on
+            proposals = json.loads(cache.read_text()).get("proposals", "sam") if cache.exists() else "sam"
+            label += {"random": " (random proposals)", "selective": " (selective search)"}.get(proposals, "")
             facts.update(init="mutdet", label=label)
     elif init:
         facts.update(init=cfg.get("vit_family", "weights"), label={"clip": "CLIP", "dinov2": "DINOv2"}.get(
@@ -236,6 +241,9 @@ ORDERINGS = {
     "mutdet-table2": [(a, b, c) for c in ("AP50", "AP75") for a, b in (("MutDet", "DETReg"), ("DETReg", "none"),
                                                                         ("MutDet", "none"))],
     "mutdet-10pct": [("MutDet", "DETReg", "AP50"), ("MutDet", "none", "AP50"), ("DETReg", "none", "AP50")],
+    # MutDet issue 3: every proposal source helps over no pre-training; SAM's boxes are not worse than either
+    "mutdet-proposals": [(a, "none", "AP50") for a in ("MutDet", "MutDet (random proposals)", "MutDet (selective search)")]
+                        + [("MutDet", b, "AP50") for b in ("MutDet (random proposals)", "MutDet (selective search)")],
 }
 
 
@@ -264,7 +272,7 @@ def format_table_runs(name: str, runs: list) -> dict:
     facts = [run_facts(r) for r in runs]
     paired = name in ("babelrs-table2", "babelrs-table3")
     classes = ()
-    if name == "mutdet-table2":
+    if name in ("mutdet-table2", "mutdet-proposals"):
         done = [f["metrics"] for f in facts if f["metrics"]]
         classes = next(iter(done[0]["sources"].values()))["classes"] if done else ()
     columns = _columns(name, classes)
@@ -532,7 +540,8 @@ def plot_fig6(ours: dict, path) -> None:
 
 
 # the column each table's bar figure shows, and the paper's row each of our rows stands for
-BAR_COLUMN = {"babelrs-table3": "H-mAP", "babelrs-table5": "H-mAP", "mutdet-table2": "AP50", "mutdet-10pct": "AP50"}
+BAR_COLUMN = {"babelrs-table3": "H-mAP", "babelrs-table5": "H-mAP", "mutdet-table2": "AP50", "mutdet-10pct": "AP50",
+              "mutdet-proposals": "AP50"}
 PAPER_ROW = {"babelrs-table5": {k: v for k, v in MERGE_NAMES.items()},
              "mutdet-table2": {"none": "-", "DETReg": "DETReg", "MutDet": "MutDet"}}
 
@@ -829,10 +838,11 @@ TINY_IMAGE = 192  # image side of the tiny sweep rows
 TINY_CSIA_STEPS, TINY_CSIA_TAU = 200, 60.0  # CSIA steps and τ of a tiny sweep
 TINY_MUTDET_STEPS = 200  # MutDet fine-tuning steps; pre-training: 17 epochs of 12 steps (lr step at 15)
 TINY_SEEDS, TINY_THREADS = 3, 2  # seeds a row and threads a run at tiny scale
-SHARED_RUNS = ("sam",)  # runs every seed shares (the SAM pseudo-label cache, as MutDet's released one)
+SHARED_RUNS = ("sam", "sam-random", "sam-selective")  # runs every seed shares (the pseudo-label caches, as
+#                                                         MutDet's released one)
 MERGES = ("last", "concat", "sum", "per-layer", "lvsa")  # BabelRS Tab. 5 rows: baseline, (a), (b), (c), (d)
 SWEEPS = ("babelrs-table3", "babelrs-table4", "babelrs-table5", "babelrs-fig6", "mutdet-table2", "mutdet-10pct",
-          "mutdet-table3", "tiny-checks")
+          "mutdet-table3", "mutdet-proposals", "tiny-checks")
 # MutDet Tab. 3 is scored by the DOTA-v1.0 server: its fine-tuned rows predict on the full test scenes
 DATA_STAGES = {"babelrs": ("csia", "finetune"), "mutdet": ("sam", "finetune"), "tiny": ()}  # stages that read real data
 SUBMISSION = "dota-test"  # folder of each fine-tuned row holding drawings, Task1 files and submission.zip
@@ -928,6 +938,16 @@ def sweep_runs(name: str, scale: str, extra: dict, amp: str = "fp16") -> list:
             add(f"ft-{(init or 'none').removeprefix('pre-')}-data{fraction}{dota}",
                 ["--stage", "finetune"] + ft_preset + schedule + ["--data_fraction", fraction]
                 + (["--init", f"{{runs}}/{init}"] if init else []) + extra["finetune"])
+    elif name == "mutdet-proposals":  # Tab. 2's none and MutDet rows, and MutDet on random / selective-search boxes
+        base = dict(sweep_runs("mutdet-table2", scale, extra, amp))
+        for folder in ("sam", "pre-mutdet", "ft-none-data1.0", "ft-mutdet-data1.0"):
+            add(folder, base[folder])  # shared with Tab. 2
+        for source in ("random", "selective"):
+            cache = add(f"sam-{source}", base["sam"] + ["--proposals", source]
+                        + (["--proposals_like", "{runs}/sam"] if source == "random" else []))
+            pre = add(f"pre-mutdet-{source}", [f"{{runs}}/{cache}" if a == "{runs}/sam" else a for a in base["pre-mutdet"]])
+            add(f"ft-mutdet-{source}-data1.0",
+                [f"{{runs}}/{pre}" if a == "{runs}/pre-mutdet" else a for a in base["ft-mutdet-data1.0"]])
     elif name == "tiny-checks":  # the stand-ins against random init; the ViT row with twice the steps
         if not tiny:
             raise SystemExit("--sweep tiny-checks: a check of the tiny protocol (--scale tiny)")

@@ -229,6 +229,10 @@ class SAMConfig:
     """MutDet's pseudo-labels: SAM masks -> le90 boxes -> object embeddings -> PCA -> k-means classes."""
     data: list[str] = field(default_factory=list)  # MODALITY:PATH of images; none = SynthSOI-RGB train
     synth_root: str = "data/synthsoi"  # where SynthSOI is written
+    proposals: Literal["sam", "random", "selective"] = "sam"  # where the boxes come from (MutDet issue 3):
+    #   SAM's masks; random boxes like those of the sam run --proposals_like; selective search (mutdet.py)
+    proposals_like: str = ""  # a finished sam run whose box counts and sizes --proposals random draws from
+    ss_k: float = 100.0  # selective search: Felzenszwalb's k (Uijlings et al.: 50-300); σ 0.8, regions >= 50 px
     masks: Literal["sam", "components"] = "sam"  # components: mutdet.colour_components, a SAM stand-in
     #   that finds SynthSOI's objects without trained weights (a random SAM's masks are noise)
     sam: str = ""  # local transformers SAM folder (SAM ViT-H in the paper); empty = a tiny random SAM
@@ -1045,7 +1049,6 @@ def sam_stage(cfg: SAMConfig) -> int:
     proposals -> object embeddings, into raw/<image>.safetensors. Phase 2: PCA + k-means fitted on
     a sample of all features, then cache/<image>.safetensors (boxes, labels, embeds, filtered
     together) and manifest.json."""
-    from safetensors.torch import load_file
     from tqdm import tqdm
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -1056,8 +1059,11 @@ def sam_stage(cfg: SAMConfig) -> int:
         samples = samples[:cfg.max_steps]
     try:  # the models first: a missing weight file leaves no run folder behind
         weights = start_weights(cfg)
-        sam = mutdet.build_sam(weights["sam"], cfg.sam_image_size) if cfg.masks == "sam" else None
+        sam = mutdet.build_sam(weights["sam"], cfg.sam_image_size) if (cfg.proposals, cfg.masks) == ("sam", "sam") else None
         trunk = mutdet.resnet_trunk(cfg.embed_backbone, weights["resnet"])
+        if cfg.proposals == "random" and not cfg.proposals_like:
+            raise ValueError("--proposals random draws its box counts and sizes from a sam run: give --proposals_like RUN")
+        stats = mutdet.proposal_statistics(cfg.proposals_like) if cfg.proposals == "random" else None
     except (ValueError, OSError) as e:
         raise datasets.DatasetError(str(e)) from None
     run = run_folder(dataclasses.replace(cfg, out=cfg.resume or cfg.out), "sam", 0)
@@ -1067,19 +1073,23 @@ def sam_stage(cfg: SAMConfig) -> int:
     norm = datasets.Normalize()
     log = open(run / "log.jsonl", "a")
     bar = tqdm(samples, desc="sam", unit="img", dynamic_ncols=True)
-    for modality, smp in bar:
+    for i, (modality, smp) in enumerate(bar):
         raw = run / "raw" / f"{smp.name}.safetensors"
         if raw.exists():
             continue
         t0 = time.time()
         image = torch.from_numpy(datasets.load_image(smp.image)).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
-        if cfg.masks == "sam":
+        if cfg.proposals == "random":  # seeded per image, so that a resumed run draws the same boxes
+            g = torch.Generator().manual_seed(cfg.seed * 100003 + i)
+            masks = boxes = mutdet.random_proposals(stats, *image.shape[-2:], g)[:cfg.max_boxes]
+        elif cfg.proposals == "selective":
+            masks = boxes = mutdet.selective_search(image.permute(1, 2, 0).numpy(), cfg.ss_k, max_boxes=cfg.max_boxes,
+                                                    seed=cfg.seed + i)
+        else:
             masks = mutdet.generate_masks(sam, image, cfg.points_per_side, cfg.points_per_batch, cfg.pred_iou_thresh,
                                           cfg.stability_score_thresh, cfg.stability_score_offset,
-                                          cfg.box_nms_thresh)["masks"]
-        else:
-            masks = mutdet.colour_components(image)
-        boxes, _ = mutdet.proposals_from_masks(masks, cfg.max_boxes)
+                                          cfg.box_nms_thresh)["masks"] if cfg.masks == "sam" else mutdet.colour_components(image)
+            boxes, _ = mutdet.proposals_from_masks(masks, cfg.max_boxes)
         # crops from the resized, normalised image (the detector's input), boxes scaled alike
         item = datasets.Resize(cfg.image_size)(dict(image=image, boxes=boxes.float(), labels=torch.zeros(len(boxes)),
                                                     difficult=torch.zeros(len(boxes), dtype=torch.bool)))
@@ -1091,26 +1101,7 @@ def sam_stage(cfg: SAMConfig) -> int:
     bar.close()
     log.close()
     # phase 2: PCA to pca_dim and L2 normalisation, spherical k-means, one label per box
-    raws = {smp.name: load_file(str(run / "raw" / f"{smp.name}.safetensors")) for _, smp in samples}
-    feats = torch.cat([r["feats"] for r in raws.values()]).double()
-    if len(feats) < max(cfg.clusters, 2):
-        raise datasets.DatasetError(f"{run}: {len(feats)} proposals in all, fewer than --clusters {cfg.clusters}")
-    g = torch.Generator().manual_seed(cfg.seed)
-    sample = feats[torch.randperm(len(feats), generator=g)[:cfg.fit_samples]]
-    A, b = mutdet.fit_pca(sample, min(cfg.pca_dim, sample.shape[1], len(sample)))
-    if A.shape[0] < cfg.pca_dim:
-        raise datasets.DatasetError(f"{run}: PCA to {cfg.pca_dim}-d needs at least that many features and proposals")
-    centres = mutdet.kmeans_cosine(torch.nn.functional.normalize(sample @ A.T + b, dim=-1), cfg.clusters, seed=cfg.seed)
-    datasets.save_tensors_atomic(run / "pca.safetensors", dict(pca_A=A.float(), pca_b=b.float(), ctrs=centres))
-    images = []
-    for modality, smp in samples:
-        r = raws[smp.name]
-        z = torch.nn.functional.normalize(r["feats"].double() @ A.T + b, dim=-1).float()  # (K, pca_dim)
-        labels = (z @ centres.T).argmax(1) if len(z) else torch.zeros(0, dtype=torch.long)
-        datasets.save_tensors_atomic(run / "cache" / f"{smp.name}.safetensors", dict(boxes=r["boxes"], labels=labels, embeds=z))
-        images.append(dict(name=smp.name, image=str(Path(smp.image).resolve()), modality=modality, boxes=len(z)))
-    manifest = dict(classes=[f"cluster_{i + 1}" for i in range(cfg.clusters)], embed_dim=cfg.pca_dim, images=images)
-    datasets.atomic_write_text(run / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+    images = mutdet.pseudo_label_cache(run, samples, cfg.clusters, cfg.pca_dim, cfg.fit_samples, cfg.seed)
     n = sum(i["boxes"] for i in images)
     print(f"sam cache: {len(images)} images, {n} boxes, {cfg.clusters} pseudo-classes, {cfg.pca_dim}-d embeddings -> {run}")
     print("next: " + NEXT_COMMAND["sam"].format(run=run))
