@@ -441,6 +441,16 @@ class MSDeformAttn(nn.Module):
             return ref + local / normalizer[None, None, None, :, None]
         return ref[..., :2] + local
 
+    def sampling(self, query, reference, shapes, reference_angle=None):
+        """Where each query looks and how much: attention weights (B, Q, H, L, P), softmax over a head's
+        L x P points, and sampling locations (B, Q, H, L, P, 2) in [0, 1] per level (eval.py --attention
+        draws them). `query` includes its positional embedding."""
+        B, Q, _ = query.shape
+        H, L, P = self.heads, self.levels, self.points
+        weights = self.attention_weights(query).view(B, Q, H, L * P).softmax(-1).view(B, Q, H, L, P)
+        offsets = self.sampling_offsets(query).view(B, Q, H, L, P, 2)
+        return weights, self.sampling_locations(offsets, reference, shapes, reference_angle)
+
     def forward(self, query, query_pos, value, value_mask, reference, shapes, reference_angle=None):
         """
         Args:
@@ -454,12 +464,9 @@ class MSDeformAttn(nn.Module):
         if query_pos is not None:
             query = query + query_pos
         B, Q, _ = query.shape
-        H, L, P = self.heads, self.levels, self.points
         v = self.value_proj(value).masked_fill(value_mask[..., None], 0.0)
-        v = v.view(B, v.shape[1], H, -1)  # (B, S, H, Dh)
-        weights = self.attention_weights(query).view(B, Q, H, L * P).softmax(-1).view(B, Q, H, L, P)
-        locations = self.sampling_locations(self.sampling_offsets(query).view(B, Q, H, L, P, 2), reference, shapes,
-                                            reference_angle)
+        v = v.view(B, v.shape[1], self.heads, -1)  # (B, S, H, Dh)
+        weights, locations = self.sampling(query, reference, shapes, reference_angle)
         dt = torch.float64 if v.dtype == torch.float64 else torch.float32  # half precision samples in float32
         with torch.autocast(device_type=query.device.type, enabled=False):
             out = ms_deform_attn_core(v.to(dt), shapes, locations.to(dt), weights.to(dt))

@@ -807,6 +807,75 @@ def run_detector(model, modality: str, image_size: int, device="cpu"):
     return detect
 
 
+@torch.no_grad()
+def attention_of(model, modality: str, image: np.ndarray, image_size: int, k: int, device="cpu") -> dict:
+    """Where the last decoder layer's rotated deformable attention looks, for the `k` queries of the
+    highest class score: dict(queries (k,), scores (k,), corners (k, 4, 2) of the reference box whose
+    frame turns the sampling grid, points (k, H, L, P, 2), weights (k, H, L, P)), in the pixels of
+    `image` (H, W, 3) uint8, resized as at test time (longer side `image_size`). The box is turned in
+    the normalised coordinates of the padded feature map, as the sampler does (ARS-DETR), so on a
+    non-square map it is a parallelogram in pixels: its corners are mapped, not its (w, h, θ)."""
+    head = model.heads[modality]
+    tf = datasets.Compose([datasets.Resize(image_size), datasets.Normalize()])
+    item = tf(dict(image=torch.from_numpy(image).permute(2, 0, 1).contiguous(), boxes=torch.zeros(0, 5),
+                   labels=torch.zeros(0, dtype=torch.long), difficult=torch.zeros(0, dtype=torch.bool)))
+    batch = datasets.collate([item])
+    seen = {}
+
+    def capture(module, args):  # the cross-attention's inputs: query, query_pos, value, mask, reference, shapes, angle
+        query, pos, _, _, reference, shapes, angle = args[:7]
+        seen["weights"], seen["points"] = module.sampling(query + pos, reference, shapes, angle)
+        seen["reference"], seen["angle"] = reference[:, :, 0], angle
+    handle = head.decoder[-1].cross_attn.register_forward_pre_hook(capture)
+    try:
+        out = model(batch["images"].to(device), batch["masks"].to(device), [modality])["outputs"][modality]
+    finally:
+        handle.remove()
+    scores = out["pred_logits"][0].float().sigmoid().max(-1).values  # (Q,)
+    top = scores.topk(min(k, len(scores))).indices
+    H_pad, W_pad = batch["images"].shape[-2:]
+    sy, sx = item["scale"]  # resized / original, per axis
+    to_pixels = torch.tensor([W_pad / sx, H_pad / sy], dtype=torch.float64)  # normalised -> original pixels
+    ref = seen["reference"][0, top].double().cpu()  # (k, 4) cx, cy, w, h of the padded map
+    angle = seen["angle"][0, top].double().cpu() if seen["angle"] is not None else torch.zeros(len(top), dtype=torch.float64)
+    corners = ro.obb_corners(torch.cat([ref, angle[:, None]], 1)) * to_pixels  # (k, 4, 2)
+    return dict(queries=top.cpu(), scores=scores[top].cpu(), corners=corners,
+                points=seen["points"][0, top].double().cpu() * to_pixels, weights=seen["weights"][0, top].float().cpu())
+
+
+def draw_attention(image: np.ndarray, att: dict, path, strides=None) -> None:
+    """One figure per image (at its own size, or 768 px on the longer side if smaller): each query's
+    reference box (white, with its score) and
+    its sampling points at every level (one colour a level), each point's area proportional to its
+    attention weight (a head's weights over its L x P points sum to 1)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    H, W = image.shape[:2]
+    dpi, zoom = 100, max(1.0, 768 / max(H, W))  # a small image is drawn larger, so that points and labels read
+    fig = plt.figure(figsize=(W * zoom / dpi, H * zoom / dpi), dpi=dpi)
+    ax = fig.add_axes([0, 0, 1, 1])
+    ax.imshow(image, interpolation="nearest")
+    ax.set_xlim(0, W), ax.set_ylim(H, 0), ax.axis("off")
+    scale = max(H, W) * zoom / 800  # marks grow with the canvas, as the detections' lines do
+    colours = matplotlib.colormaps["tab10"]
+    levels = att["points"].shape[2]
+    for q in range(len(att["queries"])):
+        pts, w = att["points"][q], att["weights"][q]  # (H, L, P, 2), (H, L, P)
+        for lvl in range(levels):
+            xy = pts[:, lvl].reshape(-1, 2).numpy()
+            ax.scatter(xy[:, 0], xy[:, 1], s=w[:, lvl].reshape(-1).numpy() * 400 * scale ** 2, color=colours(lvl),
+                       alpha=0.75, linewidths=0,
+                       label=(f"level {lvl}" + (f" (stride {strides[lvl]})" if strides else " (finest)" * (lvl == 0)))
+                       if q == 0 else None)
+        corners = att["corners"][q].numpy()
+        ax.add_patch(matplotlib.patches.Polygon(corners, closed=True, fill=False, edgecolor="white", linewidth=1.2 * scale))
+        ax.text(*corners[0], f"{float(att['scores'][q]):.2f}", color="white", fontsize=7 * scale, va="bottom")
+    ax.legend(loc="upper right", fontsize=7 * scale, markerscale=1.0, framealpha=0.6)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 MAX_LABELS = 100  # class-and-score labels drawn on one image (the highest scores); every box is drawn
 
 
@@ -856,13 +925,15 @@ def default_gap(patch: int) -> int:
 
 
 def predict_images(run, paths: list, out, modality: str = "", score_thr: float = 0.3, patch: int = 0, gap: int = -1,
-                   make_zip: bool = False, device="cpu", batch_size: int = 4, tta: str = "") -> dict:
+                   make_zip: bool = False, device="cpu", batch_size: int = 4, tta: str = "", attention: int = 0) -> dict:
     """`eval.py --run RUN --predict PATH...`: detect on every image (large ones cut into patches of
     the run's training size, or `patch`, with `gap`, and merged), write `<image>.png` drawings and,
     for the whole set, DOTA Task1 files `Task1_<class>.txt` (detections with score >= TASK1_SCORE),
     with `make_zip` also `submission.zip` for the DOTA evaluation server. A negative `gap` follows
     the patch size as DOTA's 200 px follow its 1024 (`default_gap`). `tta` (`parse_tta`) adds flipped,
-    turned or resized views of every image, merged as patches are (`detect_scene_tta`).
+    turned or resized views of every image, merged as patches are (`detect_scene_tta`). `attention` K
+    also draws `<image>_attention.png`: the last decoder layer's sampling points of the K queries of
+    the highest score (`attention_of`, `draw_attention`).
 
     Nothing is written over an input: an `out` folder holding an input image, or two inputs of one
     name (Task1 files name images by their stem), is refused before anything runs. An image that
@@ -924,6 +995,9 @@ def predict_images(run, paths: list, out, modality: str = "", score_thr: float =
         max_score = max([max_score] + [float(d[:, 5].max()) for d in dets if len(d)])
         by_image[f.stem] = [d[d[:, 5] >= TASK1_SCORE] for d in dets]
         drawn += draw_detections(image, dets, src["classes"], out / f"{f.stem}.png", score_thr)
+        if attention:  # the whole image at the run's size (not patches): one figure an image
+            draw_attention(image, attention_of(model, modality, image, src["image_size"], attention, device),
+                           out / f"{f.stem}_attention.png")
         bar.set_postfix(images=f"{i + 1}/{len(counts)}")
     bar.close()
     task1 = write_dota_task1(out, by_image, src["classes"])
@@ -1057,6 +1131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=4, help="--predict: patches per forward pass (default 4)")
     p.add_argument("--tta", default="", help="--predict: test-time views merged with the image's, e.g. "
                    "flip,rot90,scale=0.5/1.0/1.5 (flips, quarter turns, resizes; each view costs one more pass)")
+    p.add_argument("--attention", type=int, default=0, metavar="K", help="--predict: also draw <image>_attention.png: "
+                   "the reference boxes of the K highest-scoring queries and the sampling points of the last decoder "
+                   "layer at every level (size by attention weight), on the whole image at the run's size")
     return p
 
 
@@ -1093,7 +1170,7 @@ def main(argv=None) -> int:
         try:
             detector = build_weights_model(args.weights, args.preset, args.device) if args.weights else args.run
             summary = predict_images(detector, args.predict, args.out or "predictions", args.modality, args.score,
-                                     args.patch, args.gap, args.zip, args.device, args.batch, args.tta)
+                                     args.patch, args.gap, args.zip, args.device, args.batch, args.tta, args.attention)
         except datasets.DatasetError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -83,11 +83,11 @@ def test_task1_files_round_trip_through_dets(tmp_path):
     assert ev.main(["--dets", str(tmp_path / "dets"), "--ann", str(ann), "--metric", "area"]) == 0
 
 
-def _run(tmp_path, modalities=("rgb",), image_size=128):
+def _run(tmp_path, modalities=("rgb",), image_size=128, dec_layers=1):
     torch.manual_seed(0)
     sources = [dict(modality=m, classes=["ship", "plane"], box_type="obb", image_size=image_size, test="") for m in modalities]
     args = dict(backbone="resnet18", resnet="", frozen_bn=False, dim=32, heads=2, levels=4, points=2, enc_layers=1,
-                dec_layers=1, ffn=32, dropout=0.0, num_queries=10, num_dn_queries=0, gn_groups=8)
+                dec_layers=dec_layers, ffn=32, dropout=0.0, num_queries=10, num_dn_queries=0, gn_groups=8)
     model = babelrs.build_detector(sources=[dict(modality=s["modality"], classes=s["classes"], box_type="obb")
                                             for s in sources], **args)
     run = tmp_path / "run"
@@ -153,3 +153,37 @@ def test_predict_with_test_time_views(tmp_path, capsys):
     assert ev.main(["--run", str(run), "--predict", str(tmp_path / "a.png"), "--out", str(tmp_path / "o"),
                     "--tta", "flip,rot90"]) == 0
     assert (tmp_path / "o" / "Task1_ship.txt").exists()
+
+
+def test_attention_points_follow_the_reference_box(tmp_path):
+    """--attention K: with the last layer's sampling offsets set to (P, 0) for every point, each point
+    must sit at the middle of its reference box's +w edge (the offset's frame is the box's own, turned
+    by its angle); with zero offsets, at the box's centre. Weights sum to 1 over a head's L x P points."""
+    run = _run(tmp_path, dec_layers=2)
+    model, sources = ev.build_run_model(run)
+    g = torch.Generator().manual_seed(1)
+    image = (torch.rand(70, 100, 3, generator=g) * 255).to(torch.uint8).numpy()  # non-square: padded map
+    attn = model.heads["rgb"].decoder[-1].cross_attn
+    P = attn.points
+    with torch.no_grad():
+        attn.sampling_offsets.weight.zero_()
+        attn.sampling_offsets.bias.copy_(torch.tensor([float(P), 0.0]).repeat(attn.heads * attn.levels * P))
+    att = ev.attention_of(model, "rgb", image, 128, k=3)
+    assert att["points"].shape == (3, attn.heads, attn.levels, P, 2) and att["corners"].shape == (3, 4, 2)
+    assert torch.allclose(att["weights"].sum((2, 3)), torch.ones(3, attn.heads), atol=1e-5)
+    edge_middle = (att["corners"][:, 1] + att["corners"][:, 2]) / 2  # corners tl, tr, br, bl: tr-br is the +w edge
+    assert torch.allclose(att["points"], edge_middle[:, None, None, None].expand_as(att["points"]), atol=1e-3)
+    assert not torch.allclose(edge_middle, att["corners"].mean(1), atol=1e-3)  # a real offset, not the centre
+    with torch.no_grad():
+        attn.sampling_offsets.bias.zero_()
+    att0 = ev.attention_of(model, "rgb", image, 128, k=3)
+    assert torch.allclose(att0["points"], att0["corners"].mean(1)[:, None, None, None].expand_as(att0["points"]), atol=1e-3)
+    assert torch.equal(att0["queries"], att["queries"])  # the last layer's offsets do not change which queries score highest
+
+
+def test_predict_draws_attention(tmp_path):
+    run = _run(tmp_path)
+    Image.fromarray(np.zeros((64, 80, 3), np.uint8)).save(tmp_path / "a.png")
+    assert ev.main(["--run", str(run), "--predict", str(tmp_path / "a.png"), "--out", str(tmp_path / "o"),
+                    "--attention", "2"]) == 0
+    assert Image.open(tmp_path / "o" / "a_attention.png").size == (768, 614)  # a small image is drawn at 768 px
