@@ -591,8 +591,9 @@ def _tiny_models(quick: bool) -> dict:
             t = [dict(boxes=x, labels=l, size=s) for x, l, s in zip(b["boxes"], b["labels"], b["size"])]
             return sum(m(b["images"], b["masks"], b["modality"], t)["losses"].values())
         out[name] = (model, batches.__getitem__, loss)
+    import mutdet
     mcfg = dataclasses.replace(train.MUTDET_PRESETS["tiny"], resnet="", **small)
-    pre = train.mutdet_model(mcfg, [f"c{i}" for i in range(16)], mcfg.dim).train()
+    pre = mutdet.build_pretrainer(mcfg, [f"c{i}" for i in range(16)], mcfg.dim).train()
 
     def mutdet_batch(k):
         g = torch.Generator().manual_seed(k)

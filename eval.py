@@ -843,11 +843,69 @@ def attention_of(model, modality: str, image: np.ndarray, image_size: int, k: in
                 points=seen["points"][0, top].double().cpu() * to_pixels, weights=seen["weights"][0, top].float().cpu())
 
 
+@torch.no_grad()
+def mutdet_attention(run, name: str, k: int, top: int = 3, device="cpu") -> tuple:
+    """`eval.py --run MUTDET_RUN --predict IMAGE --attention K` on an image of the run's sam cache: the
+    enhanced branch of the pre-trainer on the image and its cached object embeddings. For the K
+    queries of the highest class score: what `attention_of` gives (reference box, sampling points of
+    the last decoder layer, on the enhanced memory) and, per query, the `top` objects whose enhanced
+    embeddings O_enh are nearest (cosine) to its predicted embedding Ẑ = feature_embed(hidden), the
+    pair the contrastive alignment pulls together. Returns (image (H, W, 3) uint8, that dict with
+    objects (N, 4, 2) corners and links (K, top) object indices and cosines (K, top))."""
+    import json
+    import types
+
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+
+    import mutdet
+    run = Path(run)
+    cfg = types.SimpleNamespace(**json.loads((run / "config.json").read_text()))
+    data = mutdet.PseudoLabels(cfg.data, class_agnostic=cfg.pseudo_classes == 1)
+    index = next((i for i, r in enumerate(data.records) if r["name"] == name), None)
+    if index is None:
+        raise datasets.DatasetError(f"{name}: not an image of {cfg.data}, the sam cache {run} pre-trained on; the "
+                                    "enhanced branch needs the image's object embeddings from it")
+    model = mutdet.build_pretrainer(cfg, data.classes, data.embed_dim, "", data.modality)
+    model.load_state_dict(load_file(str(run / "model.safetensors")))
+    model = model.to(device).eval()
+    item = data[index]
+    image = item["image"].permute(1, 2, 0).numpy()
+    head, det = model.head, model.detector
+    feed = {}
+
+    def enhanced_forward(images, masks, modalities):  # attention_of's model call, through the enhanced branch
+        feats = det.neck(det.backbone(images))
+        level_masks = [F.interpolate(masks[None].float(), size=f.shape[-2:])[0].bool() for f in feats]
+        out, objects, _ = model.enhanced_pass(head.encode(feats, level_masks), [feed["embeds"].to(images.device)])
+        feed["hidden"], feed["objects"] = out["hidden"][0], objects[0]
+        return dict(outputs={modalities[0]: out})
+    embeds = item["embeds"].float()
+    feed["embeds"] = embeds
+    att = attention_of(_Callable(enhanced_forward, {data.modality: head}), data.modality, image, cfg.image_size, k, device)
+    z = F.normalize(model.feature_embed(feed["hidden"][att["queries"].to(device)]), dim=-1)  # (K, D)
+    sims = z @ F.normalize(feed["objects"], dim=-1).T  # (K, N)
+    cos, idx = sims.topk(min(top, sims.shape[1]), dim=-1)
+    att.update(objects=ro.obb_corners(item["boxes"].double()), links=idx.cpu(), link_cos=cos.cpu())
+    return image, att
+
+
+class _Callable:
+    """A model-like object for `attention_of`: `heads` for the hook, and a call that runs `fn`."""
+
+    def __init__(self, fn, heads):
+        self.fn, self.heads = fn, heads
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
 def draw_attention(image: np.ndarray, att: dict, path, strides=None) -> None:
     """One figure per image (at its own size, or 768 px on the longer side if smaller): each query's
-    reference box (white, with its score) and
-    its sampling points at every level (one colour a level), each point's area proportional to its
-    attention weight (a head's weights over its L x P points sum to 1)."""
+    reference box (white, with its score) and its sampling points at every level (one colour a level),
+    each point's area proportional to its attention weight (a head's weights over its L x P points sum
+    to 1); for MutDet (`mutdet_attention`) also the query's nearest objects (cyan, dashed), each linked
+    to it with the cosine of their embeddings."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -871,6 +929,13 @@ def draw_attention(image: np.ndarray, att: dict, path, strides=None) -> None:
         corners = att["corners"][q].numpy()
         ax.add_patch(matplotlib.patches.Polygon(corners, closed=True, fill=False, edgecolor="white", linewidth=1.2 * scale))
         ax.text(*corners[0], f"{float(att['scores'][q]):.2f}", color="white", fontsize=7 * scale, va="bottom")
+        for j, c in zip(att.get("links", [[]] * (q + 1))[q], att.get("link_cos", [[]] * (q + 1))[q]):
+            obj = att["objects"][int(j)].numpy()  # MutDet: an object nearest to the query's embedding
+            ax.add_patch(matplotlib.patches.Polygon(obj, closed=True, fill=False, edgecolor="cyan", linestyle="--",
+                                                    linewidth=1.0 * scale))
+            (x0, y0), (x1, y1) = corners.mean(0), obj.mean(0)
+            ax.plot([x0, x1], [y0, y1], color="cyan", linewidth=0.8 * scale, alpha=0.8)
+            ax.text((x0 + x1) / 2, (y0 + y1) / 2, f"{float(c):.2f}", color="cyan", fontsize=6 * scale)
     ax.legend(loc="upper right", fontsize=7 * scale, markerscale=1.0, framealpha=0.6)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
@@ -1133,7 +1198,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "flip,rot90,scale=0.5/1.0/1.5 (flips, quarter turns, resizes; each view costs one more pass)")
     p.add_argument("--attention", type=int, default=0, metavar="K", help="--predict: also draw <image>_attention.png: "
                    "the reference boxes of the K highest-scoring queries and the sampling points of the last decoder "
-                   "layer at every level (size by attention weight), on the whole image at the run's size")
+                   "layer at every level (size by attention weight), on the whole image at the run's size; with a mutdet "
+                   "pre-training run, its enhanced branch on images of its sam cache and each query's nearest objects")
     return p
 
 
@@ -1163,6 +1229,21 @@ def main(argv=None) -> int:
         print(format_run_metrics(metrics))
         spec, r = RELEASED[args.preset], metrics["sources"]["rgb"]
         print(f"ours {100 * r[spec['metric']]:.2f} AP50 (VOC07) against {spec['paper']:.2f}: {spec['cite']}")
+        return 0
+    if args.predict and args.run and run_stage(Path(args.run)) == "mutdet":  # a pre-training run: its attention only
+        if not args.attention:
+            p.error("--predict on a mutdet pre-training run draws its enhanced branch's attention: add --attention K "
+                    "(detections come from a fine-tuned run)")
+        try:
+            out = Path(args.out or "predictions")
+            out.mkdir(parents=True, exist_ok=True)
+            for f in image_files(args.predict):
+                image, att = mutdet_attention(args.run, f.stem, args.attention, device=args.device)
+                draw_attention(image, att, out / f"{f.stem}_attention.png")
+                print(f"{out / (f.stem + '_attention.png')}")
+        except datasets.DatasetError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
     if args.predict:
         if not (args.run or args.weights):

@@ -214,16 +214,7 @@ class MutDetPretrainer(nn.Module):
         losses = {}
         objects_enh = embeds
         if self.enhance:
-            _, anchors = self.head.proposals(enc["memory"], enc["mask"], enc["shapes"])
-            valid = (anchors.abs() < 10000).all(-1, keepdim=True)  # (B, S, 1) tokens with a proposal
-            patch = self.patch_enc_output_norm(self.patch_enc_output(enc["memory"].masked_fill(~valid, 0.0)))
-            pairs = [self.enhancement(o, f) for o, f in zip(embeds, patch)]  # per image, as the official loop
-            objects_enh = [o for o, _ in pairs]
-            image_enh = torch.stack([f for _, f in pairs])  # (B, S, D)
-            z_enc = F.normalize(self.patch_enc_decode(image_enh), dim=-1)  # Ẑ_enc, (B, S, D)
-            sel = self.head.select_queries(enc["memory"], enc["mask"], enc["shapes"], tokens=image_enh,
-                                           scores=enhanced_scores(z_enc, objects_enh))
-            out = self.head.decode_queries(enc, sel, tgt, memory=image_enh, dn=dn)
+            out, objects_enh, z_enc = self.enhanced_pass(enc, embeds, tgt, dn)
             matches = {}
             for k, v in self.head.criterion(out, tgt, matches).items():
                 losses[f"p_{k}"] = v
@@ -245,6 +236,20 @@ class MutDetPretrainer(nn.Module):
                                                               _first_positives(out["dn_meta"]), objects_enh)
         return losses
 
+    def enhanced_pass(self, enc: dict, embeds: list, tgt: list = None, dn: tuple = None) -> tuple:
+        """The enhanced branch up to its head outputs: (outputs as `DETRHead.forward`'s, enhanced object
+        embeddings O_enh per image (N, D), Ẑ_enc (B, S, D)). eval.py --attention draws from it."""
+        _, anchors = self.head.proposals(enc["memory"], enc["mask"], enc["shapes"])
+        valid = (anchors.abs() < 10000).all(-1, keepdim=True)  # (B, S, 1) tokens with a proposal
+        patch = self.patch_enc_output_norm(self.patch_enc_output(enc["memory"].masked_fill(~valid, 0.0)))
+        pairs = [self.enhancement(o, f) for o, f in zip(embeds, patch)]  # per image, as the official loop
+        objects_enh = [o for o, _ in pairs]
+        image_enh = torch.stack([f for _, f in pairs])  # (B, S, D)
+        z_enc = F.normalize(self.patch_enc_decode(image_enh), dim=-1)  # Ẑ_enc, (B, S, D)
+        sel = self.head.select_queries(enc["memory"], enc["mask"], enc["shapes"], tokens=image_enh,
+                                       scores=enhanced_scores(z_enc, objects_enh))
+        return self.head.decode_queries(enc, sel, tgt, memory=image_enh, dn=dn), objects_enh, z_enc
+
     def _alignment(self, hidden, indices, objects, project=True):
         """L_ca over the matched (query, object) pairs of the whole batch."""
         rows = [h[q] for h, (q, _) in zip(hidden, indices)]
@@ -255,6 +260,19 @@ class MutDetPretrainer(nn.Module):
         if self.embed_loss == "l1":  # DETReg: L1 between predicted and target embeddings, mean
             return F.l1_loss(pred, target) if len(pred) else pred.sum() * 0.0
         return contrastive_alignment_loss(pred, target)
+
+
+def build_pretrainer(cfg, classes: list, embed_dim: int, resnet: str = "", modality: str = "rgb") -> MutDetPretrainer:
+    """The pre-training model of a MutDet config (`train.MutDetConfig`, or a run's config.json read as
+    attributes): its ARS-DETR (one head set of `classes`, named by the cache's `modality`) inside the
+    pre-trainer with the config's enhancement, alignment and siamese switches."""
+    detector = detection.build_detector([dict(modality=modality, classes=list(classes), box_type="obb")], cfg.backbone,
+                                        resnet, cfg.frozen_bn, cfg.dim, cfg.heads, cfg.levels, cfg.points,
+                                        cfg.enc_layers, cfg.dec_layers, cfg.ffn, cfg.dropout, cfg.num_queries,
+                                        cfg.num_dn_queries, cfg.gn_groups, match_costs=cfg.match_costs,
+                                        match_l1=cfg.match_l1)
+    return MutDetPretrainer(detector, embed_dim, cfg.enhance, cfg.align, cfg.siamese, cfg.enhance_depth,
+                            cfg.enhance_heads, cfg.enhance_mlp, cfg.embed_loss, cfg.freeze_backbone, cfg.dn_align)
 
 
 def enhanced_scores(z_enc: torch.Tensor, objects: list):

@@ -146,7 +146,7 @@ def run_facts(run) -> dict:
                 (", L1" if icfg["embed_loss"] == "l1" and not detreg else "")
             if detreg and icfg.get("dn_align", True):  # runs before the DN switch existed aligned their DN queries
                 label += " + DN alignment"
-            cache = Path((icfg.get("data") or [""])[0]) / "config.json"  # the sam run it pre-trained on
+            cache = Path(icfg.get("data") or "-") / "config.json"  # the sam run it pre-trained on
             proposals = json.loads(cache.read_text()).get("proposals", "sam") if cache.exists() else "sam"
             label += {"random": " (random proposals)", "selective": " (selective search)"}.get(proposals, "")
             facts.update(init="mutdet", label=label)
@@ -331,8 +331,8 @@ def format_table_runs(name: str, runs: list) -> dict:
         v.update(better=by_key[a]["name"], worse=by_key[b]["name"], column=col)
         verdicts.append(v)
     if verdicts:
-        text += [f"The paper's orderings (paired over seeds; separable when the mean difference exceeds 2 standard "
-                 f"errors):", ""]
+        text += ["The paper's orderings (paired over seeds; separable when the mean difference exceeds 2 standard "
+                 "errors):", ""]
         text += [f"- {v['better']} > {v['worse']} ({v['column']}): **{v['verdict']}**, difference "
                  f"{v['mean']:+.2f}" + (f" ± {v['se']:.2f} (SE, {v['n']} seeds)" if np.isfinite(v["se"]) else "")
                  for v in verdicts]
@@ -761,7 +761,7 @@ def measure_step(stage: str, cfg, tiles: int = 1, sam_points: int = 64, device="
     else:
         size = cfg.image_size
         if stage == "mutdet":
-            model = train.mutdet_model(cfg, [str(i) for i in range(256)], cfg.dim).train()
+            model = mutdet.build_pretrainer(cfg, [str(i) for i in range(256)], cfg.dim).train()
             micro = cfg.batch_size
             targets = synthetic_targets(micro, size, 256, g, objects=200, embed_dim=cfg.dim)  # SAM boxes an image
 

@@ -1127,20 +1127,6 @@ def synth_sam_cache(cfg: MutDetConfig, rank: int) -> str:
     return str(cache)
 
 
-def mutdet_model(cfg: MutDetConfig, classes: list, embed_dim: int, resnet: str = "",
-                 modality: str = "rgb") -> mutdet.MutDetPretrainer:
-    """The pre-training model of a MutDet config: its ARS-DETR (one head set of `classes`, named by the
-    cache's `modality`) inside the pre-trainer with the config's enhancement, alignment and siamese switches."""
-    detector = detection.build_detector([dict(modality=modality, classes=list(classes), box_type="obb")], cfg.backbone,
-                                        resnet, cfg.frozen_bn, cfg.dim, cfg.heads, cfg.levels, cfg.points,
-                                        cfg.enc_layers, cfg.dec_layers, cfg.ffn, cfg.dropout, cfg.num_queries,
-                                        cfg.num_dn_queries, cfg.gn_groups, match_costs=cfg.match_costs,
-                                        match_l1=cfg.match_l1)
-    return mutdet.MutDetPretrainer(detector, embed_dim, cfg.enhance, cfg.align, cfg.siamese, cfg.enhance_depth,
-                                   cfg.enhance_heads, cfg.enhance_mlp, cfg.embed_loss, cfg.freeze_backbone,
-                                   cfg.dn_align)
-
-
 def mutdet_stage(cfg: MutDetConfig) -> int:
     rank, world, device = setup_distributed()
     cache = cfg.data or synth_sam_cache(cfg, rank)  # seeds its own generators: seed ours after it, so a run
@@ -1154,7 +1140,7 @@ def mutdet_stage(cfg: MutDetConfig) -> int:
                                     f"{cfg.pseudo_classes}; rerun the sam stage with --clusters {cfg.pseudo_classes}")
     try:
         weights = start_weights(cfg)
-        model = mutdet_model(cfg, data.classes, data.embed_dim, weights["resnet"], data.modality).to(device)
+        model = mutdet.build_pretrainer(cfg, data.classes, data.embed_dim, weights["resnet"], data.modality).to(device)
         if weights["init"]:
             detection.load_init(model, weights["init"], strict=cfg.init_strict)
     except (ValueError, FileNotFoundError) as e:  # embeddings of another width, a bad weight file

@@ -394,3 +394,45 @@ def test_mutdet_stage_trains_resumes_and_feeds_finetuning(sam_cache, capsys):
     import datasets  # the fine-tuning split's classes, not the 3 clusters
     classes = datasets.load_detection_split(datasets.find_split(synth, "train"), "rgb").classes
     assert tuned["heads.rgb.cls_branches.0.weight"].shape[0] == len(classes) != 3
+
+
+def test_attention_of_a_pretraining_run(sam_cache, tmp_path, capsys):
+    """eval.py --run MUTDET_RUN --predict IMAGE --attention K: the enhanced branch on an image of the run's
+    cache, each query linked to its nearest objects by the cosine of Ẑ and O_enh (checked against a
+    direct computation from the pre-trainer's own forward pieces)."""
+    import datasets
+    import eval as ev
+    import train
+    data = ["--data", str(sam_cache / "cache"), "--image_size", "64", "--batch_size", "2", "--global_batch", "2",
+            "--enhance_heads", "2", "--enhance_mlp", "16"]
+    run = tmp_path / "pre"
+    assert train.main(["--stage", "mutdet"] + MODEL + data + ["--max-steps", "1", "--out", str(run)]) == 0
+    cache = mutdet.PseudoLabels(sam_cache / "cache")
+    record = cache.records[0]
+    image, att = ev.mutdet_attention(run, record["name"], k=3, top=2)
+    assert image.shape[:2] == tuple(cache[0]["image"].shape[-2:]) and att["links"].shape == (3, 2)
+    assert len(att["objects"]) == record["boxes"] and (att["link_cos"].abs() <= 1 + 1e-5).all()
+    assert (att["link_cos"][:, 0] >= att["link_cos"][:, 1]).all()
+    # the same cosines from the pre-trainer's loss path: feature_embed on the decoder's hidden states vs O_enh
+    import json
+    import types
+    from safetensors.torch import load_file
+    cfg = types.SimpleNamespace(**json.loads((run / "config.json").read_text()))
+    model = mutdet.build_pretrainer(cfg, cache.classes, cache.embed_dim).eval()
+    model.load_state_dict(load_file(str(run / "model.safetensors")))
+    item = datasets.Compose([datasets.Resize(64), datasets.Normalize()])(cache[0])
+    batch = datasets.collate([item])
+    with torch.no_grad():
+        det = model.detector
+        feats = det.neck(det.backbone(batch["images"]))
+        masks = [torch.nn.functional.interpolate(batch["masks"][None].float(), size=f.shape[-2:])[0].bool() for f in feats]
+        out, objects, _ = model.enhanced_pass(model.head.encode(feats, masks), [item["embeds"].float()])
+        z = torch.nn.functional.normalize(model.feature_embed(out["hidden"][0, att["queries"]]), dim=-1)
+        cos = z @ torch.nn.functional.normalize(objects[0], dim=-1).T
+    assert torch.allclose(cos.gather(1, att["links"]), att["link_cos"], atol=1e-5)
+    assert ev.main(["--run", str(run), "--predict", record["image"], "--attention", "2", "--out", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / f"{record['name']}_attention.png").exists()
+    other = tmp_path / "elsewhere.png"
+    datasets.Image.fromarray(image).save(other)
+    assert ev.main(["--run", str(run), "--predict", str(other), "--attention", "2", "--out", str(tmp_path / "o")]) == 2
+    assert "not an image of" in capsys.readouterr().err
