@@ -14,17 +14,19 @@ Paper -> this file
     dynamic tiling (<= 6 tiles of 448 px + thumbnail)                                       dynamic_tiles
     App. D instruction tasks (grounding with counting, referring, classification) built from
     detection sets, one shared concept vocabulary (Sec. 4.1)                                build_instruction_corpus, CONCEPT_MAP
-    Sec. 3.3 detection: shared ViT -> pyramid of the adapter's group ends -> neck -> heads  ViTPyramid, group_end_blocks, build_detector
+    Sec. 3.3 detection: shared ViT -> ViT-Adapter (spatial prior, injectors / extractors around the
+    interaction groups, the last block added to every level) -> neck -> heads               ViTAdapter, adapter_groups, build_detector
+    (or a ViTDet-style pyramid reading one block a level, --vit_pyramid simple)           ViTPyramid, group_end_blocks
 
 Differences from the paper / official code
     - LVSA layers default to the official `hidden_states[2, 8, 17, 23]` (outputs of blocks 2, 8,
       17 and 23, counted from 1, so the "last" one is the penultimate block); the paper's reading
       "3rd, 9th, 18th and last" is `--layers 3 9 18 24` (see CSIA's docstring).
-    - The detector reads the ViT (without its CLS token, as the official adapter) through a pyramid
-      whose four levels take the blocks that end ViT-Adapter's interaction groups (3, 9, 18, 24 of
-      24), at strides 8-64, instead of ViT-Adapter itself (spatial-prior CNN, deformable
-      injector / extractor, output norms; official levels P2-P6 for RGB / IR and P3-P7 for SAR), and
-      the detection module's rotated DETR head sets instead of GFL / Oriented R-CNN heads; the RGB
+    - The detector reads the ViT (without its CLS token) through the official ViT-Adapter
+      (`--vit_pyramid adapter`, the babelrs preset; its strides 8, 16, 32 and the neck's 64, where the
+      official FPN makes P2-P6 for RGB / IR and P3-P7 for SAR), or, in the tiny preset so far, through
+      a ViTDet-style pyramid reading the blocks that end the adapter's groups (`simple`). The heads
+      are the detection module's rotated DETR head sets instead of GFL / Oriented R-CNN; the RGB
       × 1.5 loss weight multiplies every DETR loss term (officially the RPN and R-CNN terms).
     - Merge variants (a)-(c) of Tab. 5 are not in the released code; they are built as Fig. 5
       draws them (the concat projector cannot take InternVL's `mlp1`; extra projectors start random).
@@ -896,11 +898,10 @@ class ViTPyramid(nn.Module):
     of block `taps[l]`, by default the blocks that end the official ViT-Adapter's interaction
     groups (3, 9, 18, 24 of 24, `group_end_blocks`), from the finest level to the coarsest. Each
     token map (stride `patch`) is brought to its level's stride by transposed convolutions (finer)
-    or max-pooling (coarser), as ViTDet's simple feature pyramid. So the blocks that CSIA aligns
-    are the blocks the detector reads, as in the paper; `taps=(depth,) * 4` is the plain
-    "last block only" pyramid. Departure from the official adapter (module docstring): no
-    spatial-prior CNN and no deformable interaction, and each level reads one group's output where
-    the adapter mixes every group's output into every level.
+    or max-pooling (coarser), as ViTDet's simple feature pyramid; `taps=(depth,) * 4` is the plain
+    "last block only" pyramid. Not the official pyramid (that is `ViTAdapter`): no spatial-prior
+    CNN and no deformable interaction, and each level reads one group's output where the adapter
+    mixes every group's output into every level (`--vit_pyramid simple`, the tiny preset so far).
     Returns the list of maps and has `out_channels` and `strides`, as the detection neck expects."""
 
     def __init__(self, vit: ViT, strides=(8, 16, 32, 64), taps: tuple = ()):
@@ -936,6 +937,214 @@ class ViTPyramid(nn.Module):
                 for t, scale in zip(self.taps, self.scales)]
 
 
+# The official pyramid: ViT-Adapter (Chen et al., ICLR 2023) as SM3Det b271f31 builds it
+# (`mmrotate/models/backbones/vit_adapter.py`, `adapter_modules.py`, mmcv's deformable attention).
+# Parameter names are the official ones, so an adapter trained there loads here as it is.
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channels of (B, C, H, W) maps, in float32 (the adapter's `LayerNorm`, eps 1e-6)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(channels)), nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = (x32 - x32.mean(1, keepdim=True)) / torch.sqrt(x32.var(1, keepdim=True, unbiased=False) + self.eps)
+        return (self.weight[:, None, None].float() * x32 + self.bias[:, None, None].float()).to(x.dtype)
+
+
+def _conv_norm_relu(c_in, c_out, stride):
+    return [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), ChannelLayerNorm(c_out), nn.ReLU(inplace=True)]
+
+
+class SpatialPrior(nn.Module):
+    """The spatial prior module: a small CNN giving maps at strides 4, 8, 16, 32 (`inplanes`, 2x, 4x,
+    4x channels), each brought to the ViT width by a 1x1 conv (`fc1` only when stride 4 is an output)."""
+
+    def __init__(self, inplanes: int, dim: int, with_stride4: bool):
+        super().__init__()
+        self.stem = nn.Sequential(*_conv_norm_relu(3, inplanes, 2), *_conv_norm_relu(inplanes, inplanes, 1),
+                                  *_conv_norm_relu(inplanes, inplanes, 1), nn.MaxPool2d(3, 2, 1))
+        self.conv2 = nn.Sequential(*_conv_norm_relu(inplanes, 2 * inplanes, 2))
+        self.conv3 = nn.Sequential(*_conv_norm_relu(2 * inplanes, 4 * inplanes, 2))
+        self.conv4 = nn.Sequential(*_conv_norm_relu(4 * inplanes, 4 * inplanes, 2))
+        self.fc1 = nn.Conv2d(inplanes, dim, 1) if with_stride4 else None
+        self.fc2, self.fc3, self.fc4 = (nn.Conv2d(c, dim, 1) for c in (2 * inplanes, 4 * inplanes, 4 * inplanes))
+
+    def forward(self, x):  # (B, 3, H, W) -> c1 (B, D, H/4, W/4) or None, c2, c3, c4 as (B, N_l, D) tokens
+        c1 = self.stem(x)
+        c2 = self.conv2(c1)
+        c3 = self.conv3(c2)
+        c4 = self.conv4(c3)
+        tokens = [fc(c).flatten(2).transpose(1, 2) for fc, c in ((self.fc2, c2), (self.fc3, c3), (self.fc4, c4))]
+        return (self.fc1(c1) if self.fc1 is not None else None), *tokens
+
+
+class DWConv(nn.Module):
+    """3x3 depth-wise conv over the three pyramid levels of a token sequence (16 : 4 : 1 tokens)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+
+    def forward(self, x, H, W):  # x (B, 21·n, C), H x W the stride-16 grid
+        B, _, C = x.shape
+        sizes = [(2 * H, 2 * W), (H, W), (H // 2, W // 2)]
+        parts = x.split([h * w for h, w in sizes], 1)
+        return torch.cat([self.dwconv(p.transpose(1, 2).reshape(B, C, h, w)).flatten(2).transpose(1, 2)
+                          for p, (h, w) in zip(parts, sizes)], 1)
+
+
+class ConvFFN(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.dwconv, self.act, self.fc2 = nn.Linear(dim, hidden), DWConv(hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x, H, W):
+        return self.fc2(self.act(self.dwconv(self.fc1(x), H, W)))
+
+
+class Injector(nn.Module):
+    """Pyramid -> ViT tokens: x + γ · MSDeformAttn(LN(x), LN(c)), the tokens reading the 3 levels."""
+
+    def __init__(self, dim, heads, points, init_values):
+        super().__init__()
+        self.query_norm, self.feat_norm = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = detection.MSDeformAttn(dim, heads, 3, points, dropout=0.1)  # mmcv's default dropout
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x, c, reference, shapes):
+        zero = torch.zeros(c.shape[:2], dtype=torch.bool, device=c.device)
+        return x + self.gamma * self.attn(self.query_norm(x), None, self.feat_norm(c), zero, reference, shapes,
+                                          identity=0.0)
+
+
+class Extractor(nn.Module):
+    """ViT tokens -> pyramid: c' = LN(c) + MSDeformAttn(LN(c), LN(x)), then c' + ConvFFN(LN(c')). The
+    residual adds the *normalised* query: mmcv's attention adds its `identity`, which defaults to the
+    query it was given, here LN(c) (official `Extractor` with `mmcv_attn=True`)."""
+
+    def __init__(self, dim, heads, points, cffn_ratio):
+        super().__init__()
+        self.query_norm, self.feat_norm = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = detection.MSDeformAttn(dim, heads, 1, points, dropout=0.1)
+        self.ffn, self.ffn_norm = ConvFFN(dim, int(dim * cffn_ratio)), nn.LayerNorm(dim)
+
+    def forward(self, c, x, reference, H, W):
+        zero = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+        c = self.attn(self.query_norm(c), None, self.feat_norm(x), zero, reference, [(H, W)])
+        return c + self.ffn(self.ffn_norm(c), H, W)
+
+
+class Interaction(nn.Module):
+    """One interaction group: inject, run the group's ViT blocks, extract (twice more after the last group)."""
+
+    def __init__(self, dim, heads, points, init_values, cffn_ratio, extra: bool):
+        super().__init__()
+        self.injector = Injector(dim, heads, points, init_values)
+        self.extractor = Extractor(dim, heads, points, cffn_ratio)
+        self.extra_extractors = nn.ModuleList(Extractor(dim, heads, points, cffn_ratio) for _ in range(2)) if extra else None
+
+
+def _grid_centres(shapes, device):
+    """Cell centres of each (h, w) grid, normalised, concatenated: (1, Σ h·w, 2) as (x, y)."""
+    out = []
+    for h, w in shapes:
+        y, x = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, device=device) / h,
+                              torch.linspace(0.5, w - 0.5, w, device=device) / w, indexing="ij")
+        out.append(torch.stack([x.reshape(-1), y.reshape(-1)], -1))
+    return torch.cat(out)[None]
+
+
+class ViTAdapter(nn.Module):
+    """The BabelRS detector's backbone as the official code builds it (Sec. 3.3; SM3Det's
+    `InternViTAdapter`): the ViT's blocks run in interaction groups (`interaction_indexes`, official
+    [[0, 2], [3, 8], [9, 17], [18, 23]] of 24); around each group an injector lets the ViT tokens read
+    the spatial prior's pyramid (strides 8, 16, 32) and an extractor writes the group's output back
+    into it. At the end the *last* block's tokens, resized, are added to every level
+    (`add_vit_feature`), stride 4 comes from a transposed conv of stride 8 plus the prior's, and each
+    level gets its own channel LayerNorm. Returns the maps of `out_indices` (0: stride 4 ... 3: 32).
+    Needs image sides divisible by 32 and a patch of 16 (the ViT grid is the stride-16 level)."""
+
+    def __init__(self, vit: ViT, interaction_indexes=None, conv_inplane: int = 64, heads: int = 16, points: int = 4,
+                 init_values: float = 0.1, cffn_ratio: float = 0.25, out_indices=(0, 1, 2, 3)):
+        super().__init__()
+        if vit.num_prefix:
+            raise ValueError("the detection ViT has no CLS token: build it with cls_token=False")
+        if vit.patch != 16:
+            raise ValueError(f"ViT-Adapter reads the ViT grid as its stride-16 level: patch 16, not {vit.patch}")
+        self.vit = vit
+        self.interaction_indexes = [list(g) for g in (interaction_indexes or adapter_groups(vit.depth))]
+        self.out_indices = tuple(out_indices)
+        dim = vit.dim
+        self.level_embed = nn.Parameter(torch.zeros(3, dim))
+        self.spm = SpatialPrior(conv_inplane, dim, 0 in self.out_indices)
+        n = len(self.interaction_indexes)
+        self.interactions = nn.ModuleList(Interaction(dim, heads, points, init_values, cffn_ratio, i == n - 1)
+                                          for i in range(n))
+        self.up = nn.ConvTranspose2d(dim, dim, 2, 2) if 0 in self.out_indices else None
+        self.norm1 = ChannelLayerNorm(dim) if 0 in self.out_indices else None
+        self.norm2, self.norm3, self.norm4 = ChannelLayerNorm(dim), ChannelLayerNorm(dim), ChannelLayerNorm(dim)
+        self.out_channels = [dim] * len(self.out_indices)
+        self.strides = [4 * 2 ** i for i in self.out_indices]
+        self._init_weights()
+
+    def _init_weights(self):  # as the official: truncated normal for linears, He normal for convs, N(0, 1) levels
+        for m in [*self.spm.modules(), *self.interactions.modules(), *([self.up] if self.up is not None else [])]:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.normal_(m.weight, 0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                                                              // m.groups)))
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for m in self.interactions.modules():  # the deformable attentions keep their own init
+            if isinstance(m, detection.MSDeformAttn):
+                m.reset_parameters()
+        nn.init.normal_(self.level_embed)
+
+    def forward(self, images: torch.Tensor) -> list:
+        B, _, H_img, W_img = images.shape
+        H, W = H_img // 16, W_img // 16
+        c1, c2, c3, c4 = self.spm(images)
+        c = torch.cat([c2 + self.level_embed[0], c3 + self.level_embed[1], c4 + self.level_embed[2]], 1)  # (B, 21·n, D)
+        pyramid = [(2 * H, 2 * W), (H, W), (H // 2, W // 2)]
+        ref_tokens = _grid_centres([(H, W)], images.device)[:, :, None].expand(B, -1, 3, -1)  # (B, N, 3, 2)
+        ref_pyramid = _grid_centres(pyramid, images.device)[:, :, None].expand(B, -1, 1, -1)  # (B, 21·n, 1, 2)
+        x = self.vit.embeddings(images)  # (B, H·W, D)
+        blocks = self.vit.encoder.layers
+        for (first, last), inter in zip(self.interaction_indexes, self.interactions):
+            x = inter.injector(x, c, ref_tokens, pyramid)
+            for block in blocks[first:last + 1]:
+                if self.vit.grad_checkpoint and self.training:
+                    x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                else:
+                    x = block(x)
+            c = inter.extractor(c, x, ref_pyramid, H, W)
+            for extra in inter.extra_extractors or []:
+                c = extra(c, x, ref_pyramid, H, W)
+        c2, c3, c4 = (t.transpose(1, 2).reshape(B, -1, h, w) for t, (h, w) in zip(c.split([h * w for h, w in pyramid], 1), pyramid))
+        x3 = x.transpose(1, 2).reshape(B, -1, H, W)  # the last block, added to every level
+        maps = [c2 + F.interpolate(x3, scale_factor=2, mode="bilinear", align_corners=False), c3 + x3,
+                c4 + F.interpolate(x3, scale_factor=0.5, mode="bilinear", align_corners=False)]
+        norms = [self.norm2, self.norm3, self.norm4]
+        if self.up is not None:
+            maps.insert(0, self.up(c2) + c1 + F.interpolate(x3, scale_factor=4, mode="bilinear", align_corners=False))
+            norms.insert(0, self.norm1)
+        out = [norm(m.float()) for norm, m in zip(norms, maps)]  # strides 4, 8, 16, 32 (4 only with index 0)
+        return [out[i - (0 if self.up is not None else 1)] for i in self.out_indices]
+
+
+def adapter_groups(depth: int) -> list:
+    """The interaction groups [first, last] (0-based blocks) of a ViT of `depth` blocks: the official
+    [[0, 2], [3, 8], [9, 17], [18, 23]] for 24, scaled for others (`group_end_blocks`)."""
+    ends = group_end_blocks(depth)
+    return [[0 if i == 0 else ends[i - 1], e - 1] for i, e in enumerate(ends)]
+
+
 def layer_decay_groups(model: nn.Module, vit_prefix: str, depth: int, decay: float, weight_decay: float) -> list:
     """BabelRS's layer-wise learning-rate decay (InternViTAdapterLayerDecayOptimizerConstructor):
     layer_id 0 for the embeddings, i + 1 for block i, depth + 1 for everything else; lr scale
@@ -944,8 +1153,8 @@ def layer_decay_groups(model: nn.Module, vit_prefix: str, depth: int, decay: flo
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.startswith(vit_prefix + "embeddings."):
-            layer = 0
+        if name.startswith(vit_prefix + "embeddings.") or name == "backbone.level_embed":
+            layer = 0  # the adapter's level embeddings decay as the patch embedding (official get_num_layer_for_vit)
         elif name.startswith(vit_prefix + "encoder.layers."):
             layer = int(name[len(vit_prefix + "encoder.layers."):].split(".")[0]) + 1
         else:
@@ -958,14 +1167,24 @@ def layer_decay_groups(model: nn.Module, vit_prefix: str, depth: int, decay: flo
     return [groups[k] for k in sorted(groups)]
 
 
-def build_detector(vit_args: dict = None, vit_taps: list = (), **kwargs) -> detection.RotatedDETR:
-    """The BabelRS detector (Sec. 3.3): the ViT pyramid (`vit_args`: dim, depth, heads, patch,
-    image_size; `vit_taps` the blocks read, default the adapter's group ends) under
-    `detection.build_detector`'s neck and per-modality head sets; without `vit_args` the plain
-    ResNet detector. Takes the arguments a run stores in model.json."""
+def build_detector(vit_args: dict = None, vit_taps: list = (), vit_pyramid: str = "simple", **kwargs) -> detection.RotatedDETR:
+    """The BabelRS detector (Sec. 3.3): the ViT (`vit_args`: dim, depth, heads, patch, image_size) as
+    a pyramid under `detection.build_detector`'s neck and per-modality head sets; without `vit_args`
+    the plain ResNet detector. `vit_pyramid`: "adapter", the official ViT-Adapter (`ViTAdapter`,
+    strides 8, 16, 32 and the neck's extra 64; deformable heads as the ViT's, a spatial prior of 64
+    channels at widths >= 512 and width / 4 below), or "simple", a ViTDet-style pyramid reading one
+    block per level (`ViTPyramid`, `vit_taps`). Takes the arguments a run stores in model.json (runs
+    from before the adapter have no `vit_pyramid`: simple)."""
     if not vit_args:
         return detection.build_detector(**kwargs)
     levels = kwargs.get("levels", 4)
-    pyramid = ViTPyramid(ViT(**vit_args, cls_token=False), strides=tuple(8 * 2 ** l for l in range(levels)),
-                         taps=tuple(vit_taps))
+    if vit_pyramid == "adapter":
+        vit = ViT(**vit_args, cls_token=False)
+        pyramid = ViTAdapter(vit, heads=vit_args.get("heads", 16), conv_inplane=64 if vit.dim >= 512 else max(8, vit.dim // 4),
+                             out_indices=(1, 2, 3)[:levels])
+    elif vit_pyramid == "simple":
+        pyramid = ViTPyramid(ViT(**vit_args, cls_token=False), strides=tuple(8 * 2 ** l for l in range(levels)),
+                             taps=tuple(vit_taps))
+    else:
+        raise ValueError(f"vit_pyramid must be adapter or simple, got {vit_pyramid!r}")
     return detection.build_detector(**kwargs, backbone_module=pyramid)

@@ -451,16 +451,17 @@ class MSDeformAttn(nn.Module):
         offsets = self.sampling_offsets(query).view(B, Q, H, L, P, 2)
         return weights, self.sampling_locations(offsets, reference, shapes, reference_angle)
 
-    def forward(self, query, query_pos, value, value_mask, reference, shapes, reference_angle=None):
+    def forward(self, query, query_pos, value, value_mask, reference, shapes, reference_angle=None, identity=None):
         """
         Args:
             query: (B, Q, D); query_pos: (B, Q, D) or None; value: (B, S, D);
             value_mask: (B, S) True at padding; reference: (B, Q, L, 2) points or (B, Q, L, 4) boxes,
-            normalised per level; shapes: [(H_l, W_l)]; reference_angle: (B, Q) radians or None.
+            normalised per level; shapes: [(H_l, W_l)]; reference_angle: (B, Q) radians or None;
+            identity: what the output is added to (default the query, as mmcv's `identity`).
         Returns:
-            (B, Q, D): query + dropout(attention output).
+            (B, Q, D): identity + dropout(attention output).
         """
-        identity = query
+        identity = query if identity is None else identity
         if query_pos is not None:
             query = query + query_pos
         B, Q, _ = query.shape

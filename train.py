@@ -153,8 +153,10 @@ class FinetuneConfig:
     vit_family: Literal["internvit", "clip", "dinov2"] = "internvit"  # weights of --init (Tab. 3 baselines)
     grad_checkpoint: bool = False  # recompute each ViT block in the backward pass instead of storing its
     #   activations (ViT-Adapter's with_cp=True in BabelRS_20kstep.py): far less memory, about a third more time
-    vit_taps: list[int] = field(default_factory=list)  # block read by each pyramid level; none = the official
-    #   ViT-Adapter's interaction-group ends, scaled to vit_depth (3 9 18 24 of 24; 1 2 3 4 of the tiny 4)
+    vit_pyramid: Literal["adapter", "simple"] = "simple"  # paper: adapter, the official ViT-Adapter (patch 16);
+    #   simple: a ViTDet-style pyramid reading one block per level (the tiny tables so far; babelrs.py)
+    vit_taps: list[int] = field(default_factory=list)  # simple: the block each level reads; none = the
+    #   adapter's interaction-group ends, scaled to vit_depth (3 9 18 24 of 24; 1 2 3 4 of the tiny 4)
     layer_decay: float = 1.0  # layer-wise lr decay of the ViT; BabelRS: 0.95
     frozen_bn: bool = False  # paper: True (norm_eval, requires_grad=False)
     dim: int = 128  # paper: 256
@@ -205,7 +207,7 @@ FINETUNE_PRESETS = {
     # BabelRS Sec. 4.3 / BabelRS_20kstep.py, with the DETR head sets of the detection module
     "babelrs": FinetuneConfig(source_ratio=[2, 1, 1], loss_weights=[1.0, 1.5, 1.0], image_size=800, backbone="vit",
                               global_batch=32, grad_checkpoint=True,
-                              vit_dim=1024, vit_depth=24, vit_heads=16, vit_patch=16, layer_decay=0.95,
+                              vit_dim=1024, vit_depth=24, vit_heads=16, vit_patch=16, vit_pyramid="adapter", layer_decay=0.95,
                               dim=256, heads=8, enc_layers=6, dec_layers=6, ffn=1024, dropout=0.1, num_queries=300,
                               num_dn_queries=100, lr=5e-5, weight_decay=0.05, warmup=500, epochs=12,
                               lr_steps=[8, 11], rotate_p=0.5, workers=4, ckpt_every=2000),
@@ -920,7 +922,7 @@ def model_args(cfg: FinetuneConfig, sources: list) -> dict:
                 vit_args=dict(dim=cfg.vit_dim, depth=cfg.vit_depth, heads=cfg.vit_heads, patch=cfg.vit_patch,
                               image_size=cfg.image_size, grad_checkpoint=cfg.grad_checkpoint,
                               **babelrs.VIT_FAMILIES[cfg.vit_family])
-                if cfg.backbone == "vit" else None, vit_taps=list(cfg.vit_taps))
+                if cfg.backbone == "vit" else None, vit_taps=list(cfg.vit_taps), vit_pyramid=cfg.vit_pyramid)
 
 
 BABELRS_ORDER = ("sar", "rgb", "ir")  # the order of the babelrs presets' 2 : 1 : 1 ratio and loss weights

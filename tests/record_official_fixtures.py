@@ -1,9 +1,9 @@
 """Record what the official code outputs on small random inputs, once, as test fixtures.
 
     pip install einops timm        # imports of the official InternViT file, not of this project
-    python tests/record_official_fixtures.py --sm3det GIT --mutdet GIT --ars-detr GIT
+    python tests/record_official_fixtures.py --sm3det GIT --mutdet GIT --ars-detr GIT --mmcv GIT [--only PART...]
 
-GIT is a clone (or a bare mirror) of zcablii/SM3Det, floatingstarZ/MutDet or httle/ARS-DETR. Each
+GIT is a clone (or a bare mirror) of zcablii/SM3Det, floatingstarZ/MutDet, httle/ARS-DETR or open-mmlab/mmcv. Each
 official file is read with `git show COMMIT:PATH` at the commit below, and only pure-PyTorch
 functions run: a class or function is taken from its file by name (the file's mmcv / mmdet imports
 are not needed: registries and base classes are stubbed), or a whole file is imported when its
@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import babelrs  # noqa: E402  (the tiny tokenizer of the ChatML fixture)
 
-COMMITS = {"sm3det": "b271f31", "mutdet": "097ce90", "ars-detr": "0d96c5e"}
+COMMITS = {"sm3det": "b271f31", "mutdet": "097ce90", "ars-detr": "0d96c5e", "mmcv": "4c01b02"}  # mmcv: v1.7.2
 FILES = {
     "internvit": ("sm3det", "BabelRS_pretrain/internvl/model/internvl_chat/modeling_intern_vit.py"),
     "internvit_config": ("sm3det", "BabelRS_pretrain/internvl/model/internvl_chat/configuration_intern_vit.py"),
@@ -47,7 +47,15 @@ FILES = {
     "two_way": ("mutdet", "AlignRotate/models/utils/transformer.py"),
     "two_way_common": ("mutdet", "AlignRotate/models/utils/common.py"),
     "template_matching": ("mutdet", "AlignRotate/models/utils/dn_ars_rotated_transformer_template_matching.py"),
+    "adapter_modules": ("sm3det", "mmrotate/models/backbones/adapter_modules.py"),
+    "vit_adapter": ("sm3det", "mmrotate/models/backbones/vit_adapter.py"),
+    "sm3det_intern_vit": ("sm3det", "mmrotate/models/backbones/intern_vit.py"),
+    "mmcv_msda": ("mmcv", "mmcv/ops/multi_scale_deform_attn.py"),
 }
+
+# ViT-Adapter shapes recorded: tiny (the tiny preset's width) and the paper's (InternViT-300M, 24 blocks)
+ADAPTER_SHAPES = {"tiny": dict(dim=64, depth=4, heads=4, inplane=16, image=(96, 96)),
+                  "paper": dict(dim=1024, depth=24, heads=16, inplane=64, image=(64, 64))}
 
 
 class Registry:  # mmcv's `@X.register_module()` as a no-op
@@ -346,24 +354,125 @@ def topk_selection(repos, out):
     out["topk.angle"] = torch.cat(ns["all_patch_topk_angle"])
 
 
+def seeded_weights(model: nn.Module, seed: int) -> None:
+    """Deterministic, well-scaled values for every tensor of `model` (the fixtures store no weights:
+    the test draws the same ones): matrices N(0, 1/fan_in), norm weights 1 + N(0, 0.1²), biases,
+    layer scales and the injector's γ N(0, 0.1²), level embeddings N(0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.state_dict().items()):
+            r = torch.randn(p.shape, generator=g)
+            if p.dim() >= 2 and "level_embed" not in name and "position_embedding" not in name:
+                p.copy_(r / math.sqrt(p[0].numel()))
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * r)
+            elif "level_embed" in name or "position_embedding" in name:
+                p.copy_(r)
+            else:
+                p.copy_(0.1 * r)
+
+
+def official_msda_class(repos):
+    """mmcv 1.7.2's MultiScaleDeformableAttention with its pure-PyTorch core (the CUDA path stubbed off)."""
+    class BaseModule(nn.Module):
+        def __init__(self, init_cfg=None):
+            super().__init__()
+
+    def constant_init(m, val, bias=0.0):
+        nn.init.constant_(m.weight, val)
+        nn.init.constant_(m.bias, bias)
+
+    def xavier_init(m, gain=1, bias=0.0, distribution="normal"):
+        nn.init.xavier_uniform_(m.weight, gain)
+        nn.init.constant_(m.bias, bias)
+    ns = dict(torch=torch, nn=nn, F=F, math=math, warnings=__import__("warnings"), Optional=__import__("typing").Optional,
+              no_type_check=lambda f: f, deprecated_api_warning=lambda *a, **k: (lambda f: f), constant_init=constant_init,
+              xavier_init=xavier_init, ATTENTION=Registry(), BaseModule=BaseModule, mmcv=types.SimpleNamespace(ConfigDict=dict),
+              IS_CUDA_AVAILABLE=False, IS_MLU_AVAILABLE=False, MultiScaleDeformableAttnFunction=None)
+    take(read(repos, "mmcv_msda"), ["multi_scale_deformable_attn_pytorch", "MultiScaleDeformableAttention"], ns)
+    return ns["MultiScaleDeformableAttention"]
+
+
+def vit_adapter(repos, out):
+    """SM3Det's ViT-Adapter (InternViTAdapter.forward and adapter_modules.py with mmcv's attention) on
+    random images, at the tiny and the paper shape: the four output maps, projected on 8 random
+    directions (the weights are seeded, see `seeded_weights`; the ViT blocks are ours on both sides,
+    their parity with InternViT's is the `internvit` fixture)."""
+    import contextlib
+    import functools
+    ns = dict(torch=torch, nn=nn, F=F, math=math, partial=functools.partial, cp=torch.utils.checkpoint,
+              autocast=lambda enabled=True: contextlib.nullcontext(), DropPath=None, MSDeformAttn=None,
+              MultiScaleDeformableAttention=official_msda_class(repos),
+              constant_=nn.init.constant_, xavier_uniform_=nn.init.xavier_uniform_)
+    take(read(repos, "adapter_modules"), ["MMCVMSDeformAttn", "get_reference_points", "deform_inputs", "ConvFFN", "DWConv",
+                                          "Extractor", "Injector", "InteractionBlock", "LayerNorm", "SpatialPriorModule"], ns)
+    forward = method(read(repos, "vit_adapter"), "InternViTAdapter", "forward", dict(ns))
+    add_level_embed = method(read(repos, "vit_adapter"), "InternViTAdapter", "_add_level_embed", dict(ns))
+    forward_adapter = method(read(repos, "sm3det_intern_vit"), "InternVisionEmbeddings", "forward_adapter", dict(ns))
+    for shape, a in ADAPTER_SHAPES.items():
+        ours = babelrs.ViTAdapter(babelrs.ViT(a["dim"], a["depth"], a["heads"], 16, a["image"][0], cls_token=False),
+                                  heads=a["heads"], conv_inplane=a["inplane"])
+        seeded_weights(ours, 7)
+
+        class Official(nn.Module):  # the modules of InternViTAdapter.__init__, built with its arguments
+            def __init__(self):
+                super().__init__()
+                d, groups = a["dim"], babelrs.adapter_groups(a["depth"])
+                self.interaction_indexes, self.out_indices, self.add_vit_feature = groups, (0, 1, 2, 3), True
+                self.use_final_norm, self.only_feat_out, self.dtype = True, True, torch.float32
+                self.level_embed = nn.Parameter(torch.zeros(3, d))
+                self.spm = ns["SpatialPriorModule"](inplanes=a["inplane"], embed_dim=d, out_indices=(0, 1, 2, 3))
+                self.interactions = nn.Sequential(*[
+                    ns["InteractionBlock"](dim=d, num_heads=a["heads"], n_points=4, init_values=0.1, drop_path=0.0,
+                                           norm_layer=nn.LayerNorm, with_cffn=True, cffn_ratio=0.25, deform_ratio=0.25,
+                                           extra_extractor=i == len(groups) - 1, with_cp=False, mmcv_attn=True)
+                    for i in range(len(groups))])
+                self.up = nn.ConvTranspose2d(d, d, 2, 2)
+                self.norm1, self.norm2, self.norm3, self.norm4 = (ns["LayerNorm"](d) for _ in range(4))
+
+        official = Official()
+        adapter_state = {k: v for k, v in ours.state_dict().items() if not k.startswith("vit.")}
+        official.load_state_dict(adapter_state, strict=True)  # the official names are ours
+        emb = types.SimpleNamespace(patch_embedding=ours.vit.embeddings.patch_embedding,
+                                    position_embedding=ours.vit.embeddings.position_embedding)
+        official.embeddings = types.SimpleNamespace(forward_adapter=lambda x: forward_adapter(emb, x))
+        official.layers = [lambda x, H, W, blk=blk: blk(x) for blk in ours.vit.encoder.layers]
+        official._add_level_embed = lambda c2, c3, c4: add_level_embed(official, c2, c3, c4)
+        official.eval()
+        g = torch.Generator().manual_seed(11)
+        images = torch.randn(2, 3, *a["image"], generator=g)
+        directions = torch.randn(a["dim"], 8, generator=g) / math.sqrt(a["dim"])
+        with torch.no_grad():
+            maps = forward(official, images)
+        out[f"adapter.{shape}.images"] = images
+        out[f"adapter.{shape}.directions"] = directions
+        for i, m in enumerate(maps):
+            out[f"adapter.{shape}.level{i}"] = torch.einsum("bchw,cd->bdhw", m, directions)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sm3det", required=True)
     p.add_argument("--mutdet", required=True)
     p.add_argument("--ars-detr", required=True)
+    p.add_argument("--mmcv", required=True, help="open-mmlab/mmcv (its v1.7.2 deformable attention)")
+    p.add_argument("--only", nargs="+", help="record these parts only, keeping the others of the existing file")
     p.add_argument("--out", default=str(HERE / "fixtures"))
     args = p.parse_args()
-    repos = {"sm3det": args.sm3det, "mutdet": args.mutdet, "ars-detr": args.ars_detr}
+    repos = {"sm3det": args.sm3det, "mutdet": args.mutdet, "ars-detr": args.ars_detr, "mmcv": args.mmcv}
     fixtures = Path(args.out)
     fixtures.mkdir(exist_ok=True)
     out = {}
-    internvit(repos, out)
-    chatml(repos, out, fixtures)
-    ar_csl(repos, out)
-    sampling_locations(repos, out)
-    denoising(repos, out)
-    two_way(repos, out)
-    topk_selection(repos, out)
+    parts = dict(internvit=lambda: internvit(repos, out), chatml=lambda: chatml(repos, out, fixtures),
+                 ar_csl=lambda: ar_csl(repos, out), sampling_locations=lambda: sampling_locations(repos, out),
+                 denoising=lambda: denoising(repos, out), two_way=lambda: two_way(repos, out),
+                 topk_selection=lambda: topk_selection(repos, out), vit_adapter=lambda: vit_adapter(repos, out))
+    if args.only:
+        from safetensors.torch import load_file
+        out.update(load_file(str(fixtures / "official.safetensors")))
+    for name, record in parts.items():
+        if not args.only or name in args.only:
+            record()
     from safetensors.torch import save_file
     meta = {"commits": json.dumps(COMMITS), "files": json.dumps(FILES), "torch": torch.__version__}
     save_file({k: v.detach().contiguous() for k, v in out.items()}, str(fixtures / "official.safetensors"), meta)

@@ -356,3 +356,23 @@ def test_babelrs_trains_and_scores_on_a_subset_of_the_modalities(tmp_path, capsy
     assert set(metrics["sources"]) == {"rgb", "sar"} and "h_map" in metrics
     assert "[rgb + sar only: H-mAP over 2]" in tables.format_table_runs("babelrs-table3", [run])["markdown"]
     assert train.main(["--resume", str(run), "--max-steps", "3"]) == 0  # resumes as it started
+
+
+def test_finetune_with_the_official_vit_adapter(tmp_path):
+    """--vit_pyramid adapter (the babelrs preset's default): the detector reads ViT-Adapter's strides 8,
+    16, 32 plus the neck's 64, trains, is rebuilt from model.json by eval.py, and the adapter's level
+    embeddings decay with the patch embedding (official layer ids)."""
+    import eval as ev
+    synth = datasets.make_synthetic(tmp_path / "synth", modalities=("rgb",))  # every class in train and test
+    run = tmp_path / "run"
+    assert train.main(["--stage", "finetune", "--preset", "babelrs-tiny", "--init", "", "--image_size", "64", "--eval",
+                       "false", "--max-steps", "1", "--data", f"rgb:{synth / 'rgb'}", "--vit_pyramid", "adapter", "--vit_patch", "16",
+                       "--layer_decay", "0.9", "--out", str(run)]) == 0
+    model, _ = ev.build_run_model(run)
+    assert isinstance(model.backbone, babelrs.ViTAdapter) and model.backbone.strides == [8, 16, 32]
+    assert [len(c) for c in (model.neck.convs, model.neck.extra)] == [3, 1]
+    groups = babelrs.layer_decay_groups(model, "backbone.vit.", 4, 0.9, 0.05)
+    level = next(g for g in groups if any(p is model.backbone.level_embed for p in g["params"]))
+    assert level["lr_mult"] == pytest.approx(0.9 ** 5)
+    with pytest.raises(ValueError, match="patch 16"):
+        babelrs.ViTAdapter(babelrs.ViT(32, 2, 2, 8, 64, cls_token=False))

@@ -1,8 +1,8 @@
 """Our parts against the official code's own outputs on the same inputs.
 
 The fixtures were recorded once by `tests/record_official_fixtures.py`, which runs the official
-functions (SM3Det b271f31, ARS-DETR 0d96c5e, MutDet 097ce90; the files are in the fixture's
-metadata) on small random inputs and weights.
+functions (SM3Det b271f31, ARS-DETR 0d96c5e, MutDet 097ce90, mmcv v1.7.2; the files are in the
+fixture's metadata) on small random inputs and weights.
 """
 import json
 import math
@@ -33,7 +33,7 @@ def prefixed(tensors: dict, prefix: str) -> dict:
 def test_fixture_names_its_sources():
     with safe_open(str(FIXTURES / "official.safetensors"), "pt") as f:
         meta = f.metadata()
-    assert json.loads(meta["commits"]) == {"sm3det": "b271f31", "mutdet": "097ce90", "ars-detr": "0d96c5e"}
+    assert json.loads(meta["commits"]) == {"sm3det": "b271f31", "mutdet": "097ce90", "ars-detr": "0d96c5e", "mmcv": "4c01b02"}
     assert "modeling_intern_vit.py" in json.loads(meta["files"])["internvit"][1]
 
 
@@ -152,3 +152,27 @@ def test_mutdet_topk_selection(official, monkeypatch):
                                   scores=mutdet.enhanced_scores(z_enc, objects))
     torch.testing.assert_close(sel["reference"], official["topk.coords"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ro.norm_angle(sel["angle"]), ro.norm_angle(official["topk.angle"].float()))
+
+
+@pytest.mark.parametrize("shape", ["tiny", "paper"])
+def test_vit_adapter_matches_sm3det(official, shape):
+    """ViT-Adapter (SM3Det's InternViTAdapter with mmcv's deformable attention): hidden states in, the
+    four levels out, at the tiny preset's width and at InternViT-300M's (24 blocks, groups
+    [[0, 2], [3, 8], [9, 17], [18, 23]]), to float32 rounding. The official modules loaded our state
+    dict by name (strict), so an adapter trained there loads here."""
+    from record_official_fixtures import ADAPTER_SHAPES, seeded_weights
+    a = ADAPTER_SHAPES[shape]
+    with torch.device("meta"):  # every value is drawn below: skip the 300M-parameter initialisation
+        ours = babelrs.ViTAdapter(babelrs.ViT(a["dim"], a["depth"], a["heads"], 16, a["image"][0], cls_token=False),
+                                  heads=a["heads"], conv_inplane=a["inplane"])
+    ours = ours.to_empty(device="cpu").eval()
+    seeded_weights(ours, 7)
+    assert ours.interaction_indexes == ([[0, 2], [3, 8], [9, 17], [18, 23]] if shape == "paper" else [[0, 0], [1, 1], [2, 2], [3, 3]])
+    with torch.no_grad():
+        maps = ours(official[f"adapter.{shape}.images"])
+    directions = official[f"adapter.{shape}.directions"]
+    assert [tuple(m.shape[-2:]) for m in maps] == [(a["image"][0] // s, a["image"][1] // s) for s in (4, 8, 16, 32)]
+    for i, m in enumerate(maps):
+        want = official[f"adapter.{shape}.level{i}"]
+        got = torch.einsum("bchw,cd->bdhw", m, directions)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())), (shape, i, float((got - want).abs().max()))
