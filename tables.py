@@ -1,7 +1,7 @@
 """Reproducing the papers' tables and figures from run folders, and the runs behind them.
 
 - The published numbers (`PAPER`), the orderings each table tests (`ORDERINGS`) and the verdict
-  test on them (`paired_verdict`); `format_table_runs`: BabelRS Tab. 2-5 and Fig. 6, MutDet Tab. 2
+  test on them (`paired_verdict`: a paired t-test; `holm` across a table); `format_table_runs`: BabelRS Tab. 2-5 and Fig. 6, MutDet Tab. 2
   and the 10 % data setting over run folders, ours (mean ± std over seeds) beside the paper's.
 - The figures (`plot_runs`): training-loss curves (BabelRS Fig. 4), loss and gradient norm under
   AMP (Fig. 7), iterations survived (Fig. 2), Fig. 6, MutDet's loss terms, a table as bars.
@@ -247,18 +247,61 @@ ORDERINGS = {
 }
 
 
+ALPHA, POWER = 0.05, 0.8  # the verdicts' test level and the power of the smallest detectable difference
+
+
 def paired_verdict(a: dict, b: dict) -> dict:
-    """Does row a beat row b? `a`, `b`: {seed: value}. Paired over the seeds both have: the mean
-    difference is separable when it exceeds twice its standard error (std of the differences / sqrt n);
-    then the ordering holds (a > b) or is reversed. One common seed cannot separate anything."""
+    """Does row a beat row b? `a`, `b`: {seed: value}. A paired t-test over the seeds both have (n - 1
+    degrees of freedom): mean difference d̄, SD of the differences s, SE = s / √n, t = d̄ / SE, the
+    two-sided p, the 95 % confidence interval d̄ ± t_{0.975, n-1}·SE, how many seeds agree in sign,
+    and `mde`, the smallest true difference these n seeds detect with 80 % power at this s,
+    (t_{0.975, n-1} + t_{0.8, n-1})·SE. The ordering holds (p < 0.05, d̄ > 0), is reversed (p < 0.05,
+    d̄ < 0), or is not separable; `holm` corrects p over the orderings of a table. One common seed
+    tests nothing."""
+    from scipy import stats
     seeds = sorted(set(a) & set(b))
     d = np.array([a[k] - b[k] for k in seeds], float)
     d = d[np.isfinite(d)]
-    if len(d) < 2:
-        return dict(n=len(d), mean=float(d.mean()) if len(d) else NAN, se=NAN, verdict="not separable (one seed)")
-    mean, se = float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
-    verdict = "not separable" if abs(mean) <= 2 * se else "holds" if mean > 0 else "reversed"
-    return dict(n=len(d), mean=mean, se=se, verdict=verdict)
+    n = len(d)
+    if n < 2:
+        return dict(n=n, mean=float(d.mean()) if n else NAN, sd=NAN, se=NAN, p=NAN, ci=(NAN, NAN), agree=n, mde=NAN,
+                    verdict="not separable (one seed)")
+    mean, sd = float(d.mean()), float(d.std(ddof=1))
+    se = sd / np.sqrt(n)
+    q = float(stats.t.ppf(1 - ALPHA / 2, n - 1))
+    p = float(2 * stats.t.sf(abs(mean) / se, n - 1)) if se > 0 else (0.0 if mean != 0 else 1.0)
+    v = dict(n=n, mean=mean, sd=sd, se=se, p=p, ci=(mean - q * se, mean + q * se),
+             agree=int(max((d > 0).sum(), (d < 0).sum())), mde=(q + float(stats.t.ppf(POWER, n - 1))) * se)
+    return _judge(v, p)
+
+
+def _judge(v: dict, p: float) -> dict:
+    v["p_adjusted"] = p
+    v["verdict"] = "not separable" if not p < ALPHA else "holds" if v["mean"] > 0 else "reversed"
+    return v
+
+
+def holm(verdicts: list) -> list:
+    """Holm's step-down correction over the orderings of one table: the k-th smallest p times
+    (m - k + 1), made monotone; each verdict is then judged on its adjusted p."""
+    tested = sorted((v for v in verdicts if np.isfinite(v.get("p", NAN))), key=lambda v: v["p"])
+    running = 0.0
+    for k, v in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - k) * v["p"]))
+        _judge(v, running)
+    return verdicts
+
+
+def describe_verdict(v: dict) -> str:
+    """One line: verdict, the Holm-adjusted p, difference with its 95 % CI, sign agreement, and the
+    smallest difference the seeds could have detected."""
+    if not np.isfinite(v["se"]):
+        return f"**{v['verdict']}**, difference {v['mean']:+.2f}"
+    if v["se"] == 0:
+        return f"**{v['verdict']}**, difference {v['mean']:+.2f} in every one of {v['n']} seeds (no spread to test)"
+    return (f"**{v['verdict']}** (p = {v['p_adjusted']:.3g}" + (", Holm" if v["p_adjusted"] != v["p"] else "")
+            + f"), difference {v['mean']:+.2f}, 95 % CI [{v['ci'][0]:+.2f}, {v['ci'][1]:+.2f}], {v['agree']} of "
+            f"{v['n']} seeds agree in sign; {v['n']} seeds detect {v['mde']:.2f} or more (80 % power)")
 
 
 def format_table_runs(name: str, runs: list) -> dict:
@@ -331,11 +374,10 @@ def format_table_runs(name: str, runs: list) -> dict:
         v.update(better=by_key[a]["name"], worse=by_key[b]["name"], column=col)
         verdicts.append(v)
     if verdicts:
-        text += ["The paper's orderings (paired over seeds; separable when the mean difference exceeds 2 standard "
-                 "errors):", ""]
-        text += [f"- {v['better']} > {v['worse']} ({v['column']}): **{v['verdict']}**, difference "
-                 f"{v['mean']:+.2f}" + (f" ± {v['se']:.2f} (SE, {v['n']} seeds)" if np.isfinite(v["se"]) else "")
-                 for v in verdicts]
+        holm(verdicts)
+        text += [f"The paper's orderings (paired t-test over seeds, {len(verdicts)} ordering"
+                 f"{'s' if len(verdicts) > 1 else ''} Holm-corrected at 5 %):", ""]
+        text += [f"- {v['better']} > {v['worse']} ({v['column']}): {describe_verdict(v)}" for v in verdicts]
         text += [""]
     if len(seeds) == 1:
         text += [f"One seed ({seeds[0]}): no spread, and no verdicts on the paper's orderings.", ""]
@@ -372,8 +414,7 @@ def format_tiny_checks(runs: list) -> str:
             (vit, "ft-generic-off", "ft-random-off", "Overall AP50", "ViT: stand-in > random init"),
             (r18, "ft-none-data1.0", "ft-random-data1.0", "AP50", "ResNet-18: stand-in > random init")):
         v = paired_verdict(per_seed(table, better, column), per_seed(table, worse, column))
-        lines.append(f"- {what} ({column}): **{v['verdict']}**, difference {v['mean']:+.2f}"
-                     + (f" ± {v['se']:.2f} (SE, {v['n']} seeds)" if np.isfinite(v["se"]) else ""))
+        lines.append(f"- {what} ({column}): {describe_verdict(v)}")
     for column in ("Overall AP50", "H-mAP"):
         short, long = per_seed(vit, "ft-generic-off", column), per_seed(vit, "ft-generic-off-long", column)
         if short and long:

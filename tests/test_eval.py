@@ -292,15 +292,32 @@ def test_newcomer_errors_and_labels(tmp_path, capsys):
 
 
 def test_paired_verdicts_by_hand():
-    # differences 10, 9, 13: mean 10.67, SE = std(ddof 1) 2.08 / sqrt 3 = 1.20 -> separable, holds
+    from scipy import stats
+    # differences 10, 9, 13: mean 10.67, SD 2.08, SE 1.20, t = 8.87 with 2 df: p = 0.0125 -> holds
     v = tables.paired_verdict({0: 40.0, 1: 42.0, 2: 44.0}, {0: 30.0, 1: 33.0, 2: 31.0})
-    assert v["verdict"] == "holds" and v["n"] == 3 and abs(v["mean"] - 32 / 3) < 1e-9
+    assert v["verdict"] == "holds" and v["n"] == 3 and abs(v["mean"] - 32 / 3) < 1e-9 and v["agree"] == 3
     assert abs(v["se"] - np.std([10, 9, 13], ddof=1) / np.sqrt(3)) < 1e-9
+    assert v["p"] == pytest.approx(stats.ttest_rel([40, 42, 44], [30, 33, 31]).pvalue, rel=1e-9)
+    assert v["p"] == pytest.approx(0.01248, abs=5e-5)
+    assert v["ci"] == pytest.approx((32 / 3 - 4.302653 * v["se"], 32 / 3 + 4.302653 * v["se"]), rel=1e-6)  # t_0.975,2
+    assert v["mde"] == pytest.approx((4.302653 + 1.060660) * v["se"], rel=1e-5)  # + t_0.8,2
     assert tables.paired_verdict({0: 30.0, 1: 33.0, 2: 31.0}, {0: 40.0, 1: 42.0, 2: 44.0})["verdict"] == "reversed"
-    # differences +2, -1, +1: mean 0.67 < 2 SE (2 x 0.88)
-    assert tables.paired_verdict({0: 2.0, 1: 0.0, 2: 1.0}, {0: 0.0, 1: 1.0, 2: 0.0})["verdict"] == "not separable"
+    # differences +2, -1, +1: t = 0.76, p = 0.53
+    w = tables.paired_verdict({0: 2.0, 1: 0.0, 2: 1.0}, {0: 0.0, 1: 1.0, 2: 0.0})
+    assert w["verdict"] == "not separable" and w["agree"] == 2
+    # the old 2-SE rule's false alarm: differences 3, 1, 2 give mean 2 > 2 SE (1.15) but p = 0.074
+    assert tables.paired_verdict({0: 3.0, 1: 1.0, 2: 2.0}, {0: 0.0, 1: 0.0, 2: 0.0})["verdict"] == "not separable"
     # pairs are by seed: seed 3 of one row alone does not count; one common seed separates nothing
     assert tables.paired_verdict({0: 5.0, 3: 9.0}, {0: 1.0})["verdict"] == "not separable (one seed)"
+
+
+def test_holm_correction_by_hand():
+    """p = 0.01, 0.04, 0.03 over one table: Holm's adjusted p are 3 x 0.01 = 0.03, then max(0.03,
+    2 x 0.03) = 0.06 and max(0.06, 1 x 0.04) = 0.06: only the first ordering stands."""
+    vs = [dict(p=p, mean=1.0, se=1.0) for p in (0.01, 0.04, 0.03)]
+    tables.holm(vs)
+    assert [v["p_adjusted"] for v in vs] == pytest.approx([0.03, 0.06, 0.06])
+    assert [v["verdict"] for v in vs] == ["holds", "not separable", "not separable"]
 
 
 def test_tables_over_seeds(tmp_path):
@@ -323,12 +340,18 @@ def test_tables_over_seeds(tmp_path):
     assert "mean ± std over 3 seeds" in md
     assert "| FractalDB stand-in | 41.00 ± 1.00 | 41.00 ± 1.00 | 10.00 ± 0.00 |" in md  # 40, 42, 41
     assert "| MutDet (1 seed not finished) | 45.33 ± 1.53 |" in md
-    # MutDet - DETReg: -5, -9, -8 -> reversed; DETReg - none: 10, 11, 14 -> holds; MutDet - none: 5, 2, 6
-    # (mean 4.33, SE 1.20) -> holds; AP75 all equal -> difference 0, not separable
-    assert "- MutDet > DETReg (AP50): **reversed**, difference -7.33" in md
-    assert "- DETReg > FractalDB stand-in (AP50): **holds**" in md
-    assert "- MutDet > FractalDB stand-in (AP50): **holds**, difference +4.33 ± 1.20 (SE, 3 seeds)" in md
+    # paired t-tests, 2 df: MutDet - DETReg -5, -9, -8 (p = 0.026); DETReg - none 10, 11, 14 (p = 0.0104);
+    # MutDet - none 5, 2, 6 (mean 4.33, SE 1.20, p = 0.069); AP75 all equal (p = 1). Holm over the 6:
+    # 6 x 0.0104 = 0.063 > 0.05 and 5 x 0.026 = 0.129, so none stands, however large the first two look
+    assert "Holm-corrected at 5 %" in md
+    assert "- DETReg > FractalDB stand-in (AP50): **not separable** (p = 0.0627, Holm), difference +11.67" in md
+    assert "- MutDet > DETReg (AP50): **not separable** (p = 0.129, Holm), difference -7.33, 95 % CI [-12.50, -2.16]" in md
+    assert "- MutDet > FractalDB stand-in (AP50): **not separable**" in md and "3 of 3 seeds agree in sign" in md
     assert "- MutDet > DETReg (AP75): **not separable**" in md
+    assert [v["verdict"] for v in table["verdicts"]][:3] == ["not separable"] * 3
+    # one ordering alone is not corrected: DETReg > none holds at p = 0.0104
+    assert tables.paired_verdict(*[{k: v[1] for k, v in table["groups"][r]["seeds"].items()}
+                                   for r in ("ft-detreg", "ft-none")])["verdict"] == "holds"
     csv = table["csv"].splitlines()
     assert csv[0] == "source,row,seed,ship,AP50,AP75" and len(csv) == 1 + 9  # every finished seed, one line each
     assert "ours,MutDet,2,47,47,10" in csv
