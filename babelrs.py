@@ -499,6 +499,20 @@ def read_instruction_meta(path) -> list:
     return records
 
 
+def shuffle_answers(records: list, seed: int = 0) -> list:
+    """A control the papers do not run (tiny protocol v3): every assistant turn of the corpus gets the
+    text of another, drawn by a seeded permutation over all assistant turns; images, prompts and the
+    set of answers stay, only which answer goes with which image changes. CSIA against this control
+    separates what the language carries about the image from what the images and prompts alone give."""
+    turns = [(i, j) for i, r in enumerate(records) for j, t in enumerate(r["conversations"]) if t["from"] == "gpt"]
+    order = torch.randperm(len(turns), generator=torch.Generator().manual_seed(seed)).tolist()
+    out = [dict(r, conversations=[dict(t) for t in r["conversations"]]) for r in records]
+    for (i, j), k in zip(turns, order):
+        a, b = turns[k]
+        out[i]["conversations"][j]["value"] = records[a]["conversations"][b]["value"]
+    return out
+
+
 class InstructionDataset(torch.utils.data.Dataset):
     """Instruction samples as (pixel tiles, token ids, labels). Images are resized to one tile of
     `image_size` (or dynamically tiled), normalised with ImageNet statistics."""

@@ -135,7 +135,10 @@ def run_facts(run) -> dict:
         pass
     elif init and init_cfg.exists():
         icfg = json.loads(init_cfg.read_text())
-        if "merge" in icfg:  # a csia run
+        if "merge" in icfg and icfg.get("shuffle_answers"):  # the control: answers dealt to other samples
+            facts.update(init="csia-shuffled", merge=icfg["merge"], csia_steps=icfg["max_steps"] or icfg["steps"],
+                         tau=icfg["tau"], label="CSIA, answers shuffled across samples (control)")
+        elif "merge" in icfg:  # a csia run
             facts.update(init="csia", merge=icfg["merge"], csia_steps=icfg["max_steps"] or icfg["steps"],
                          tau=icfg["tau"], label="BabelRS (CSIA + LVSA)" if icfg["merge"] == "lvsa" else
                          f"CSIA, {MERGE_NAMES[icfg['merge']]}")
@@ -226,6 +229,8 @@ def row_key(name: str, f: dict) -> str:
     """Which of the paper's rows a run stands for, in ORDERINGS's terms."""
     if f["init"] == "csia":
         return f["merge"] if name == "babelrs-table5" else "csia"
+    if f["init"] == "csia-shuffled":
+        return "csia-shuffled"
     if f["init"] == "mutdet":
         return f["label"]  # DETReg, MutDet; an ablation row is named by its switches and is not compared
     return {"fractal": "none", "random": "random"}.get(f["init"], f["init"])  # generic pre-training is "none"
@@ -235,7 +240,8 @@ def row_key(name: str, f: dict) -> str:
 # above every generic pre-training; Tab. 5: (d) is best and every merge beats the last layer alone;
 # MutDet Tab. 2: MutDet > DETReg > no pre-training, in AP50 and AP75; 10 %: MutDet > DETReg (+6.1 AP50).
 ORDERINGS = {
-    "babelrs-table3": [("csia", "none", "H-mAP"), ("csia", "none", "Overall mAP")],
+    "babelrs-table3": [("csia", "none", "H-mAP"), ("csia", "none", "Overall mAP"),
+                       ("csia", "csia-shuffled", "Overall mAP")],  # the control: what the language carries
     "babelrs-table5": [("lvsa", m, "H-mAP") for m in ("last", "concat", "sum", "per-layer")]
                       + [(m, "last", "H-mAP") for m in ("concat", "sum", "per-layer")],
     "mutdet-table2": [(a, b, c) for c in ("AP50", "AP75") for a, b in (("MutDet", "DETReg"), ("DETReg", "none"),
@@ -929,10 +935,10 @@ def sweep_runs(name: str, scale: str, extra: dict, amp: str = "fp16") -> list:
             runs.append((folder, argv))
         return folder
 
-    def csia_run(merge="lvsa", steps=csia_steps, tau=csia_tau):
-        return add(f"csia-{merge}-s{steps}-tau{tau:g}", ["--stage", "csia", "--preset", "tiny" if tiny else "paper",
-                                                           "--merge", merge, "--steps", str(steps), "--tau", f"{tau:g}"]
-                   + extra["csia"])
+    def csia_run(merge="lvsa", steps=csia_steps, tau=csia_tau, shuffled=False):
+        return add(f"csia-{merge}-s{steps}-tau{tau:g}" + ("-shuffled" if shuffled else ""),
+                   ["--stage", "csia", "--preset", "tiny" if tiny else "paper", "--merge", merge, "--steps", str(steps),
+                    "--tau", f"{tau:g}"] + (["--shuffle_answers"] if shuffled else []) + extra["csia"])
 
     def babelrs_finetune(init, amp="off"):  # init: a csia folder, or "generic": the preset's ViT (tiny: the
         #                                      FractalDB stand-in; paper: --finetune-args "--init PATH" or random)
@@ -943,6 +949,8 @@ def sweep_runs(name: str, scale: str, extra: dict, amp: str = "fp16") -> list:
         mode = amp if name == "babelrs-table4" else "off"
         babelrs_finetune("generic", mode)
         babelrs_finetune(csia_run(), mode)
+        if name == "babelrs-table3":  # the shuffled-answers control (tiny protocol v3)
+            babelrs_finetune(csia_run(shuffled=True), mode)
         for family, path in extra["weights"]:  # --weights clip:PATH dinov2:PATH ... (transformers or InternViT)
             add(f"ft-{family}-{mode}", ["--stage", "finetune"] + ft_preset + ft_schedule
                 + ["--amp", mode, "--init", path, "--vit_family", family] + extra["finetune"])

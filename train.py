@@ -92,6 +92,7 @@ class CSIAConfig:
     init_strict: bool = False  # --init must match every tensor (else a one-line error); default: skip and list
     # LVSA (Sec. 3.2)
     merge: Literal["lvsa", "last", "concat", "sum", "per-layer"] = "lvsa"  # Tab. 5 rows
+    shuffle_answers: bool = False  # control, not in the paper: answers permuted across samples (babelrs.shuffle_answers)
     layers: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # hidden-state indices; paper: [2, 8, 17, 23]
     #   tiny: every block of the 4, so CSIA aligns each block the tiny detector's pyramid reads
     tau: float = 120.0  # annealing steps of α(t); paper: 6000 of 20000 (Sec. 4.9)
@@ -871,6 +872,8 @@ def csia_run(cfg: CSIAConfig) -> int:
         except (ValueError, FileNotFoundError) as e:
             raise datasets.DatasetError(str(e)) from None
     tokens_per_tile = (cfg.image_size // cfg.patch) ** 2 // 4
+    if cfg.shuffle_answers:  # after the tokenizer, which is then the same as the real run's
+        records = babelrs.shuffle_answers(records, cfg.seed)
     data = babelrs.InstructionDataset(records, tokenizer, cfg.image_size, tokens_per_tile, cfg.max_tiles, cfg.max_length)
     sampler = datasets.MultiSourceSampler([len(data)], [cfg.batch_size], cfg.seed, rank, world)
     accum = accumulation(cfg.global_batch, cfg.batch_size, world)

@@ -111,3 +111,11 @@ def fuzz_cases(request):
 @pytest.fixture
 def fuzz_seed(request):
     return 1000 * request.config.getoption("--fuzz-seed")
+
+
+@pytest.fixture(scope="session")
+def synthsoi(tmp_path_factory):
+    """SynthSOI at its default size (48 + 16 images a modality, every class in train and test), made
+    once for the tests that only read it."""
+    import datasets
+    return datasets.make_synthetic(tmp_path_factory.mktemp("synthsoi"))

@@ -303,13 +303,13 @@ def test_truncation_never_splits_the_image(tokenizer):
     assert int((ids == img).sum()) == 20 and (labels == babelrs.IGNORE_INDEX).all()
 
 
-def test_csia_continues_internvl_with_its_own_language_model(tmp_path):
+def test_csia_continues_internvl_with_its_own_language_model(tmp_path, synthsoi):
     """As the official CSIA: `--init INTERNVL_FOLDER` alone gives the ViT, the projector, the language
     model built from the folder's own `llm_config` (its vocabulary) and its tokenizer, so every tensor
     loads; an LM of another vocabulary is a one-line error at the paper preset, not skipped embeddings."""
     import detection
     from safetensors.torch import save_file
-    synth = datasets.make_synthetic(tmp_path / "synth")
+    synth = synthsoi
     records = babelrs.read_instruction_meta(synth / "instructions" / "meta.json")
     folder = tmp_path / "InternVL-tiny"
     tok = babelrs.load_tokenizer(folder, records, "", 300)  # written to folder/tokenizer
@@ -337,13 +337,13 @@ def test_csia_continues_internvl_with_its_own_language_model(tmp_path):
                                                  for k, v in state.items()}, strict_shapes=True)
 
 
-def test_babelrs_trains_and_scores_on_a_subset_of_the_modalities(tmp_path, capsys):
+def test_babelrs_trains_and_scores_on_a_subset_of_the_modalities(tmp_path, capsys, synthsoi):
     """The babelrs presets on SAR + RGB only: each keeps its share of the 2 : 1 : 1 batch and its loss
     weight, a step keeps its micro-batches, H-mAP is over the two present, and the tables say so."""
     import json
 
     import tables
-    synth = datasets.make_synthetic(tmp_path / "synth")  # every class in train and test
+    synth = synthsoi  # every class in train and test
     run = tmp_path / "run"
     argv = ["--stage", "finetune", "--preset", "babelrs-tiny", "--init", "", "--image_size", "64", "--max-steps", "2",
             "--data", f"rgb:{synth / 'rgb'}", f"sar:{synth / 'sar'}", "--out", str(run)]
@@ -358,12 +358,12 @@ def test_babelrs_trains_and_scores_on_a_subset_of_the_modalities(tmp_path, capsy
     assert train.main(["--resume", str(run), "--max-steps", "3"]) == 0  # resumes as it started
 
 
-def test_finetune_with_the_official_vit_adapter(tmp_path):
+def test_finetune_with_the_official_vit_adapter(tmp_path, synthsoi):
     """--vit_pyramid adapter (the babelrs preset's default): the detector reads ViT-Adapter's strides 8,
     16, 32 plus the neck's 64, trains, is rebuilt from model.json by eval.py, and the adapter's level
     embeddings decay with the patch embedding (official layer ids)."""
     import eval as ev
-    synth = datasets.make_synthetic(tmp_path / "synth", modalities=("rgb",))  # every class in train and test
+    synth = synthsoi  # every class in train and test
     run = tmp_path / "run"
     assert train.main(["--stage", "finetune", "--preset", "babelrs-tiny", "--init", "", "--image_size", "64", "--eval",
                        "false", "--max-steps", "1", "--data", f"rgb:{synth / 'rgb'}", "--vit_pyramid", "adapter", "--vit_patch", "16",
@@ -376,3 +376,22 @@ def test_finetune_with_the_official_vit_adapter(tmp_path):
     assert level["lr_mult"] == pytest.approx(0.9 ** 5)
     with pytest.raises(ValueError, match="patch 16"):
         babelrs.ViTAdapter(babelrs.ViT(32, 2, 2, 8, 64, cls_token=False))
+
+
+def test_shuffled_answers_control(tmp_path):
+    """--shuffle_answers: the same images, prompts and answers, the answers dealt to other samples by a
+    seeded permutation; the first losses differ from the real run's only through the pairing."""
+    records = [dict(image=f"{i}.png", modality="rgb", conversations=[
+        dict(**{"from": "human"}, value=f"<image>\nq{i}"), dict(**{"from": "gpt"}, value=f"a{i}")]) for i in range(20)]
+    shuffled = babelrs.shuffle_answers(records, seed=3)
+    answers = [r["conversations"][1]["value"] for r in shuffled]
+    assert sorted(answers) == sorted(f"a{i}" for i in range(20)) and answers != [f"a{i}" for i in range(20)]
+    assert [r["conversations"][0]["value"] for r in shuffled] == [f"<image>\nq{i}" for i in range(20)]
+    assert [r["image"] for r in shuffled] == [r["image"] for r in records] and records[0]["conversations"][1]["value"] == "a0"
+    assert babelrs.shuffle_answers(records, seed=3) == shuffled and babelrs.shuffle_answers(records, seed=4) != shuffled
+    synth = datasets.make_synthetic(tmp_path / "synth", n_train=4, n_test=2, size=64, max_objects=2)
+    data = ["--synth_root", str(synth), "--max-steps", "1"]
+    assert train.main(CSIA_SMALL + data + ["--out", str(tmp_path / "real")]) == 0
+    assert train.main(CSIA_SMALL + data + ["--shuffle_answers", "--out", str(tmp_path / "control")]) == 0
+    real, control = (json.loads((tmp_path / r / "log.jsonl").read_text().splitlines()[0])["loss"] for r in ("real", "control"))
+    assert real != control and json.loads((tmp_path / "control" / "config.json").read_text())["shuffle_answers"] is True
