@@ -1140,7 +1140,8 @@ class ViTAdapter(nn.Module):
             c = inter.extractor(c, x, ref_pyramid, H, W)
             for extra in inter.extra_extractors or []:
                 c = extra(c, x, ref_pyramid, H, W)
-        c2, c3, c4 = (t.transpose(1, 2).reshape(B, -1, h, w) for t, (h, w) in zip(c.split([h * w for h, w in pyramid], 1), pyramid))
+        tokens = c.split([h * w for h, w in pyramid], 1)
+        c2, c3, c4 = (t.transpose(1, 2).reshape(B, -1, h, w) for t, (h, w) in zip(tokens, pyramid))  # (B, D, h_l, w_l)
         x3 = x.transpose(1, 2).reshape(B, -1, H, W)  # the last block, added to every level
         maps = [c2 + F.interpolate(x3, scale_factor=2, mode="bilinear", align_corners=False), c3 + x3,
                 c4 + F.interpolate(x3, scale_factor=0.5, mode="bilinear", align_corners=False)]

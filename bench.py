@@ -834,9 +834,12 @@ def _tiny_rows(work: Path, dry_run: bool) -> list:
     """Part 2: the tiny finetune and csia presets for a few dozen steps (with evaluation), then
     resumed for a few more, on the device train.py picks (CUDA when there is one)."""
     import train
+    import datasets
     steps, more = (2, 3) if dry_run else (24, 32)
     size = ["--image_size", "64"] if dry_run else []
     synth = ["--synth_root", str(work / "synthsoi")]
+    if dry_run:  # a small SynthSOI-RGB whose training images hold every class of its test images
+        datasets.make_synthetic(work / "synthsoi", n_train=12, n_test=2, size=64, max_objects=4, modalities=("rgb",))
     rows = []
     for stage, argv in (("finetune", ["--stage", "finetune", "--resnet", ""] + size),
                         ("csia", ["--stage", "csia", "--vit", ""] + (["--image_size", "32"] if dry_run else []))):

@@ -20,7 +20,7 @@ def test_gpu_check_dry_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert bench.main(["gpu", "--dry-run", "--threads", "2", "--out", str(tmp_path / "gpu")]) == 0
     report = json.loads((tmp_path / "gpu" / "cpu-dry-run.json").read_text())
-    assert report["ok"] and len(report["correctness"]) == 7 and len(report["tiny_rows"]) == 2
+    assert report["ok"] and not report["errors"] and len(report["correctness"]) == 7 and len(report["tiny_rows"]) == 2
     assert set(report["paper_steps"]) == {f"{s}:{p}" for s, p in bench.PAPER_STEPS}
     assert all(h > 0 for h in report["table_hours"].values()) and len(report["peers"]) == 4
     assert "| MutDet pre-trainer | ok" in (tmp_path / "gpu" / "cpu-dry-run.md").read_text()

@@ -17,8 +17,8 @@ CSIA = ["--stage", "csia", "--vit", "", "--image_size", "32", "--vocab_size", "4
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    return datasets.make_synthetic(tmp_path_factory.mktemp("synth"))
+def synth(synthsoi):  # read only: the session's SynthSOI
+    return synthsoi
 
 
 def test_a_non_finite_loss_stops_with_the_last_finite_state(synth, tmp_path, monkeypatch, capsys):
