@@ -8,6 +8,9 @@ Formats (the official layouts of the data sets both papers use):
   `x1 y1 x2 y2 x3 y3 x4 y4 category [difficult]`, after optional `imagesource:` / `gsd:` header
   lines; a split folder holds `images/` and `labelTxt/` (or mmrotate's `annfiles/`).
 - DIOR-R VOC xml: `<object><name/><difficult/><robndbox>` with `x_left_top ... y_left_bottom`.
+- HRSC2016 xml (`<HRSC_Object>` with `mbox_cx ... mbox_ang`, le90) and FAIR1M xml (`<possibleresult>`,
+  `<points>`); `CLASS_SETS` holds the official class lists (DOTA-v1.0 / v1.5 / v2.0, DIOR-R, HRSC2016
+  1 and 31 classes, FAIR1M).
 - COCO json with horizontal `[x, y, w, h]` boxes (SARDet-50K).
 - Instruction jsonl (InternVL / LLaVA): `{"image": ..., "conversations": [{"from": "human", ...},
   {"from": "gpt", ...}]}`, one per line.

@@ -11,6 +11,8 @@ prediction and drawings, and a command line.
 - `evaluate_run`: scores a train.py run folder on the test split of each of its sources.
 - `predict_images`: detection on any images (large scenes cut into patches and merged), drawn and
   written as Task1 files; `plot_detections`: a run's detections on one image.
+- `attention_of`, `mutdet_attention`, `draw_attention`: where the last decoder layer's rotated
+  deformable attention samples, and for MutDet pre-training runs each query's nearest objects.
 
 The papers' tables and figures over run folders are in tables.py.
 

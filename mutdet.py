@@ -22,6 +22,9 @@ Differences from the official code
     - Boxes and embeddings are filtered together everywhere (the official code drops small boxes
       but not their embeddings, so the two fall out of step).
     - `colour_components` (`--masks components`) is a SAM stand-in for the tiny sweeps, not in the paper.
+    - `random_proposals` and `selective_search` (`--proposals random | selective`) are the sources the
+      authors suggest where SAM fails (their issue 3), not in the paper; selective search is one
+      strategy of Uijlings et al. with rotated (minimum-area) boxes.
     - `mask_to_obb` takes the component with the longest boundary (cv2's "contour with the most
       points" of CHAIN_APPROX_NONE) and its exact minimum-area rectangle over the boundary pixels;
       holes count (cv2 `RETR_EXTERNAL` takes the outer contour), corners are neither clipped to the
