@@ -102,12 +102,18 @@ def test_fair1m_reader_and_split(tmp_path):
     assert float(b[2] * b[3]) == pytest.approx(p.area, rel=1e-4)  # a rectangle: its min-area box is itself
 
 
-def test_dota_v15_v20_class_sets(tmp_path):
-    d = tmp_path / "dota15" / "train"
+def one_dota_image(root, line: str):
+    """A DOTA split folder `root/train` of one 64-px image labelled with `line`."""
+    d = root / "train"
     (d / "images").mkdir(parents=True)
     (d / "labelTxt").mkdir()
     Image.new("RGB", (64, 64)).save(d / "images" / "P0001.png")
-    (d / "labelTxt" / "P0001.txt").write_text("10 10 40 10 40 20 10 20 container-crane 0\n")
+    (d / "labelTxt" / "P0001.txt").write_text(line + "\n")
+    return d
+
+
+def test_dota_v15_v20_class_sets(tmp_path):
+    one_dota_image(tmp_path / "dota15", "10 10 40 10 40 20 10 20 container-crane 0")
     [src] = datasets.detection_sources([f"rgb:{tmp_path / 'dota15'}:dota-v1.5"])
     ds = datasets.load_detection_split(src["train"], "rgb", src["classes"])
     assert len(ds.classes) == 16 and ds[0]["labels"].tolist() == [15]
@@ -142,11 +148,7 @@ def test_fair1m_errors_name_the_file(tmp_path, point, message):
 
 def test_train_reads_the_class_set(tmp_path):
     """finetune trains the heads of the class set, in its order (a released checkpoint's heads)."""
-    d = tmp_path / "dota20" / "train"
-    (d / "images").mkdir(parents=True)
-    (d / "labelTxt").mkdir()
-    Image.new("RGB", (64, 64)).save(d / "images" / "P0001.png")
-    (d / "labelTxt" / "P0001.txt").write_text("10 10 40 10 40 20 10 20 helipad 0\n")
+    one_dota_image(tmp_path / "dota20", "10 10 40 10 40 20 10 20 helipad 0")
     cfg = train.parse_config(["--stage", "finetune", "--preset", "tiny", "--data", f"rgb:{tmp_path / 'dota20'}:dota-v2.0"],
                              check_weights=False)[1]
     [src] = train.resolve_sources(cfg, 0)
