@@ -887,6 +887,7 @@ def load_official(model, path: str, state: dict) -> None:
     checkpoint loads as the official `load_from` does: its pre-training modules and class branches
     are dropped, and what the fine-tuning model has beyond it (deeper layers) starts fresh; both
     are listed by name."""
+    file_state = state
     ours, unused = detection.mmrotate_to_ours(state)
     levels = next(iter(model.heads.values())).levels
     if "H.level_embed" in ours and len(ours["H.level_embed"]) > levels:
@@ -905,8 +906,14 @@ def load_official(model, path: str, state: dict) -> None:
         for k, v in ours.items():
             state.update({f"heads.{m}.{k[2:]}": v for m in modalities} if k.startswith("H.") else {k: v})
     own = model.state_dict()
-    bad = [f"unexpected {k}" for k in state if k not in own]
-    bad += [f"shape {k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here"
+    # our name -> the file's, so that an error names the tensor as the user's file does
+    origin = {next(iter(detection.mmrotate_to_ours({k: v})[0]), None): k for k, v in file_state.items()}
+
+    def named(k):
+        o = origin.get("H." + k.split(".", 2)[2] if k.startswith("heads.") else k.removeprefix("detector."))
+        return f"{k} ({o} in the file)" if o else k
+    bad = [f"unexpected {named(k)}" for k in state if k not in own]
+    bad += [f"shape {named(k)}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here"
             for k in state if k in own and own[k].shape != state[k].shape]
     missing = [k for k in own if k not in state]
     if not pretraining:

@@ -3,6 +3,12 @@
     pip install einops timm        # imports of the official InternViT file, not of this project
     python tests/record_official_fixtures.py --sm3det GIT --mutdet GIT --ars-detr GIT --mmcv GIT [--only PART...]
 
+    # the detectors' state-dict names and shapes (part `state_dicts`): the official configs built by
+    # mmcv 1.7.2, mmdet 2.x and mmrotate as the official training does (model code only, no compiled ops)
+    pip install --target DEPS yapf==0.40.1 addict opencv-python-headless pandas terminaltables
+    pip download mmdet==2.28.2 --no-deps && unzip mmdet-2.28.2-py3-none-any.whl 'mmdet/*' -d MMDET
+    python tests/record_official_fixtures.py ... --only state_dicts --mmdet MMDET --deps DEPS
+
 GIT is a clone (or a bare mirror) of zcablii/SM3Det, floatingstarZ/MutDet, httle/ARS-DETR or open-mmlab/mmcv. Each
 official file is read with `git show COMMIT:PATH` at the commit below, and only pure-PyTorch
 functions run: a class or function is taken from its file by name (the file's mmcv / mmdet imports
@@ -450,6 +456,75 @@ def vit_adapter(repos, out):
             out[f"adapter.{shape}.level{i}"] = torch.einsum("bchw,cd->bdhw", m, directions)
 
 
+# ---------------------------------------------------------------------------------------------
+# Released checkpoints: the official detectors built from their own configs, their every tensor's
+# name and shape recorded (tests/fixtures/official_state_dicts.json; test_official_checkpoints.py
+# builds its checkpoints from this record). A released .pth is this model's state_dict().
+# ---------------------------------------------------------------------------------------------
+
+DETECTORS = {  # name: (repository, config at its commit)
+    # the released ARS-DETR R-50 of DOTA-v1.0 (73.42 AP50); its mmrotate runs on a pip mmdet 2.x
+    "ars-detr-dota": ("ars-detr", "configs/ars_detr/dn_arw_arm_arcsl_rdetr_r50_dota.py"),
+    # MutDet's pre-training on DOTA's SAM boxes and its fine-tuning on DIOR-R; MutDet ships its own mmdet
+    "mutdet-pretrain-dota": ("mutdet", "configs/Step2_DetectionPretraining_Mutdet/MutDet_DOTA_Pretrain.py"),
+    "mutdet-finetune-dior": ("mutdet", "configs/Step3_Finetuning/ars_detr_DIOR_MutDet.py"),
+}
+
+
+def build_official_detector(config: str, paths: list, mmcv_version: str) -> dict:
+    """{name: shape} of every tensor of the official detector of `config` (run in a child process:
+    the two repositories' mmdet / mmrotate packages share names). mmcv's compiled ops (`mmcv._ext`)
+    and the rotation-equivariant `e2cnn` are imported by the packages but not used to build the
+    model: both are stubbed. ARS-DETR's import check wants mmcv <= 1.5.0; the module names it
+    builds are the same in 1.7.2."""
+    from unittest import mock
+    sys.path[:0] = paths
+    ext = types.ModuleType("mmcv._ext")
+    ext.__file__ = "<no compiled ops>"
+    ext.__getattr__ = lambda name: (_ for _ in ()).throw(AttributeError(name)) if name.startswith("__") else (lambda *a, **k: None)
+    sys.modules["mmcv._ext"] = ext
+    for name in ("e2cnn", "e2cnn.nn", "e2cnn.gspaces"):
+        sys.modules[name] = mock.MagicMock(__path__=[], __spec__=None)
+    import mmcv
+    mmcv.__version__ = mmcv_version
+    from mmcv import Config
+    from mmrotate.models import build_detector
+    cfg = Config.fromfile(config)
+    cfg.model.backbone.init_cfg = None  # the ImageNet weights are not fetched: names and shapes only
+    model = build_detector(cfg.model)
+    return {k: list(v.shape) for k, v in model.state_dict().items()}
+
+
+def state_dicts(repos, fixtures: Path, mmdet: str, deps: str):
+    """Every tensor name and shape of the official detectors (DETECTORS), with where they came from."""
+    import importlib.metadata
+    root = Path(tempfile.mkdtemp())
+    for repo in ("ars-detr", "mutdet", "mmcv"):
+        git = Path(repos[repo])
+        gitdir = git / ".git" if (git / ".git").exists() else git
+        (root / repo).mkdir()
+        archive = subprocess.run(["git", f"--git-dir={gitdir}", "archive", COMMITS[repo]], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "x", "-C", str(root / repo)], input=archive, check=True)
+    record = {}
+    for name, (repo, config) in DETECTORS.items():
+        paths = [str(root / repo), str(root / "mmcv"), deps] + ([mmdet] if repo == "ars-detr" else [])
+        version = "1.5.0" if repo == "ars-detr" else "1.7.2"
+        child = subprocess.run([sys.executable, __file__, "--build-detector", config, "--paths", *paths,
+                                "--mmcv-version", version], cwd=root / repo, capture_output=True, text=True)
+        if child.returncode:
+            raise SystemExit(f"{name}: building the official detector failed:\n{child.stderr[-3000:]}")
+        tensors = json.loads(child.stdout.strip().splitlines()[-1])
+        record[name] = dict(repository=repo, commit=COMMITS[repo], config=config, tensors=tensors)
+        print(f"{name}: {len(tensors)} tensors ({repo} {COMMITS[repo]}, {config})")
+    mmdet_version = "own copy (097ce90)" if not mmdet else (Path(mmdet) / "mmdet" / "version.py").read_text().split("'")[1]
+    meta = dict(mmcv=f"v1.7.2 ({COMMITS['mmcv']})", mmdet_for_ars_detr=mmdet_version, torch=torch.__version__,
+                recorded_by="tests/record_official_fixtures.py --only state_dicts")
+    import re
+    text = json.dumps(dict(meta=meta, detectors=record), indent=1)
+    text = re.sub(r"\[\s*([\d,\s]*?)\s*\]", lambda m: "[" + ", ".join(m.group(1).split()).replace(",,", ",") + "]", text)
+    (fixtures / "official_state_dicts.json").write_text(text + "\n")  # a tensor a line
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sm3det", required=True)
@@ -458,6 +533,16 @@ def main():
     p.add_argument("--mmcv", required=True, help="open-mmlab/mmcv (its v1.7.2 deformable attention)")
     p.add_argument("--only", nargs="+", help="record these parts only, keeping the others of the existing file")
     p.add_argument("--out", default=str(HERE / "fixtures"))
+    p.add_argument("--mmdet", default="", help="state_dicts: a folder holding mmdet 2.x (ARS-DETR's)")
+    p.add_argument("--deps", default="", help="state_dicts: a folder of mmcv's pure-Python dependencies (pip --target)")
+    if "--build-detector" in sys.argv:  # the child process of `state_dicts`
+        c = argparse.ArgumentParser()
+        c.add_argument("--build-detector")
+        c.add_argument("--paths", nargs="+")
+        c.add_argument("--mmcv-version")
+        a = c.parse_args()
+        print(json.dumps(build_official_detector(a.build_detector, a.paths, a.mmcv_version)))
+        return
     args = p.parse_args()
     repos = {"sm3det": args.sm3det, "mutdet": args.mutdet, "ars-detr": args.ars_detr, "mmcv": args.mmcv}
     fixtures = Path(args.out)
@@ -466,13 +551,16 @@ def main():
     parts = dict(internvit=lambda: internvit(repos, out), chatml=lambda: chatml(repos, out, fixtures),
                  ar_csl=lambda: ar_csl(repos, out), sampling_locations=lambda: sampling_locations(repos, out),
                  denoising=lambda: denoising(repos, out), two_way=lambda: two_way(repos, out),
-                 topk_selection=lambda: topk_selection(repos, out), vit_adapter=lambda: vit_adapter(repos, out))
+                 topk_selection=lambda: topk_selection(repos, out), vit_adapter=lambda: vit_adapter(repos, out),
+                 state_dicts=lambda: state_dicts(repos, fixtures, args.mmdet, args.deps))
     if args.only:
         from safetensors.torch import load_file
         out.update(load_file(str(fixtures / "official.safetensors")))
     for name, record in parts.items():
         if not args.only or name in args.only:
             record()
+    if args.only == ["state_dicts"]:  # a JSON of its own; the tensors file stays as it is
+        return
     from safetensors.torch import save_file
     meta = {"commits": json.dumps(COMMITS), "files": json.dumps(FILES), "torch": torch.__version__}
     save_file({k: v.detach().contiguous() for k, v in out.items()}, str(fixtures / "official.safetensors"), meta)
