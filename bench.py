@@ -575,9 +575,13 @@ def _tiny_models(quick: bool) -> dict:
     import train
     root = datasets.make_synthetic("data/synthsoi", **(QUICK_SYNTH if quick else {}))
     small = dict(image_size=64) if quick else {}
+    # the work is pinned, not read from the presets, so that another commit's code (--baseline) does the same:
+    # babelrs-tiny as tiny protocol v3 runs it (the adapter at 192 px, patch 16)
+    pinned = {"tiny": {}, "babelrs-tiny": dict(vit_pyramid="adapter", vit_patch=16, image_size=192)}
     out = {}
     for name, preset in (("finetune tiny", "tiny"), ("finetune babelrs-tiny", "babelrs-tiny")):
-        cfg = dataclasses.replace(train.FINETUNE_PRESETS[preset], resnet="", init="", **small)
+        cfg = dataclasses.replace(train.FINETUNE_PRESETS[preset], resnet="", init="", **{**pinned[preset], **small})
+        torch.manual_seed(0)
         mods = cfg.synth_modalities
         splits = [datasets.load_detection_split(root / m / "train", m) for m in mods]
         for i, s in enumerate(splits):
@@ -593,6 +597,7 @@ def _tiny_models(quick: bool) -> dict:
         out[name] = (model, batches.__getitem__, loss)
     import mutdet
     mcfg = dataclasses.replace(train.MUTDET_PRESETS["tiny"], resnet="", **small)
+    torch.manual_seed(0)
     pre = mutdet.build_pretrainer(mcfg, [f"c{i}" for i in range(16)], mcfg.dim).train()
 
     def mutdet_batch(k):
@@ -605,6 +610,7 @@ def _tiny_models(quick: bool) -> dict:
     records = babelrs.read_instruction_meta(root / "instructions" / "meta.json")
     import tempfile
     tok = babelrs.load_tokenizer(Path(tempfile.mkdtemp()), records, "", cfg.vocab_size)
+    torch.manual_seed(0)
     vit = babelrs.ViT(cfg.vit_dim, cfg.vit_depth, cfg.vit_heads, cfg.patch, cfg.image_size)
     llm = babelrs.build_llm("", len(tok), cfg.llm_dim, cfg.llm_layers, cfg.llm_heads, cfg.llm_kv_heads, cfg.llm_ffn)
     csia = babelrs.CSIA(vit, llm, tok.convert_tokens_to_ids(babelrs.IMG_CONTEXT), cfg.merge, tuple(cfg.layers), cfg.tau)
@@ -616,26 +622,21 @@ def _tiny_models(quick: bool) -> dict:
     return out
 
 
-def bench_tiny(args):
-    """Every tiny step, part by part (data, model forward, matching, losses, backward, optimizer), with its
-    FLOPs (torch.utils.flop_counter) as GFLOP/s and as a fraction of this machine's float32 matrix-product
-    rate measured in the same run; and one evaluation pass of the tiny finetune model."""
+def _time_tiny(quick: bool, repeat: int) -> dict:
+    """Every tiny step timed part by part over `repeat` warm steps (medians), its FLOPs counted once, the
+    matmul rate of this moment, and one evaluation pass of the tiny finetune model."""
     import eval as evaluation
     from torch.utils.flop_counter import FlopCounterMode
-    peak = _matmul_gflops(512 if args.quick else 2048)
-    print(f"tiny steps, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}; float32 matmul: {peak:.1f} GFLOP/s")
     parts = ("data", "forward", "matching", "losses", "backward", "optimizer")
-    print(f"  {'step':<36}{'s/step':>8}{'GFLOP':>8}{'GFLOP/s':>9}{'of matmul':>10}  " + "  ".join(f"{p:>9}" for p in parts))
-    results = {}
-    for name, (model, batch, loss_fn) in _tiny_models(args.quick).items():
+    results = dict(matmul_gflops=_matmul_gflops(512 if quick else 2048), threads=torch.get_num_threads(), steps={})
+    for name, (model, batch, loss_fn) in _tiny_models(quick).items():
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         with FlopCounterMode(display=False) as counter:  # FLOPs of forward + backward, counted once
             loss_fn(model, batch(0)).backward()
         opt.zero_grad(set_to_none=True)
         flops = counter.get_total_flops()
         times = []
-        for k in range(1 + args.repeat):  # the first step warms up
+        for k in range(1 + repeat):  # the first step warms up
             t = dict.fromkeys(parts, 0.0)
             t0 = time.perf_counter()
             b = batch(k)
@@ -658,27 +659,134 @@ def bench_tiny(args):
         med = {p: float(np.median([t[p] for t in times[1:]])) for p in parts}
         total = sum(med.values())
         rate = flops / 1e9 / total
-        results[name] = dict(seconds=total, gflop=flops / 1e9, gflops_per_s=rate, of_matmul=rate / peak, parts=med)
-        print(f"  {name:<36}{total:8.2f}{flops / 1e9:8.1f}{rate:9.2f}{rate / peak:10.1%}  "
-              + "  ".join(f"{med[p]:9.3f}" for p in parts))
+        results["steps"][name] = dict(seconds=total, gflop=flops / 1e9, gflops_per_s=rate,
+                                      of_matmul=rate / results["matmul_gflops"], parts=med)
     # one evaluation pass: the tiny finetune model over SynthSOI-RGB's test split
     import datasets
     import train
-    root = datasets.make_synthetic("data/synthsoi", **(QUICK_SYNTH if args.quick else {}))
-    cfg = dataclasses.replace(train.FINETUNE_PRESETS["tiny"], resnet="", **(dict(image_size=64) if args.quick else {}))
+    root = datasets.make_synthetic("data/synthsoi", **(QUICK_SYNTH if quick else {}))
+    cfg = dataclasses.replace(train.FINETUNE_PRESETS["tiny"], resnet="", **(dict(image_size=64) if quick else {}))
     split = datasets.load_detection_split(root / "rgb" / "test", "rgb")
     import babelrs
+    torch.manual_seed(0)
     det = babelrs.build_detector(**train.model_args(cfg, [dict(modality="rgb", classes=split.classes, box_type="obb")]))
     src = dict(modality="rgb", classes=split.classes, box_type="obb", test=str(root / "rgb" / "test"),
                image_size=cfg.image_size)
     t0 = time.perf_counter()
     evaluation.evaluate_model(det.eval(), [src], progress=False)
-    t_eval = time.perf_counter() - t0
-    print(f"  one evaluation pass of the tiny finetune model ({len(split)} test images): {t_eval:.2f} s")
-    results["evaluation"] = dict(seconds=t_eval, images=len(split))
+    results["evaluation"] = dict(seconds=time.perf_counter() - t0, images=len(split))
+    return results
+
+
+def _losses_tiny(quick: bool, steps: int = 3) -> dict:
+    """{step: [loss of each of `steps` optimizer steps]} from seeded weights and batches: what the speed
+    work must leave unchanged (tests/fixtures/tiny_losses.json, recorded at TINY_BASELINE)."""
+    out = {}
+    for name, (model, batch, loss_fn) in _tiny_models(quick).items():
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        out[name] = []
+        for k in range(steps):
+            torch.manual_seed(k)  # the draws inside a step (denoising queries) do not depend on what ran before
+            loss = loss_fn(model, batch(k))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            out[name].append(loss.item())
+    return out
+
+
+TINY_BASELINE = "56863ae"  # issue 29's "today": the code before its speed work (results/tiny_profile.json)
+
+
+def _in_tree(tree: Path, argv: list, cwd: Path = None) -> dict:
+    """Run this file's `argv` in a child process whose project modules come from `tree` (this checkout, or
+    another commit's code unpacked by `_baseline_tree`), in the folder `cwd` (default this checkout's;
+    data/synthsoi is written there); returns the JSON the child wrote."""
+    import subprocess
+    import sys
+    import tempfile
+    out = Path(tempfile.mkdtemp()) / "child.json"
+    code = (f"import sys, runpy; sys.path.insert(0, {str(tree)!r}); sys.argv = {['bench.py'] + argv + ['--child', str(out)]!r}; "
+            f"runpy.run_path({str(Path(__file__).resolve())!r}, run_name='__main__')")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=cwd or Path(__file__).resolve().parent)
+    return json.loads(out.read_text())
+
+
+def _baseline_tree(commit: str) -> Path:
+    """The project's files at `commit` (git archive), unpacked once into the temp folder."""
+    import subprocess
+    import tempfile
+    here = Path(__file__).resolve().parent
+    full = subprocess.run(["git", "-C", str(here), "rev-parse", commit], capture_output=True, text=True, check=True).stdout.strip()
+    tree = Path(tempfile.gettempdir()) / f"bench-baseline-{full[:12]}"
+    if not (tree / "bench.py").exists():
+        part = Path(tempfile.mkdtemp(dir=tempfile.gettempdir()))
+        archive = subprocess.run(["git", "-C", str(here), "archive", full], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "x", "-C", str(part)], input=archive, check=True)
+        part.rename(tree)
+    return tree
+
+
+def bench_tiny(args):
+    """Every tiny step, part by part (data, model forward, matching, losses, backward, optimizer), with its
+    FLOPs (torch.utils.flop_counter) as GFLOP/s and as a fraction of this machine's float32 matrix-product
+    rate measured in the same run; and one evaluation pass of the tiny finetune model. With `--baseline
+    COMMIT`: that commit's code and this one's, each in its own child process, alternating for `--rounds`
+    rounds, and the speed-up of every step (medians over the rounds)."""
+    if args.child:  # a child of --baseline: measure with the modules the parent put first on the path
+        result = _losses_tiny(args.quick) if args.losses else _time_tiny(args.quick, args.repeat)
+        Path(args.child).write_text(json.dumps(result))
+        return
+    here = Path(__file__).resolve().parent
+    argv = ["tiny", "--threads", str(args.threads), "--repeat", str(args.repeat)] + (["--quick"] if args.quick else [])
+    if args.losses:  # the losses of TINY_BASELINE's code (or --baseline's) on the quick workloads, as the fixture
+        import tempfile  # a fresh folder: the quick SynthSOI written anew, as the test does
+        losses = _in_tree(_baseline_tree(args.baseline or TINY_BASELINE), argv + ["--losses", "child"],
+                          cwd=Path(tempfile.mkdtemp()))
+        Path(args.losses).write_text(json.dumps(dict(commit=args.baseline or TINY_BASELINE, quick=args.quick,
+                                                     threads=args.threads, losses=losses), indent=1) + "\n")
+        print(f"losses of {args.baseline or TINY_BASELINE} written to {args.losses}")
+        return
+    if not args.baseline:
+        rounds = [("now", _time_tiny(args.quick, args.repeat))]
+    else:
+        tree = _baseline_tree(args.baseline)
+        rounds = []
+        for _ in range(args.rounds):  # alternate, so that a change of the machine's load hits both alike
+            rounds += [("baseline", _in_tree(tree, argv)), ("now", _in_tree(here, argv))]
+    now = [r for k, r in rounds if k == "now"]
+    base = [r for k, r in rounds if k == "baseline"]
+    peak = float(np.median([r["matmul_gflops"] for _, r in rounds]))
+    print(f"tiny steps, torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}; "
+          f"float32 matmul: {peak:.1f} GFLOP/s" + (f"; against {args.baseline}, median of {args.rounds} alternating "
+                                                   "rounds" if base else ""))
+    parts = ("data", "forward", "matching", "losses", "backward", "optimizer")
+    print(f"  {'step':<36}{'s/step':>8}{'GFLOP':>8}{'GFLOP/s':>9}{'of matmul':>10}" + (f"{'baseline':>10}{'speed-up':>9}"
+          if base else "") + "  " + "  ".join(f"{p:>9}" for p in parts))
+    summary = dict(matmul_gflops=peak, threads=args.threads, baseline=args.baseline or None, steps={})
+    for name in now[0]["steps"]:
+        s = float(np.median([r["steps"][name]["seconds"] for r in now]))
+        gflop = now[0]["steps"][name]["gflop"]
+        row = dict(seconds=s, gflop=gflop, gflops_per_s=gflop / s, of_matmul=gflop / s / peak,
+                   parts={p: float(np.median([r["steps"][name]["parts"][p] for r in now])) for p in parts})
+        line = f"  {name:<36}{s:8.3f}{gflop:8.1f}{gflop / s:9.2f}{gflop / s / peak:10.1%}"
+        if base:
+            b = float(np.median([r["steps"][name]["seconds"] for r in base]))
+            row.update(baseline_seconds=b, speedup=b / s)
+            line += f"{b:10.3f}{b / s:8.2f}x"
+        summary["steps"][name] = row
+        print(line + "  " + "  ".join(f"{row['parts'][p]:9.3f}" for p in parts))
+    e = float(np.median([r["evaluation"]["seconds"] for r in now]))
+    summary["evaluation"] = dict(seconds=e, images=now[0]["evaluation"]["images"])
+    line = f"  one evaluation pass of the tiny finetune model ({now[0]['evaluation']['images']} test images): {e:.2f} s"
+    if base:
+        b = float(np.median([r["evaluation"]["seconds"] for r in base]))
+        summary["evaluation"].update(baseline_seconds=b, speedup=b / e)
+        line += f" (baseline {b:.2f} s, {b / e:.2f}x)"
+    print(line)
     if not args.quick:
-        path = Path(__file__).resolve().parent / "results" / "tiny_profile.json"
-        path.write_text(json.dumps(dict(matmul_gflops=peak, threads=torch.get_num_threads(), steps=results), indent=2) + "\n")
+        path = here / "results" / ("tiny_speed.json" if base else "tiny_profile.json")
+        path.write_text(json.dumps(summary, indent=2) + "\n")
         print(f"written to {path}")
 
 
@@ -1169,6 +1277,12 @@ def main(argv=None):
     q.set_defaults(fn=bench_paper)
     q = sub.add_parser("tiny", parents=[common], help="every tiny step part by part, against this CPU's matmul rate")
     q.add_argument("--repeat", type=int, default=3, help="timed steps after one warm-up step")
+    q.add_argument("--baseline", default="", metavar="COMMIT", help=f"also time COMMIT's code in the same run, "
+                   f"alternating with this one (issue 29's baseline: {TINY_BASELINE}); results/tiny_speed.json")
+    q.add_argument("--rounds", type=int, default=3, help="--baseline: alternating rounds of both")
+    q.add_argument("--losses", default="", metavar="JSON", help="write the losses of 3 seeded steps of every tiny "
+                   "step under --baseline's code (default TINY_BASELINE) to JSON (the fixture of the same-results test)")
+    q.add_argument("--child", default="", help=argparse.SUPPRESS)
     q.set_defaults(fn=bench_tiny)
     q = sub.add_parser("gpu", parents=[common], help="the prepared GPU check: correctness on the device, a tiny row, "
                        "the paper presets' step costs, the peers (results/gpu/<device>.json and .md)")

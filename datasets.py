@@ -29,6 +29,7 @@ import math
 import os
 import random
 import re
+import shutil
 import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -1272,7 +1273,7 @@ def _instructions(objects, modality, image_rel, size):
 SYNTH_VERSION = 2  # 2: SAR and IR made harder than RGB (2-look speckle; low thermal contrast), as in SOI-Det
 
 
-def make_synthetic(root, n_train=48, n_test=16, size=256, max_objects=8, seed=0, modalities=("rgb", "sar", "ir")) -> Path:
+def make_synthetic(root, n_train=48, n_test=None, size=256, max_objects=8, seed=0, modalities=("rgb", "sar", "ir")) -> Path:
     """Write SynthSOI, the embedded default data set, under `root` and return it.
 
     Layout (the official ones): `rgb/{train,test}/{images,labelTxt}` (DOTA txt, oriented),
@@ -1282,7 +1283,8 @@ def make_synthetic(root, n_train=48, n_test=16, size=256, max_objects=8, seed=0,
     (ship, plane, vehicle, tank, bridge, harbor) are shared across modalities, each with its own
     shape, so a detector learns them quickly. meta.json holds absolute paths (the official loader
     opens annotations from the working folder). Deterministic from `seed`; a finished data set
-    (marked by `root/.complete`) is not written again.
+    (marked by `root/.complete`) is not written again. `n_test=None` keeps the test split a finished
+    data set has (16 images a modality when new; the tiny protocol v3 writes 200, whose first 16 are these).
     """
     root = Path(root)
     with folder_lock(root):  # two processes asking at once: the second waits, then finds it complete
@@ -1291,8 +1293,13 @@ def make_synthetic(root, n_train=48, n_test=16, size=256, max_objects=8, seed=0,
 
 def _write_synthetic(root: Path, n_train, n_test, size, max_objects, seed, modalities) -> Path:
     marker = root / ".complete"
-    wanted = json.dumps(dict(version=SYNTH_VERSION, n_train=n_train, n_test=n_test, size=size, max_objects=max_objects, seed=seed,
-                             modalities=list(modalities), root=str(root.resolve())))  # meta.json holds absolute paths
+    def wanted_for(n):  # meta.json holds absolute paths, so the root is part of what was written
+        return json.dumps(dict(version=SYNTH_VERSION, n_train=n_train, n_test=n, size=size, max_objects=max_objects,
+                               seed=seed, modalities=list(modalities), root=str(root.resolve())))
+    if n_test is None:  # the test split of a finished data set of the same settings, else 16
+        kept = json.loads(marker.read_text()).get("n_test") if marker.exists() else None
+        n_test = kept if kept is not None and marker.read_text() == wanted_for(kept) else 16
+    wanted = wanted_for(n_test)
     if marker.exists() and marker.read_text() == wanted:
         return root
     meta = {}
@@ -1302,6 +1309,7 @@ def _write_synthetic(root: Path, n_train, n_test, size, max_objects, seed, modal
         for split, n in (("train", n_train), ("test", n_test)):
             rng = random.Random(seed * 1000 + m_index * 10 + (split == "test"))
             out = root / modality / split
+            shutil.rmtree(out, ignore_errors=True)  # a rewrite with another split size leaves no stale images
             (out / "images").mkdir(parents=True, exist_ok=True)
             coco = dict(images=[], annotations=[], categories=[{"id": k + 1, "name": c} for k, c in enumerate(classes)])
             for i in range(n):

@@ -889,7 +889,12 @@ SHARED_RUNS = ("sam", "sam-random", "sam-selective")  # runs every seed shares (
 #                                                         MutDet's released one)
 MERGES = ("last", "concat", "sum", "per-layer", "lvsa")  # BabelRS Tab. 5 rows: baseline, (a), (b), (c), (d)
 SWEEPS = ("babelrs-table3", "babelrs-table4", "babelrs-table5", "babelrs-fig6", "mutdet-table2", "mutdet-10pct",
-          "mutdet-table3", "mutdet-proposals", "tiny-checks")
+          "mutdet-table3", "mutdet-proposals", "tiny-checks", "tiny-pilot")
+# Tiny protocol v3 (docs/tiny-protocol-v3.md): 200 test images a modality (the first 16 are version 2's),
+# and the learning-curve pilot of the stand-in rows: complete schedules of these lengths (steps)
+TINY_V3_SYNTH, TINY_V3_TEST = "data/synthsoi-v3", 200
+PILOT_LENGTHS = {"babelrs": (144, 288, 576, 1152), "mutdet": (200, 400, 800, 1600)}
+PILOT_METRICS = {"babelrs": ("overall_map", "h_map"), "mutdet": ("voc07_ap50", "voc07_ap75")}  # primary first
 # MutDet Tab. 3 is scored by the DOTA-v1.0 server: its fine-tuned rows predict on the full test scenes
 DATA_STAGES = {"babelrs": ("csia", "finetune"), "mutdet": ("sam", "finetune"), "tiny": ()}  # stages that read real data
 SUBMISSION = "dota-test"  # folder of each fine-tuned row holding drawings, Task1 files and submission.zip
@@ -1007,9 +1012,61 @@ def sweep_runs(name: str, scale: str, extra: dict, amp: str = "fp16") -> list:
         add("ft-generic-off-long", vit + ["--max-steps", str(2 * TINY_FINETUNE_STEPS)])
         add("ft-none-data1.0", r18)  # shared with MutDet Tab. 2
         add("ft-random-data1.0", r18 + ["--resnet", ""])
+    elif name == "tiny-pilot":  # v3: the stand-in rows at complete schedules of PILOT_LENGTHS, never a treatment row
+        if not tiny:
+            raise SystemExit("--sweep tiny-pilot: the learning-curve pilot of the tiny protocol (--scale tiny)")
+        v3 = ["--synth_root", TINY_V3_SYNTH, "--image_size", str(TINY_IMAGE), "--ckpt_every", "48"]
+        for steps in PILOT_LENGTHS["babelrs"]:  # 36 steps an epoch (3 x 48 images, batch 4): 4-32 of 12 epochs
+            add(f"pilot-babelrs-{steps}", ["--stage", "finetune", "--preset", "babelrs-tiny"] + v3
+                + _cut(steps // 36, 12, [8, 11]) + extra["finetune"])
+        for steps in PILOT_LENGTHS["mutdet"]:  # 12 steps an epoch (48 images, batch 4); the lr step at 36 of 40
+            add(f"pilot-mutdet-{steps}", ["--stage", "finetune", "--preset", "tiny"] + v3
+                + _cut(-(-steps // 12), 40, [36]) + ["--max-steps", str(steps)] + extra["finetune"])
     else:
         raise SystemExit(f"--sweep {name}: choose one of {', '.join(SWEEPS)}")
     return runs
+
+
+def format_pilot(runs: list) -> tuple:
+    """(markdown, csv) of the learning-curve pilot: per row and length the primary metric and the second
+    one (mean ± SD over seeds, %), what doubling the length moves the primary by (paired over seeds),
+    and the length the tables use: the shortest L where doubling moves the primary metric by less than
+    its seed SD at L, else the longest (labelled still rising)."""
+    values = {}  # (row, length) -> {seed: (primary, second)}
+    for run in runs:
+        f = run_facts(run)
+        kind, length = Path(run).name.split("-")[1], int(seed_group(Path(run).name).split("-")[2])
+        m = f["metrics"]
+        if m is None:
+            continue
+        src = m if kind == "babelrs" else next(iter(m["sources"].values()))
+        values.setdefault((kind, length), {})[f["seed"]] = tuple(100 * src.get(k, NAN) for k in PILOT_METRICS[kind])
+    md, csv = [], ["row,steps,seed,primary,second"]
+    for kind, lengths in PILOT_LENGTHS.items():
+        primary, second = PILOT_METRICS[kind]
+        md += [f"**{kind}** stand-in row: {primary} (primary) and {second}, %, mean ± SD over seeds", "",
+               f"| steps | seeds | {primary} | {second} | doubling moves {primary} by (paired) |", "|---|---|---|---|---|"]
+        chosen = None
+        for i, L in enumerate(lengths):
+            cur = values.get((kind, L), {})
+            a = np.array([v[0] for v in cur.values()])
+            b = np.array([v[1] for v in cur.values()])
+            sd = float(np.std(a, ddof=1)) if len(a) > 1 else NAN
+            move = ""
+            nxt = values.get((kind, lengths[i + 1]), {}) if i + 1 < len(lengths) else {}
+            common = sorted(set(cur) & set(nxt))
+            if len(common) > 1:
+                d = float(np.mean([nxt[k][0] - cur[k][0] for k in common]))
+                move = f"{d:+.2f} ({'less' if abs(d) < sd else 'not less'} than the SD {sd:.2f})"
+                chosen = chosen or (L if abs(d) < sd else None)
+            md.append(f"| {L} | {len(a)} | {_mean_std(a.mean(), sd, len(a)) if len(a) else '-'} | "
+                      f"{_mean_std(b.mean(), float(np.std(b, ddof=1)) if len(b) > 1 else NAN, len(b)) if len(b) else '-'} | {move} |")
+            csv += [f"{kind},{L},{k},{v[0]:.4f},{v[1]:.4f}" for k, v in sorted(cur.items())]
+        done = all(len(values.get((kind, L), {})) > 1 for L in lengths)
+        md += ["", f"Length for the tables: **{chosen}** steps" if chosen else
+               f"Length for the tables: **{lengths[-1]}** steps, still rising" if done else "Length: not decided yet "
+               "(runs missing)", ""]
+    return "\n".join(md) + "\n", "\n".join(csv) + "\n"
 
 
 STEP_COSTS = {"tiny": "results/tiny_step.json", "paper": "results/paper_step.json"}  # bench.py paper writes them
@@ -1093,7 +1150,7 @@ def run_sweep(argv) -> int:
     p.add_argument("--scale", choices=["tiny", "1gpu", "paper"], default="tiny",
                    help="tiny: this CPU; 1gpu: paper models and data, schedules cut to about 12 GPU-hours a row "
                         "(ONE_GPU); paper: the papers' schedules")
-    p.add_argument("--runs", default="", help="folder of the sweep's runs (default runs/<scale>)")
+    p.add_argument("--runs", default="", help="folder of the sweep's runs (default runs/<scale>; tiny: runs/tiny-v3)")
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun --nproc_per_node)")
     p.add_argument("--seeds", type=int, default=0, help=f"runs of every row, seeds 0..N-1, in folders <run>-seed<k> "
                    f"(default {TINY_SEEDS} at tiny scale, else 1); the table gives mean ± std and the orderings")
@@ -1116,7 +1173,7 @@ def run_sweep(argv) -> int:
     for stage in ("csia", "finetune", "sam", "mutdet"):
         p.add_argument(f"--{stage}-args", default="", help=f"extra arguments of every {stage} run (quoted)")
     args = p.parse_args(argv)
-    root = Path(args.runs or f"runs/{args.scale}")
+    root = Path(args.runs or ("runs/tiny-v3" if args.scale == "tiny" else f"runs/{args.scale}"))  # v3: beside v2
     weights = []
     for w in args.weights:
         family, sep, path = w.partition(":")
@@ -1142,7 +1199,9 @@ def run_sweep(argv) -> int:
             print(f"{folder:<36} {run_status(root / folder)}")
         return 0
     launch = [sys.executable] if args.nproc == 1 else ["torchrun", f"--nproc_per_node={args.nproc}"]
-    if args.scale == "tiny" and not args.dry_run:  # the stand-ins every seed starts from, built once (train.standin)
+    if args.scale == "tiny" and not args.dry_run and any(TINY_V3_SYNTH in argv for _, argv in runs):
+        datasets.make_synthetic(TINY_V3_SYNTH, n_test=TINY_V3_TEST)  # v3: 200 test images a modality
+    if args.scale == "tiny" and not args.dry_run:  # the shipped stand-ins every seed starts from: missing is an error now
         for model in {"babelrs": ("vit",), "mutdet": ("resnet18",)}.get(args.sweep.split("-")[0], ("vit", "resnet18")):
             train.standin("fractal", model)
     for folder, run_argv in runs:
@@ -1200,6 +1259,12 @@ def run_sweep(argv) -> int:
                   "(upload each to the evaluation server; Tab. 3 reports its mAP)")
         return 0
     if args.dry_run:
+        return 0
+    if args.sweep == "tiny-pilot":
+        text, csv = format_pilot([root / f for f, _ in runs])
+        datasets.atomic_write_text(root / f"{args.sweep}.csv", csv)
+        datasets.atomic_write_text(root / f"{args.sweep}.md", text)
+        print(text)
         return 0
     if args.sweep == "tiny-checks":
         text = format_tiny_checks([root / f for f, _ in runs])

@@ -200,8 +200,10 @@ class FinetuneConfig:
 
 FINETUNE_PRESETS = {
     "tiny": FinetuneConfig(resnet="fractal", frozen_bn=True),  # a pretrained backbone keeps its statistics (paper: True)
-    # BabelRS joint fine-tuning on SynthSOI's three modalities, the ViT of a tiny csia run
-    "babelrs-tiny": FinetuneConfig(synth_modalities=["sar", "rgb", "ir"], source_ratio=[2, 1, 1],
+    # BabelRS joint fine-tuning on SynthSOI's three modalities, the ViT of a tiny csia run, on the official
+    # pyramid (ViT-Adapter) at the ViT stand-in's grid: 192 px, patch 16 (tiny protocol v3)
+    "babelrs-tiny": FinetuneConfig(synth_modalities=["sar", "rgb", "ir"], source_ratio=[2, 1, 1], image_size=192,
+                                   vit_patch=16, vit_pyramid="adapter",
                                    loss_weights=[1.0, 1.5, 1.0], backbone="vit", init="fractal", batch_size=4,
                                    global_batch=4, epochs=12,
                                    lr_steps=[8, 11], warmup=50, weight_decay=0.05),
@@ -1184,10 +1186,12 @@ def mutdet_stage(cfg: MutDetConfig) -> int:
 # embeddings; BabelRS: InternVL2.5). The hub is not reachable at run time, and random weights leave
 # pre-training nothing to transfer, so the tiny presets start from FractalDB-style pre-training
 # (datasets.render_fractals): generic visual features learned from formulas alone. Each tiny
-# preset's weight field holds "fractal" and resolves to STANDINS/<model>/<model>.safetensors, built on
-# first use (standin). An empty value is random init.
+# preset's weight field holds "fractal" and resolves to the shipped half-precision file
+# STANDINS/fractal-<model>.safetensors, built once by `--stage fractal --preset <model> --ship`
+# (its record, fractal-<model>.json: the command, commit, SHA-256, accuracy, first losses). Nothing
+# builds one at first use. An empty value is random init.
 
-STANDINS = "data/fractal"  # where the stand-ins are built and kept
+STANDINS = str(Path(__file__).resolve().parent / "weights")  # the shipped stand-ins
 
 
 @dataclass
@@ -1217,17 +1221,18 @@ class FractalConfig:
     out: str = ""  # run folder; default data/fractal/<model>
     resume: str = ""  # run folder to continue
     ckpt_every: int = 100  # steps between checkpoints (and one at the end)
+    ship: bool = False  # at the end, also write the half-precision stand-in the tiny presets load (STANDINS)
 
 
 FRACTAL_PRESETS = {
-    "tiny": FractalConfig(),  # ResNet-18: about 8.5 min here (STANDIN_PRESETS: the ViT, about 6 min)
+    "tiny": FractalConfig(),  # the ResNet-18 stand-in: about 8.5 min here
+    # the ViT stand-in at the token grid fine-tuning uses (192 px, patch 16: 12 x 12; tiny protocol v3's gate)
+    "vit": FractalConfig(model="vit", image_size=192, vit_patch=16, steps=2400, ckpt_every=200),
     # FractalDB-1k: 1000 categories, ResNet-50 at 224 px, 90 epochs of 1M images at batch 256
     "paper": FractalConfig(model="resnet50", classes=1000, image_size=224, batch_size=256, steps=351_000, lr=1e-3,
                            vit_dim=1024, vit_depth=24, vit_heads=16, vit_patch=14, ckpt_every=5000, workers=4),
 }
-# the tiny stand-in of each model: the ViT trains on 64-px images (8 x 8 patches) for more, cheaper steps
-STANDIN_PRESETS = {"resnet18": FRACTAL_PRESETS["tiny"],
-                   "vit": dataclasses.replace(FRACTAL_PRESETS["tiny"], model="vit", image_size=64, steps=500)}
+STANDIN_PRESETS = {"resnet18": "tiny", "vit": "vit"}  # the fractal preset that builds each shipped stand-in
 
 
 def fractal_model(cfg: FractalConfig) -> torch.nn.Module:
@@ -1293,33 +1298,43 @@ def fractal_stage(cfg: FractalConfig) -> int:
             held_out_top1=accuracy, chance=1 / cfg.classes, images=cfg.test_batches * cfg.batch_size)) + "\n")
         print(f"fractal: held-out top-1 {100 * accuracy:.1f} % ({cfg.classes} categories, chance "
               f"{100 / cfg.classes:.1f} %); weights {run / (cfg.model + '.safetensors')}")
+        if cfg.ship:
+            ship_standin(run, model, systems, cfg, device)
     shutdown_distributed()
     return status
 
 
+def ship_standin(run: Path, model, systems, cfg: FractalConfig, device) -> None:
+    """STANDINS/fractal-<model>.safetensors (half precision) and its record: the build command and
+    commit, the SHA-256, the held-out top-1 of the half-precision weights, and the first 3 losses
+    (a test rebuilds those steps)."""
+    import hashlib
+    path = Path(STANDINS) / f"fractal-{cfg.model}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    datasets.save_tensors_atomic(path, {k: v.half() for k, v in standin_state(model, cfg).items()})
+    with torch.no_grad():  # what a user gets: the weights rounded to half precision
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    config = json.loads((run / "config.json").read_text())
+    datasets.atomic_write_text(path.with_suffix(".json"), json.dumps(dict(
+        command=f"python train.py --stage fractal --preset {STANDIN_PRESETS[cfg.model]} --ship",
+        commit=config.get("commit", ""), sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        held_out_top1_half=fractal_accuracy(model, systems, cfg, device), first_losses=[r["loss"] for r in log[:3]],
+        steps=cfg.steps, threads=config.get("machine", {}).get("threads"),
+        settings={k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "resume", "ship")}), indent=2) + "\n")
+    print(f"fractal: shipped {path} and its record {path.with_suffix('.json').name}")
+
+
 def standin(value: str, model: str) -> str:
-    """A weight field's value: "fractal" -> the stand-in file of `model`, built now if it is not there
-    (minutes, once; every later run reuses it); anything else is returned as it is."""
+    """A weight field's value: "fractal" -> the shipped stand-in file of `model`; anything else as it is."""
     if value != "fractal":
         return value
-    path = Path(STANDINS) / model / f"{model}.safetensors"
-    if path.exists():
-        return str(path)
-    if model not in STANDIN_PRESETS:
-        raise datasets.DatasetError(f"'fractal': there is no tiny {model} stand-in; train one with python train.py "
-                                    f"--stage fractal --preset paper --model {model} and pass its .safetensors file")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # built by one process, before torchrun
-        raise datasets.DatasetError(f"{path}: the {model} stand-in is not built; run python train.py --stage fractal "
-                                    f"--model {model} once (one process), or pass an empty value for random init")
-    run = path.parent
-    with datasets.folder_lock(run):  # two runs asking at once: one builds, the other waits and reuses it
-        if path.exists():
-            return str(path)
-        print(f"building the formula-driven stand-in of the {model} in {run} (once, minutes; an empty value "
-              "instead of 'fractal' is random init)", flush=True)
-        cfg = dataclasses.replace(STANDIN_PRESETS[model], out=str(run), resume=str(run) if checkpoint_pair(run) else "")
-        if fractal_stage(cfg) != 0 or not path.exists():
-            raise datasets.DatasetError(f"{path}: building the {model} stand-in stopped; rerun to continue it")
+    path = Path(STANDINS) / f"fractal-{model}.safetensors"
+    if not path.exists():
+        how = (f"build it with python train.py --stage fractal --preset {STANDIN_PRESETS[model]} --ship"
+               if model in STANDIN_PRESETS else "pass a weight file")
+        raise datasets.DatasetError(f"{path}: no {model} stand-in; {how}, or give an empty value for random init")
     return str(path)
 
 

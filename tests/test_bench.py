@@ -28,3 +28,19 @@ def test_gpu_check_dry_run(tmp_path, monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs a CUDA device"):
             bench.main(["gpu", "--threads", "2"])
+
+
+def test_the_tiny_steps_compute_what_the_baseline_computed(tmp_path, monkeypatch):
+    """The speed work of the tiny steps leaves the numbers alone: 3 seeded optimizer steps of every tiny
+    step (quick sizes) give the losses that the baseline's code gave (`bench.TINY_BASELINE`, recorded in
+    its own process by `bench.py tiny --quick --losses tests/fixtures/tiny_losses.json`), to float32
+    rounding."""
+    import json
+    from pathlib import Path
+    record = json.loads((Path(__file__).parent / "fixtures" / "tiny_losses.json").read_text())
+    assert record["commit"] == bench.TINY_BASELINE and record["quick"]
+    monkeypatch.chdir(tmp_path)  # the quick SynthSOI goes to tmp_path/data
+    now = bench._losses_tiny(quick=True)
+    assert now.keys() == record["losses"].keys()
+    for name, losses in now.items():
+        assert losses == pytest.approx(record["losses"][name], rel=1e-5), name

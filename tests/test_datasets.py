@@ -216,3 +216,19 @@ def test_make_synthetic_layout_determinism_and_tight_boxes(tmp_path):
     for b in item["boxes"]:
         x, y = int(b[0]), int(b[1])
         assert (img[:, y, x] - img[:, 2, 2]).abs().sum() > 60
+
+
+def test_a_larger_synthetic_test_split_extends_the_small_one(tmp_path):
+    """Tiny protocol v3 scores on 200 test images a modality: its first ones are the 16 of the default
+    split, a later call without n_test keeps what is there, and a rewrite leaves no stale images."""
+    small = D.make_synthetic(tmp_path / "small", n_train=2, n_test=2, size=64, modalities=("rgb",))
+    large = D.make_synthetic(tmp_path / "large", n_train=2, n_test=5, size=64, modalities=("rgb",))
+    for rel in ("rgb/test/labelTxt/rgb_test_0001.txt", "rgb/test/images/rgb_test_0001.png",
+                "rgb/train/labelTxt/rgb_train_0001.txt"):
+        assert (small / rel).read_bytes() == (large / rel).read_bytes()
+    D.make_synthetic(tmp_path / "large", n_train=2, size=64, modalities=("rgb",))  # n_test=None: as written
+    assert len(D.load_detection_split(large / "rgb" / "test", "rgb")) == 5
+    D.make_synthetic(tmp_path / "large", n_train=2, n_test=3, size=64, modalities=("rgb",))
+    assert len(list((large / "rgb" / "test" / "images").iterdir())) == 3
+    D.make_synthetic(tmp_path / "large", n_train=3, size=64, modalities=("rgb",))  # other settings: 16 again
+    assert len(list((large / "rgb" / "test" / "images").iterdir())) == 16

@@ -403,3 +403,23 @@ def test_confusion_matrix_by_hand():
     r = ev.eval_rbbox_map(dets, annots, (0.5,), curves=True)
     recall, precision = r["pr"][0, 0]
     assert recall.tolist() == [1.0, 1.0] and precision.tolist() == [1.0, 0.5]
+
+
+def test_the_pilot_picks_the_shortest_length_that_doubling_no_longer_moves(tmp_path):
+    """Tiny protocol v3's rule: the shortest L where doubling moves the primary metric by less than its
+    seed SD at L; a row still rising at its longest length is labelled so."""
+    runs = []
+    for L, base in ((144, 10.0), (288, 20.0), (576, 20.5), (1152, 20.6)):  # SD 1 at each length
+        for seed in range(3):
+            m = dict(overall_map=(base + seed) / 100, h_map=(base + seed) / 200)
+            runs.append(_fake_run(tmp_path, f"pilot-babelrs-{L}-seed{seed}", dict(stage="finetune", seed=seed), m))
+    for L, base in ((200, 10.0), (400, 20.0), (800, 30.0), (1600, 40.0)):
+        for seed in range(3):
+            m = dict(sources=dict(rgb=dict(voc07_ap50=(base + seed) / 100, voc07_ap75=base / 200)))
+            runs.append(_fake_run(tmp_path, f"pilot-mutdet-{L}-seed{seed}", dict(stage="finetune", seed=seed), m))
+    md, csv = tables.format_pilot(runs)
+    assert "| 144 | 3 | 11.00 ± 1.00 | 5.50 ± 0.50 | +10.00 (not less than the SD 1.00) |" in md
+    assert "| 288 | 3 | 21.00 ± 1.00 |" in md and "+0.50 (less than the SD 1.00)" in md
+    assert "Length for the tables: **288** steps" in md
+    assert "Length for the tables: **1600** steps, still rising" in md
+    assert len(csv.strip().splitlines()) == 1 + 24 and "babelrs,576,2,22.5000,11.2500" in csv

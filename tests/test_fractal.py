@@ -2,6 +2,7 @@
 import dataclasses
 import json
 
+import pytest
 import torch
 
 import babelrs
@@ -48,17 +49,40 @@ def test_fractal_stage_learns_and_writes_loadable_weights(tmp_path):
     babelrs.load_vit_weights(babelrs.ViT(64, 4, 4, 8, 128), str(tmp_path / "vit" / "vit.safetensors"))
 
 
-def test_standin_is_built_once_then_reused(tmp_path, monkeypatch):
+def test_a_stand_in_is_shipped_in_half_precision_and_never_built_at_first_use(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train, "standin", train.standin.real)
-    monkeypatch.setattr(train, "STANDINS", str(tmp_path / "fractal"))
-    small = dataclasses.replace(train.STANDIN_PRESETS["vit"], classes=2, image_size=16, batch_size=4, steps=2,
-                                test_batches=1)
-    monkeypatch.setitem(train.STANDIN_PRESETS, "vit", small)
+    monkeypatch.setattr(train, "STANDINS", str(tmp_path / "weights"))
+    try:
+        train.standin("fractal", "vit")
+        raise AssertionError("a missing stand-in must be an error")
+    except datasets.DatasetError as e:  # names the file and the command that builds it
+        assert "fractal-vit.safetensors" in str(e) and "--stage fractal --preset vit --ship" in str(e)
+    assert not (tmp_path / "weights").exists()  # nothing was built
+    assert train.main(["--stage", "fractal", "--preset", "vit", "--classes", "3", "--image_size", "32", "--batch_size",
+                       "8", "--steps", "3", "--test_batches", "1", "--out", str(tmp_path / "run"), "--ship"]) == 0
     path = train.standin("fractal", "vit")
-    assert path == str(tmp_path / "fractal" / "vit" / "vit.safetensors")
-    mtime = (tmp_path / "fractal" / "vit" / "vit.safetensors").stat().st_mtime_ns
-    assert train.standin("fractal", "vit") == path and (tmp_path / "fractal" / "vit" / "vit.safetensors").stat().st_mtime_ns == mtime
+    assert path == str(tmp_path / "weights" / "fractal-vit.safetensors")
+    from safetensors.torch import load_file
+    assert all(v.dtype == torch.float16 for v in load_file(path).values())
+    record = json.loads((tmp_path / "weights" / "fractal-vit.json").read_text())
+    import hashlib
+    assert record["sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest()
+    assert record["command"] == "python train.py --stage fractal --preset vit --ship" and len(record["first_losses"]) == 3
+    babelrs.load_vit_weights(babelrs.ViT(64, 4, 4, 16, 192), path)  # half precision loads into the float32 ViT
     assert train.standin("", "vit") == "" and train.standin("my.pth", "resnet18") == "my.pth"
+
+
+def test_the_shipped_stand_ins_rebuild_their_first_steps(tmp_path):
+    """Each shipped stand-in's first 3 losses, rebuilt now from its recorded settings, agree with its record."""
+    import pathlib
+    for model in train.STANDIN_PRESETS:
+        record_path = pathlib.Path(train.STANDINS) / f"fractal-{model}.json"
+        assert record_path.exists(), f"{record_path}: the shipped stand-in's record is missing"
+        record = json.loads(record_path.read_text())
+        cfg = train.FractalConfig(**dict(record["settings"], max_steps=3, out=str(tmp_path / model), ckpt_every=1000))
+        assert train.fractal_stage(cfg) == 0
+        losses = [json.loads(line)["loss"] for line in (tmp_path / model / "log.jsonl").read_text().splitlines()][:3]
+        assert losses == pytest.approx(record["first_losses"], abs=1e-4), model
 
 
 def test_sweeps_run_every_row_per_seed():

@@ -48,11 +48,12 @@ def standins(tmp_path, monkeypatch):
     """Stand-in files where `train.standin` looks for them, random weights, written as the fractal
     stage writes them (no build: the conftest guard stays for everything else)."""
     root = tmp_path / "standins"
-    for name, cfg in train.STANDIN_PRESETS.items():
+    root.mkdir()
+    for name, preset in train.STANDIN_PRESETS.items():
         torch.manual_seed(0)
-        (root / name).mkdir(parents=True)
+        cfg = train.FRACTAL_PRESETS[preset]
         state = train.standin_state(train.fractal_model(cfg), cfg)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(root / name / f"{name}.safetensors"))
+        save_file({k: v.half().contiguous() for k, v in state.items()}, str(root / f"fractal-{name}.safetensors"))
     monkeypatch.setattr(train, "STANDINS", str(root))
     monkeypatch.setattr(train, "standin", train.standin.real)
     return root
@@ -94,7 +95,7 @@ def test_resume_at_the_default_tiny_preset_with_its_standin_gone(stage, synth, s
 def test_plain_stop_then_resume_with_a_moved_weight_file(synth, standins, tmp_path):
     """`--max-steps 2`, then `--resume --max-steps 4`, after the --resnet file has moved away."""
     moved = tmp_path / "resnet18.safetensors"
-    shutil.copy(standins / "resnet18" / "resnet18.safetensors", moved)
+    shutil.copy(standins / "fractal-resnet18.safetensors", moved)
     argv = STAGES["finetune"] + ["--synth_root", str(synth), "--ckpt_every", "1000", "--resnet", str(moved)]
     assert train.main(argv + ["--max-steps", str(STEPS), "--out", str(tmp_path / "straight")]) == 0
     assert train.main(argv + ["--max-steps", "2", "--out", str(tmp_path / "part")]) == 0
@@ -148,7 +149,7 @@ def test_config_records_the_commit_and_every_weight_file(synth, standins, tmp_pa
     argv = STAGES["finetune"] + ["--synth_root", str(synth), "--max-steps", "1", "--out", str(tmp_path / "r")]
     assert train.main(argv) == 0
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
-    standin = standins / "resnet18" / "resnet18.safetensors"
+    standin = standins / "fractal-resnet18.safetensors"
     assert cfg["weights"]["resnet"] == {str(standin): hashlib.sha256(standin.read_bytes()).hexdigest()}
     assert len(cfg["commit"].removesuffix("+dirty")) in (0, 40)  # 40 hex digits in a checkout
     shutil.rmtree(standins)
