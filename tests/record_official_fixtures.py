@@ -497,7 +497,6 @@ def build_official_detector(config: str, paths: list, mmcv_version: str) -> dict
 
 def state_dicts(repos, fixtures: Path, mmdet: str, deps: str):
     """Every tensor name and shape of the official detectors (DETECTORS), with where they came from."""
-    import importlib.metadata
     root = Path(tempfile.mkdtemp())
     for repo in ("ars-detr", "mutdet", "mmcv"):
         git = Path(repos[repo])

@@ -7,8 +7,6 @@ from PIL import Image
 
 import babelrs
 import datasets
-import rotated_ops as ro
-import torch
 import train
 
 CSIA_SMALL = ["--stage", "csia", "--vit", "", "--image_size", "32", "--batch_size", "4", "--global_batch", "4", "--steps", "3", "--vocab_size", "400",

@@ -1,5 +1,4 @@
 """The formula-driven stand-ins (train.py --stage fractal) and the multi-seed sweeps."""
-import dataclasses
 import json
 
 import pytest

@@ -5,7 +5,6 @@ functions (SM3Det b271f31, ARS-DETR 0d96c5e, MutDet 097ce90, mmcv v1.7.2; the fi
 fixture's metadata) on small random inputs and weights.
 """
 import json
-import math
 from pathlib import Path
 
 import pytest

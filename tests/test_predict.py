@@ -1,7 +1,6 @@
 """eval.py --predict: full scenes cut into patches, detected, merged once per object; drawings,
 DOTA Task1 files and the server zip; the modality of a multi-modal run."""
 import json
-import math
 import zipfile
 
 import numpy as np

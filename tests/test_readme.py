@@ -6,9 +6,6 @@ import re
 import shlex
 from pathlib import Path
 
-import pytest
-
-import datasets
 import eval as ev
 import tables
 import train
