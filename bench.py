@@ -1007,7 +1007,7 @@ def _table_hours(steps: dict) -> dict:
     extra = dict(csia=[], finetune=[], sam=[], mutdet=[], weights=[])
     hours = {}
     for name in tables.SWEEPS:
-        if name == "tiny-checks":
+        if name in tables.TINY_ONLY:
             continue
         total = 0.0
         for _, argv in tables.sweep_runs(name, "1gpu", extra):

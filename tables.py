@@ -890,6 +890,7 @@ SHARED_RUNS = ("sam", "sam-random", "sam-selective")  # runs every seed shares (
 MERGES = ("last", "concat", "sum", "per-layer", "lvsa")  # BabelRS Tab. 5 rows: baseline, (a), (b), (c), (d)
 SWEEPS = ("babelrs-table3", "babelrs-table4", "babelrs-table5", "babelrs-fig6", "mutdet-table2", "mutdet-10pct",
           "mutdet-table3", "mutdet-proposals", "tiny-checks", "tiny-pilot")
+TINY_ONLY = ("tiny-checks", "tiny-pilot")  # checks of the tiny protocol: no paper-scale runs
 # Tiny protocol v3 (docs/tiny-protocol-v3.md): 200 test images a modality (the first 16 are version 2's),
 # and the learning-curve pilot of the stand-in rows: complete schedules of these lengths (steps)
 TINY_V3_SYNTH, TINY_V3_TEST = "data/synthsoi-v3", 200
