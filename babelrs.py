@@ -963,10 +963,9 @@ class ChannelLayerNorm(nn.Module):
         self.weight, self.bias = nn.Parameter(torch.ones(channels)), nn.Parameter(torch.zeros(channels))
         self.eps = eps
 
-    def forward(self, x):
-        x32 = x.float()
-        x32 = (x32 - x32.mean(1, keepdim=True)) / torch.sqrt(x32.var(1, keepdim=True, unbiased=False) + self.eps)
-        return (self.weight[:, None, None].float() * x32 + self.bias[:, None, None].float()).to(x.dtype)
+    def forward(self, x):  # (B, C, H, W); normalised channels-last, where the C values of a pixel are contiguous
+        x32 = F.layer_norm(x.float().permute(0, 2, 3, 1), (x.shape[1],), self.weight.float(), self.bias.float(), self.eps)
+        return x32.permute(0, 3, 1, 2).to(x.dtype)
 
 
 def _conv_norm_relu(c_in, c_out, stride):

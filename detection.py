@@ -371,14 +371,15 @@ def ms_deform_attn_core(value: torch.Tensor, shapes: list, locations: torch.Tens
     B, S, nh, dh = value.shape
     _, Q, _, L, P, _ = locations.shape
     values = value.split([h * w for h, w in shapes], dim=1)
-    # one copy into level-major layouts, so each level's grid and weights are contiguous
-    grids = (2 * locations - 1).permute(3, 0, 2, 1, 4, 5).reshape(L, B * nh, Q, P, 2)  # grid_sample wants [-1, 1]
-    a = weights.permute(3, 0, 2, 1, 4).reshape(L, B * nh, 1, Q, P)
+    # one copy into level-major layouts, so each level's grid and weights are contiguous; the points
+    # before the queries, so that the weighted sum (and its backward) runs along Q, not along P = 4
+    grids = (2 * locations - 1).permute(3, 0, 2, 4, 1, 5).reshape(L, B * nh, P, Q, 2)  # grid_sample wants [-1, 1]
+    a = weights.permute(3, 0, 2, 4, 1).reshape(L, B * nh, 1, P, Q)
     out = 0
-    for l, (h, w) in enumerate(shapes):  # level by level: no (B·H, Dh, Q, L·P) stack of every sample
+    for l, (h, w) in enumerate(shapes):  # level by level: no (B·H, Dh, L·P, Q) stack of every sample
         v = values[l].flatten(2).transpose(1, 2).reshape(B * nh, dh, h, w)  # (B·H, Dh, H_l, W_l)
-        sampled = F.grid_sample(v, grids[l], mode="bilinear", padding_mode="zeros", align_corners=False)  # (B·H, Dh, Q, P)
-        out = out + (sampled * a[l]).sum(-1)  # (B·H, Dh, Q)
+        sampled = F.grid_sample(v, grids[l], mode="bilinear", padding_mode="zeros", align_corners=False)  # (B·H, Dh, P, Q)
+        out = out + (sampled * a[l]).sum(2)  # (B·H, Dh, Q)
     return out.view(B, nh * dh, Q).transpose(1, 2)  # (B, Q, H·Dh)
 
 

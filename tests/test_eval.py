@@ -423,3 +423,20 @@ def test_the_pilot_picks_the_shortest_length_that_doubling_no_longer_moves(tmp_p
     assert "Length for the tables: **288** steps" in md
     assert "Length for the tables: **1600** steps, still rising" in md
     assert len(csv.strip().splitlines()) == 1 + 24 and "babelrs,576,2,22.5000,11.2500" in csv
+
+
+def test_the_10pct_table_keeps_its_per_class_ap_in_the_csv(tmp_path):
+    """The 10 % table shows data %, AP50 and AP75 as the paper does; its CSV also carries the AP50 of
+    every class of every seed, so that a degenerate row (one class carrying the mean) can be seen."""
+    def metrics(ship, car):
+        return dict(sources=dict(rgb=dict(classes=["ship", "car"], voc07_ap50=(ship + car) / 2, voc07_ap75=0.1,
+                                          per_class=dict(voc07_ap50=dict(ship=ship, car=car)))))
+    runs = [_fake_run(tmp_path, f"ft-none-data0.1-seed{s}", dict(init="", resnet="fractal", seed=s, data_fraction=0.1),
+                      metrics(0.8, c)) for s, c in enumerate((0.0, 0.1))]
+    table = tables.format_table_runs("mutdet-10pct", runs)
+    csv = table["csv"].splitlines()
+    assert csv[0] == "source,row,seed,data %,AP50,AP75,AP50 ship,AP50 car"
+    assert "ours,FractalDB stand-in,0,10,40,10,80,0" in csv and "ours,FractalDB stand-in,1,10,45,10,80,10" in csv
+    assert all(line.count(",") == csv[0].count(",") for line in csv)  # the paper's rows padded to the same columns
+    head = next(line for line in table["markdown"].splitlines() if line.startswith("| "))
+    assert "ship" not in head and "AP50" in head and "AP75" in head
