@@ -565,6 +565,40 @@ class _PartTimer:
             cls.forward = real
 
 
+FORWARD_PARTS = ("backbone", "vit", "llm", "mlp1", "neck", "head", "encoder", "decoder", "criterion", "enhancement",
+                 "patch_enc_decode", "feature_embed")  # the modules a tiny forward pass is broken into
+
+
+class _ModuleTimer:
+    """Forward seconds of each part of a model (FORWARD_PARTS by the last part of a module's name,
+    "head" for each modality's head; summed over the modality heads and over the layers of a
+    ModuleList), by hooks removed after. A head includes its encoder, decoder and criterion, and the
+    criterion its matching."""
+
+    def __init__(self, model):
+        self.seconds, self.handles, started = {}, [], {}
+        for name, module in model.named_modules():
+            parts = name.split(".")
+            key = "head" if len(parts) >= 2 and parts[-2] == "heads" else parts[-1]
+            if key not in FORWARD_PARTS:
+                continue
+            self.seconds[key] = 0.0
+            for i, m in enumerate(module if isinstance(module, torch.nn.ModuleList) else [module]):
+                def pre(_m, a, _id=(name, i)):
+                    started[_id] = time.perf_counter()
+
+                def post(_m, a, o, _id=(name, i), _key=key):
+                    self.seconds[_key] += time.perf_counter() - started[_id]
+                self.handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
 def _tiny_models(quick: bool) -> dict:
     """{name: (model, batch function k -> inputs, loss function(model, inputs))} for every tiny step,
     on the data its stage trains on (SynthSOI through the training batches; MutDet on synthetic SAM
@@ -643,7 +677,7 @@ def _time_tiny(quick: bool, repeat: int) -> dict:
             t0 = time.perf_counter()
             b = batch(k)
             t["data"] = time.perf_counter() - t0
-            with _PartTimer() as timer:
+            with _PartTimer() as timer, _ModuleTimer(model) as modules:
                 t0 = time.perf_counter()
                 loss = loss_fn(model, b)
                 forward = time.perf_counter() - t0
@@ -657,12 +691,13 @@ def _time_tiny(quick: bool, repeat: int) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
             t["optimizer"] = time.perf_counter() - t0
-            times.append(t)
-        med = {p: float(np.median([t[p] for t in times[1:]])) for p in parts}
+            times.append((t, modules.seconds))
+        med = {p: float(np.median([t[p] for t, _ in times[1:]])) for p in parts}
+        by_module = {k: float(np.median([m[k] for _, m in times[1:]])) for k in times[0][1] if times[0][1][k] > 0}
         total = sum(med.values())
         rate = flops / 1e9 / total
         results["steps"][name] = dict(seconds=total, gflop=flops / 1e9, gflops_per_s=rate,
-                                      of_matmul=rate / results["matmul_gflops"], parts=med)
+                                      of_matmul=rate / results["matmul_gflops"], parts=med, forward_by_module=by_module)
     # one evaluation pass: the tiny finetune model over SynthSOI-RGB's test split
     import datasets
     import train
@@ -778,8 +813,14 @@ def bench_tiny(args):
             b = float(np.median([r["steps"][name]["seconds"] for r in base]))
             row.update(baseline_seconds=b, speedup=b / s)
             line += f"{b:10.3f}{b / s:8.2f}x"
+        row["forward_by_module"] = {k: float(np.median([r["steps"][name].get("forward_by_module", {}).get(k, np.nan)
+                                                        for r in now])) for k in now[0]["steps"][name].get("forward_by_module", {})}
         summary["steps"][name] = row
         print(line + "  " + "  ".join(f"{row['parts'][p]:9.3f}" for p in parts))
+    print("  forward by module (s; a head includes its encoder, decoder and criterion, the criterion its matching):")
+    for name, row in summary["steps"].items():
+        print(f"    {name:<34}" + ", ".join(f"{k} {v:.3f}" for k, v in sorted(row["forward_by_module"].items(),
+                                                                            key=lambda kv: -kv[1])))
     e = float(np.median([r["evaluation"]["seconds"] for r in now]))
     summary["evaluation"] = dict(seconds=e, images=now[0]["evaluation"]["images"])
     line = f"  one evaluation pass of the tiny finetune model ({now[0]['evaluation']['images']} test images): {e:.2f} s"
