@@ -24,6 +24,7 @@ May import: rotated_ops (DESIGN.md); every other file of the project may import 
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -83,6 +84,7 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
+@functools.lru_cache(maxsize=None)  # the source is read once a class: a command line is parsed many times over
 def field_docs(cls) -> dict:
     """{field name: the comment written beside it in the dataclass (with its `#   ` continuation
     lines)}: what the field does and the paper's value, shown by `--help`."""
