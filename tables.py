@@ -402,9 +402,10 @@ def format_table_runs(name: str, runs: list) -> dict:
                 columns=columns)
 
 
-def format_tiny_checks(runs: list) -> str:
+def format_tiny_checks(runs: list) -> tuple:
     """`tables.py --sweep tiny-checks`: what the stand-ins give over random init, and whether doubling
-    the fine-tuning steps moves a row more than its seeds do (docs/tiny-protocol.md)."""
+    the fine-tuning steps moves a row more than its seeds do (docs/tiny-protocol.md). Returns (markdown,
+    csv); the CSV is long (check, row, seed, column, value), since the two checks have other columns."""
     vit = format_table_runs("babelrs-table3", [r for r in runs if Path(r).name.startswith(("ft-generic", "ft-random-off"))])
     r18 = format_table_runs("mutdet-table2", [r for r in runs if "-data" in Path(r).name])
     text = ["**tiny-checks**: the stand-ins against random init on the same steps, and a doubled schedule", "",
@@ -432,7 +433,11 @@ def format_tiny_checks(runs: list) -> str:
             moved = "less" if abs(v["mean"]) < spread else "more"
             lines.append(f"- ViT stand-in row, 2x the fine-tuning steps ({column}): moves it by {v['mean']:+.2f} "
                          f"({v['verdict']}), {moved} than the seed spread (std {spread:.2f})")
-    return "\n".join(text + lines) + "\n"
+    csv = ["check,row,seed,column,value"] + [
+        f"{check},{row},{k},{column},{value:.4g}" for check, table in (("vit", vit), ("resnet18", r18))
+        for row, g in table["groups"].items() for k, cells in sorted(g["seeds"].items())
+        for column, value in zip(table["columns"], cells)]
+    return "\n".join(text + lines) + "\n", "\n".join(csv) + "\n"
 
 
 def _mean_std(mean: float, std: float, n: int) -> str:
@@ -1271,7 +1276,8 @@ def run_sweep(argv) -> int:
         print(text)
         return 0
     if args.sweep == "tiny-checks":
-        text = format_tiny_checks([root / f for f, _ in runs])
+        text, csv = format_tiny_checks([root / f for f, _ in runs])
+        datasets.atomic_write_text(root / f"{args.sweep}.csv", csv)
         datasets.atomic_write_text(root / f"{args.sweep}.md", text)
         print(text)
         return 0

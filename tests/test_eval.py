@@ -440,3 +440,24 @@ def test_the_10pct_table_keeps_its_per_class_ap_in_the_csv(tmp_path):
     assert all(line.count(",") == csv[0].count(",") for line in csv)  # the paper's rows padded to the same columns
     head = next(line for line in table["markdown"].splitlines() if line.startswith("| "))
     assert "ship" not in head and "AP50" in head and "AP75" in head
+
+
+def test_the_checks_keep_every_seed_in_a_csv(tmp_path):
+    """`--sweep tiny-checks` writes, beside its verdicts, every seed's value of every column of both
+    checks (the ViT rows with Tab. 3's columns, the ResNet-18 rows with Tab. 2's)."""
+    def mutdet(ap50):
+        return dict(sources=dict(rgb=dict(classes=["ship"], voc07_ap50=ap50, voc07_ap75=0.1,
+                                          per_class=dict(voc07_ap50=dict(ship=ap50)))))
+    runs = []
+    for seed in range(2):
+        runs += [_fake_run(tmp_path, f"ft-generic-off-seed{seed}", dict(init="fractal", seed=seed, amp="off"),
+                           _babelrs_metrics(1.0 + seed / 10)),
+                 _fake_run(tmp_path, f"ft-random-off-seed{seed}", dict(init="", seed=seed, amp="off"), _babelrs_metrics(0.5)),
+                 _fake_run(tmp_path, f"ft-none-data1.0-seed{seed}", dict(init="", resnet="fractal", seed=seed), mutdet(0.4)),
+                 _fake_run(tmp_path, f"ft-random-data1.0-seed{seed}", dict(init="", resnet="", seed=seed), mutdet(0.3))]
+    text, csv = tables.format_tiny_checks(runs)
+    lines = csv.splitlines()
+    assert lines[0] == "check,row,seed,column,value"
+    assert len(lines) == 1 + 2 * 2 * 9 + 2 * 2 * 3  # ViT: 9 columns; ResNet-18: ship, AP50, AP75
+    assert "vit,ft-generic-off,1,Overall AP50,71.5" in lines and "resnet18,ft-random-data1.0,0,AP50,30" in lines
+    assert "ViT: stand-in > random init (H-mAP)" in text
