@@ -737,18 +737,51 @@ def _losses_tiny(quick: bool, steps: int = 3) -> dict:
 TINY_BASELINE = "56863ae"  # issue 29's "today": the code before its speed work (results/tiny_profile.json)
 
 
-def _in_tree(tree: Path, argv: list, cwd: Path = None) -> dict:
+def _in_tree(tree: Path, argv: list, cwd: Path = None, copies: int = 1):
     """Run this file's `argv` in a child process whose project modules come from `tree` (this checkout, or
     another commit's code unpacked by `_baseline_tree`), in the folder `cwd` (default this checkout's;
-    data/synthsoi is written there); returns the JSON the child wrote."""
+    data/synthsoi is written there); returns the JSON the child wrote. `copies` > 1: that many children
+    at once, a list of their JSONs."""
     import subprocess
     import sys
     import tempfile
-    out = Path(tempfile.mkdtemp()) / "child.json"
-    code = (f"import sys, runpy; sys.path.insert(0, {str(tree)!r}); sys.argv = {['bench.py'] + argv + ['--child', str(out)]!r}; "
-            f"runpy.run_path({str(Path(__file__).resolve())!r}, run_name='__main__')")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=cwd or Path(__file__).resolve().parent)
-    return json.loads(out.read_text())
+    outs = [Path(tempfile.mkdtemp()) / "child.json" for _ in range(copies)]
+    procs = []
+    for out in outs:
+        code = (f"import sys, runpy; sys.path.insert(0, {str(tree)!r}); sys.argv = {['bench.py'] + argv + ['--child', str(out)]!r}; "
+                f"runpy.run_path({str(Path(__file__).resolve())!r}, run_name='__main__')")
+        procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=cwd or Path(__file__).resolve().parent))
+    if any(p.wait() for p in procs):
+        raise SystemExit("bench.py tiny: a child process failed (its error is above)")
+    results = [json.loads(out.read_text()) for out in outs]
+    return results if copies > 1 else results[0]
+
+
+def _jobs_check(here: Path, args) -> None:
+    """Seeds an hour on this CPU: one child timing every tiny step at `--threads`, against as many
+    1-thread children at once (what `tables.py --sweep --jobs N` runs), alternating for `--rounds`
+    rounds; the ratio is the steps an hour of the N runs together over those of the one run."""
+    n = args.threads
+    rounds = []
+    for _ in range(args.rounds):
+        one = _in_tree(here, ["tiny", "--threads", str(n), "--repeat", str(args.repeat)] + (["--quick"] if args.quick else []))
+        many = _in_tree(here, ["tiny", "--threads", "1", "--repeat", str(args.repeat)] + (["--quick"] if args.quick else []),
+                        copies=n)
+        rounds.append((one, many))
+    print(f"tiny steps an hour: 1 run at {n} threads against {n} runs at 1 thread at once (tables.py --jobs {n}), "
+          f"median of {args.rounds} rounds")
+    summary = dict(threads=n, rounds=args.rounds, steps={})
+    for name in rounds[0][0]["steps"]:
+        one = float(np.median([o["steps"][name]["seconds"] for o, _ in rounds]))
+        each = float(np.median([m["steps"][name]["seconds"] for _, ms in rounds for m in ms]))
+        ratio = n * one / each  # (n steps per `each` seconds) over (1 step per `one` seconds)
+        summary["steps"][name] = dict(one_run_seconds=one, parallel_run_seconds=each, steps_an_hour_ratio=ratio)
+        print(f"  {name:<36} 1 x {n} threads: {one:.3f} s a step; {n} x 1 thread: {each:.3f} s a step each; "
+              f"steps an hour {ratio:.2f}x")
+    if not args.quick:
+        path = here / "results" / "tiny_jobs.json"
+        path.write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"written to {path}")
 
 
 def _baseline_tree(commit: str) -> Path:
@@ -786,6 +819,8 @@ def bench_tiny(args):
                                                      threads=args.threads, losses=losses), indent=1) + "\n")
         print(f"losses of {args.baseline or TINY_BASELINE} written to {args.losses}")
         return
+    if args.jobs:
+        return _jobs_check(here, args)
     if not args.baseline:
         rounds = [("now", _time_tiny(args.quick, args.repeat))]
     else:
@@ -1324,7 +1359,9 @@ def main(argv=None):
     q.add_argument("--repeat", type=int, default=3, help="timed steps after one warm-up step")
     q.add_argument("--baseline", default="", metavar="COMMIT", help=f"also time COMMIT's code in the same run, "
                    f"alternating with this one (issue 29's baseline: {TINY_BASELINE}); results/tiny_speed.json")
-    q.add_argument("--rounds", type=int, default=3, help="--baseline: alternating rounds of both")
+    q.add_argument("--rounds", type=int, default=3, help="--baseline, --jobs: alternating rounds of both")
+    q.add_argument("--jobs", action="store_true", help="one run at --threads against --threads 1-thread runs at once "
+                   "(tables.py --sweep --jobs): the steps an hour of each; results/tiny_jobs.json")
     q.add_argument("--losses", default="", metavar="JSON", help="write the losses of 3 seeded steps of every tiny "
                    "step under --baseline's code (default TINY_BASELINE) to JSON (the fixture of the same-results test)")
     q.add_argument("--child", default="", help=argparse.SUPPRESS)

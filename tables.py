@@ -1036,6 +1036,51 @@ def sweep_runs(name: str, scale: str, extra: dict, amp: str = "fp16") -> list:
     return runs
 
 
+def reads(argv: list) -> set:
+    """The sweep folders a run reads (its `{runs}/X` arguments): it starts once they are finished."""
+    return {a[len("{runs}/"):].split("/")[0] for a in argv if a.startswith("{runs}/")}
+
+
+def run_commands(todo: list, env: dict, jobs: int, root: Path) -> int:
+    """Run a sweep's commands, todo = [(folder, folders it reads, command)], `jobs` at a time: in order,
+    each once the folders it reads are finished. With jobs > 1 a run's output goes to <root>/<folder>.log.
+    Writes each run's finished.json; after a failure starts nothing more, lets the others end and
+    returns the failing status (a non-finite loss is a result, as Tab. 4's NaN rows)."""
+    import shlex
+    import subprocess
+    waiting, running, status = list(todo), {}, 0
+    while (waiting and not status) or running:
+        for item in list(waiting):
+            folder, needs, cmd = item
+            if status or len(running) >= jobs:
+                break
+            if needs & ({f for f, _, _ in waiting} | set(running)):
+                continue
+            waiting.remove(item)
+            log = open(root / f"{folder}.log", "a") if jobs > 1 else None
+            print(f"[sweep] {shlex.join(cmd)}" + (f"   (output: {log.name})" if log else ""), flush=True)
+            running[folder] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT if log else None),
+                               time.time(), log)
+        if not running:
+            break
+        while not (done := [f for f, (proc, _, _) in running.items() if proc.poll() is not None]):
+            time.sleep(0.2)
+        for folder in done:
+            proc, t0, log = running.pop(folder)
+            if log:
+                log.close()
+            if proc.returncode not in (0, train.EXIT_NONFINITE):  # a preempted run goes on when the sweep is rerun
+                print(f"[sweep] {root / folder}: exit status {proc.returncode}; stopping the sweep (rerun the same "
+                      "command to go on)", flush=True)
+                status = status or proc.returncode
+                continue
+            datasets.atomic_write_text(root / folder / "finished.json", json.dumps(
+                dict(status=proc.returncode, minutes=(time.time() - t0) / 60)) + "\n")
+            if jobs > 1:
+                print(f"[sweep] {root / folder}: done in {(time.time() - t0) / 60:.1f} min", flush=True)
+    return status
+
+
 def format_pilot(runs: list) -> tuple:
     """(markdown, csv) of the learning-curve pilot: per row and length the primary metric and the second
     one (mean ± SD over seeds, %), what doubling the length moves the primary by (paired over seeds),
@@ -1166,6 +1211,9 @@ def run_sweep(argv) -> int:
     p.add_argument("--threads", type=int, default=-1, help=f"threads of every run (OMP_NUM_THREADS; default "
                    f"{TINY_THREADS} at tiny scale, where the thread count changes the order of float sums and so "
                    "the numbers; 0 = torch's default)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, each once the runs it reads are finished; at "
+                   "tiny scale the threads are shared out (2 runs at 1 thread do 1.17-1.46x the steps an hour of one "
+                   "run at 2 threads on 2 cores: docs/benchmarks.md); each run's output goes to RUNS/<run>.log")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.add_argument("--status", action="store_true", help="one line per run: done, started (step, ETA), not started")
     p.add_argument("--gpu-tflops", type=float, default=312.0,
@@ -1201,7 +1249,7 @@ def run_sweep(argv) -> int:
         print(f"warning: {line}; the commands below lack it")
     runs = seeded_runs(sweep_runs(args.sweep, args.scale, extra, args.amp),
                        args.seeds or (TINY_SEEDS if args.scale == "tiny" else 1))
-    threads = args.threads if args.threads >= 0 else TINY_THREADS if args.scale == "tiny" else 0
+    threads = args.threads if args.threads >= 0 else max(1, TINY_THREADS // args.jobs) if args.scale == "tiny" else 0
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}))
     if args.status:
         for folder, _ in runs:
@@ -1213,28 +1261,25 @@ def run_sweep(argv) -> int:
     if args.scale == "tiny" and not args.dry_run:  # the shipped stand-ins every seed starts from: missing is an error now
         for model in {"babelrs": ("vit",), "mutdet": ("resnet18",)}.get(args.sweep.split("-")[0], ("vit", "resnet18")):
             train.standin("fractal", model)
+    todo = []
     for folder, run_argv in runs:
         run = root / folder
         if (run / "finished.json").exists():
             print(f"[sweep] {run}: finished, skipped")
             continue
-        run_argv = [a.replace("{runs}", str(root)) for a in run_argv]
         stage = run_argv[1]
         start = [sys.executable] if stage == "sam" else launch  # the sam stage runs in one process
         if (run / "config.json").exists():  # interrupted: go on where it stopped
             cmd = start + ["train.py", "--stage", stage, "--resume", str(run)]
         else:
-            cmd = start + ["train.py"] + run_argv + ["--out", str(run)]
-        print(f"[sweep] {shlex.join(cmd)}", flush=True)
+            cmd = start + ["train.py"] + [a.replace("{runs}", str(root)) for a in run_argv] + ["--out", str(run)]
         if args.dry_run:
-            continue
-        t0 = time.time()
-        status = subprocess.call(cmd, env=env)
-        if status not in (0, train.EXIT_NONFINITE):  # a non-finite loss is a result (Tab. 4's NaN rows); a
-            #                                      preempted run (EXIT_PREEMPTED) goes on when the sweep is rerun
-            print(f"[sweep] {run}: exit status {status}; stopping the sweep (rerun the same command to go on)")
+            print(f"[sweep] {shlex.join(cmd)}", flush=True)
+        todo.append((folder, reads(run_argv), cmd))
+    if not args.dry_run:
+        status = run_commands(todo, env, args.jobs, root)
+        if status:
             return status
-        datasets.atomic_write_text(run / "finished.json", json.dumps(dict(status=status, minutes=(time.time() - t0) / 60)) + "\n")
     if args.dry_run:  # what the table costs, before it starts
         print(f"\n[cost] {args.sweep} at scale {args.scale}: cost of each run (FLOPs counted on one micro-batch; "
               f"hours on one GPU at {args.gpu_tflops:g} TFLOPS x {args.mfu:g} MFU)")

@@ -240,3 +240,33 @@ def test_compiled_run_matches_eager(synth, tmp_path):
     assert len(eager) == len(compiled) == 2
     for a, b in zip(eager, compiled):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+def test_a_sweep_runs_jobs_at_once_after_the_runs_they_read(tmp_path):
+    """`tables.py --sweep ... --jobs 2`: two runs at a time, a run that reads another (`{runs}/X`) only
+    once X is finished; each writes finished.json; a failure starts nothing more and is returned."""
+    import sys
+    import time
+    assert tables.reads(["--init", "{runs}/pre-mutdet-seed1", "--data", "{runs}/sam", "--seed", "1"]) == \
+        {"pre-mutdet-seed1", "sam"}
+
+    def sleeper(name, seconds, status=0):  # writes when it started and ended
+        code = (f"import time, pathlib; p = pathlib.Path({str(tmp_path)!r}); (p / '{name}.start').write_text(str(time.time())); "
+                f"time.sleep({seconds}); (p / '{name}.end').write_text(str(time.time())); raise SystemExit({status})")
+        return [sys.executable, "-c", code]
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+    todo = [("a", set(), sleeper("a", 1.0)), ("b", {"a"}, sleeper("b", 0.1)), ("c", set(), sleeper("c", 0.1))]
+    t0 = time.time()
+    assert tables.run_commands(todo, dict(os.environ), 2, tmp_path) == 0
+    when = {f"{n}.{e}": float((tmp_path / f"{n}.{e}").read_text()) for n in "abc" for e in ("start", "end")}
+    assert when["c.start"] < when["a.end"]  # c did not wait for a: two at once
+    assert when["b.start"] >= when["a.end"]  # b reads a
+    assert all((tmp_path / n / "finished.json").exists() for n in "abc") and (tmp_path / "a.log").exists()
+    assert time.time() - t0 < 5
+    # one at a time keeps the order; a failure stops the rest
+    for name in ("d", "e"):
+        (tmp_path / name).mkdir()
+    assert tables.run_commands([("d", set(), sleeper("d", 0, status=7)), ("e", set(), sleeper("e", 0))],
+                               dict(os.environ), 1, tmp_path) == 7
+    assert not (tmp_path / "e.start").exists() and not (tmp_path / "d" / "finished.json").exists()
