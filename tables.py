@@ -885,14 +885,18 @@ def measure_step(stage: str, cfg, tiles: int = 1, sam_points: int = 64, device="
 # Sweeps: the runs behind one table or figure (python tables.py --sweep NAME)
 # ---------------------------------------------------------------------------------------------
 
-# The tiny protocol (docs/tiny-protocol.md, fixed before the runs): three seeds of a table in about an
-# hour on 2 CPU cores. Rows train on SynthSOI's 256-px images resized to TINY_IMAGE; every row of a
-# table gets the same steps; CSIA is shortened to TINY_CSIA_STEPS with τ at the same fraction (120/400).
-TINY_FINETUNE_STEPS = 144  # BabelRS fine-tuning steps (4 of babelrs-tiny's 12 epochs of 144 images)
+# The tiny protocol, version 3 (docs/tiny-protocol-v3.md, fixed before its runs; version 2, whose tables
+# are in docs/tiny-results.md, ran at commit 8fe0ec6). Rows train on SynthSOI's 256-px images resized to
+# TINY_IMAGE and are scored on its 200 test images a modality; every row of a table gets the same steps,
+# the length the learning-curve pilot picked (pilot_length); CSIA is shortened to TINY_CSIA_STEPS with τ
+# at the same fraction (120/400); MutDet pre-training runs 17 epochs of 12 steps (lr step at 15).
 TINY_IMAGE = 192  # image side of the tiny sweep rows
 TINY_CSIA_STEPS, TINY_CSIA_TAU = 200, 60.0  # CSIA steps and τ of a tiny sweep
-TINY_MUTDET_STEPS = 200  # MutDet fine-tuning steps; pre-training: 17 epochs of 12 steps (lr step at 15)
-TINY_SEEDS, TINY_THREADS = 3, 2  # seeds a row and threads a run at tiny scale
+TINY_SEEDS, TINY_THREADS = 3, 2  # seeds a row (where TINY_V3_SEEDS says nothing) and threads a run at tiny scale
+TINY_V3_SEEDS = {"babelrs-table3": 5, "babelrs-table5": 8, "mutdet-table2": 8, "mutdet-10pct": 8,
+                 "mutdet-proposals": 8, "tiny-checks": 5}  # the power analysis of protocol v3
+TINY_V3_FEW = ("concat", "sum", "per-layer")  # Tab. 5's merges run with TINY_SEEDS seeds, described, not tested
+TINY_V3_PILOT = "results/tiny-v3/tiny-pilot.csv"  # the pilot's per-seed CSV, committed when it is done
 SHARED_RUNS = ("sam", "sam-random", "sam-selective")  # runs every seed shares (the pseudo-label caches, as
 #                                                         MutDet's released one)
 MERGES = ("last", "concat", "sum", "per-layer", "lvsa")  # BabelRS Tab. 5 rows: baseline, (a), (b), (c), (d)
@@ -938,10 +942,11 @@ def sweep_runs(name: str, scale: str, extra: dict, amp: str = "fp16") -> list:
     csia_steps = TINY_CSIA_STEPS if tiny else round(train.CSIA_PRESETS["paper"].steps * cut)
     csia_tau = TINY_CSIA_TAU if tiny else train.CSIA_PRESETS["paper"].tau * cut
     ft_preset = ["--preset", "babelrs-tiny" if tiny else "babelrs"]
-    # tiny rows checkpoint often: an interrupted 144-step row then resumes instead of starting over
-    ft_schedule = (["--max-steps", str(TINY_FINETUNE_STEPS), "--ckpt_every", "24", "--image_size", str(TINY_IMAGE)]
-                   if tiny else
-                   _cut(ONE_GPU["babelrs_epochs"], 12, [8, 11]) if one_gpu else [])
+    v3 = ["--synth_root", TINY_V3_SYNTH] if tiny else []  # every tiny run on SynthSOI with its 200 test images
+
+    def ft_schedule():  # tiny: the pilot's length, as a complete schedule; checkpoints so that a cut row resumes
+        return (["--ckpt_every", "48", "--image_size", str(TINY_IMAGE)] + v3 + pilot_schedule("babelrs", pilot_length("babelrs"))
+                if tiny else _cut(ONE_GPU["babelrs_epochs"], 12, [8, 11]) if one_gpu else [])
     runs = []
 
     def add(folder, argv):
@@ -952,11 +957,11 @@ def sweep_runs(name: str, scale: str, extra: dict, amp: str = "fp16") -> list:
     def csia_run(merge="lvsa", steps=csia_steps, tau=csia_tau, shuffled=False):
         return add(f"csia-{merge}-s{steps}-tau{tau:g}" + ("-shuffled" if shuffled else ""),
                    ["--stage", "csia", "--preset", "tiny" if tiny else "paper", "--merge", merge, "--steps", str(steps),
-                    "--tau", f"{tau:g}"] + (["--shuffle_answers"] if shuffled else []) + extra["csia"])
+                    "--tau", f"{tau:g}"] + (["--shuffle_answers"] if shuffled else []) + v3 + extra["csia"])
 
     def babelrs_finetune(init, amp="off"):  # init: a csia folder, or "generic": the preset's ViT (tiny: the
         #                                      FractalDB stand-in; paper: --finetune-args "--init PATH" or random)
-        return add(f"ft-{init}-{amp}", ["--stage", "finetune"] + ft_preset + ft_schedule + ["--amp", amp]
+        return add(f"ft-{init}-{amp}", ["--stage", "finetune"] + ft_preset + ft_schedule() + ["--amp", amp]
                    + ([] if init == "generic" else ["--init", f"{{runs}}/{init}"]) + extra["finetune"])
 
     if name in ("babelrs-table3", "babelrs-table4"):  # pre-training comparison, without / with AMP
@@ -966,7 +971,7 @@ def sweep_runs(name: str, scale: str, extra: dict, amp: str = "fp16") -> list:
         if name == "babelrs-table3":  # the shuffled-answers control (tiny protocol v3)
             babelrs_finetune(csia_run(shuffled=True), mode)
         for family, path in extra["weights"]:  # --weights clip:PATH dinov2:PATH ... (transformers or InternViT)
-            add(f"ft-{family}-{mode}", ["--stage", "finetune"] + ft_preset + ft_schedule
+            add(f"ft-{family}-{mode}", ["--stage", "finetune"] + ft_preset + ft_schedule()
                 + ["--amp", mode, "--init", path, "--vit_family", family] + extra["finetune"])
     elif name == "babelrs-table5":
         for merge in MERGES:
@@ -979,9 +984,9 @@ def sweep_runs(name: str, scale: str, extra: dict, amp: str = "fp16") -> list:
     elif name in ("mutdet-table2", "mutdet-10pct", "mutdet-table3"):
         preset = ["--preset", "tiny" if tiny else "paper"]
         # tiny: SAM stand-in (a random SAM's masks are noise; see mutdet.colour_components)
-        sam = add("sam", ["--stage", "sam"] + preset + (["--masks", "components"] if tiny else []) + extra["sam"])
+        sam = add("sam", ["--stage", "sam"] + preset + (["--masks", "components"] if tiny else []) + v3 + extra["sam"])
         pre_schedule = (_cut(ONE_GPU["mutdet_pretrain_epochs"], 36, [32]) if one_gpu else
-                        ["--epochs", "17", "--lr_steps", "15", "--image_size", str(TINY_IMAGE)] if tiny else [])
+                        ["--epochs", "17", "--lr_steps", "15", "--image_size", str(TINY_IMAGE)] + v3 if tiny else [])
         pre = {"-": None,
                "DETReg": add("pre-detreg", ["--stage", "mutdet"] + preset + pre_schedule + ["--data", f"{{runs}}/{sam}", "--no-enhance",
                                                                            "--embed-loss", "l1", "--pseudo-classes", "1",
@@ -990,10 +995,12 @@ def sweep_runs(name: str, scale: str, extra: dict, amp: str = "fp16") -> list:
                "MutDet": add("pre-mutdet", ["--stage", "mutdet"] + preset + pre_schedule + ["--data", f"{{runs}}/{sam}"]
                              + extra["mutdet"])}
         fraction = "0.1" if name == "mutdet-10pct" else "1.0"
-        schedule = (["--max-steps", str(TINY_MUTDET_STEPS), "--image_size", str(TINY_IMAGE)] if tiny else
-                    _cut(ONE_GPU["mutdet_finetune_epochs"], 36, [32]) if one_gpu else [])
-        if tiny and name == "mutdet-10pct":  # 5 images = 1 step an epoch: as many steps as with all the data
-            schedule += ["--epochs", "480", "--lr_steps", "432"]
+        length = pilot_length("mutdet") if tiny else 0
+        schedule = (["--ckpt_every", "48", "--image_size", str(TINY_IMAGE)] + v3 + pilot_schedule("mutdet", length)
+                    if tiny else _cut(ONE_GPU["mutdet_finetune_epochs"], 36, [32]) if one_gpu else [])
+        if tiny and name == "mutdet-10pct":  # 5 images = 1 step an epoch: as many steps as with all the data,
+            schedule = schedule[:-6] + ["--epochs", str(length), "--lr_steps", f"{0.9 * length:g}",  # lr step at 36/40
+                                        "--max-steps", str(length)]
         # Tab. 3: ARS-DETR at 1024 px on DOTA-v1.0 trainval patches (1024 / 200), scored on the test scenes
         ft_preset = ["--preset", "ars-detr-dota"] if name == "mutdet-table3" and not tiny else preset
         dota = "-dota" if name == "mutdet-table3" else ""
@@ -1016,24 +1023,63 @@ def sweep_runs(name: str, scale: str, extra: dict, amp: str = "fp16") -> list:
             raise SystemExit("--sweep tiny-checks: a check of the tiny protocol (--scale tiny)")
         vit = dict(sweep_runs("babelrs-table3", scale, extra, amp))["ft-generic-off"]
         r18 = dict(sweep_runs("mutdet-table2", scale, extra, amp))["ft-none-data1.0"]
-        add("ft-generic-off", vit)  # shared with Tab. 3
+        add("ft-generic-off", vit)  # shared with Tab. 3; v3's gate, part 3
         add("ft-random-off", vit + ["--init", ""])
-        add("ft-generic-off-long", vit + ["--max-steps", str(2 * TINY_FINETUNE_STEPS)])
         add("ft-none-data1.0", r18)  # shared with MutDet Tab. 2
         add("ft-random-data1.0", r18 + ["--resnet", ""])
     elif name == "tiny-pilot":  # v3: the stand-in rows at complete schedules of PILOT_LENGTHS, never a treatment row
         if not tiny:
             raise SystemExit("--sweep tiny-pilot: the learning-curve pilot of the tiny protocol (--scale tiny)")
-        v3 = ["--synth_root", TINY_V3_SYNTH, "--image_size", str(TINY_IMAGE), "--ckpt_every", "48"]
-        for steps in PILOT_LENGTHS["babelrs"]:  # 36 steps an epoch (3 x 48 images, batch 4): 4-32 of 12 epochs
-            add(f"pilot-babelrs-{steps}", ["--stage", "finetune", "--preset", "babelrs-tiny"] + v3
-                + _cut(steps // 36, 12, [8, 11]) + extra["finetune"])
-        for steps in PILOT_LENGTHS["mutdet"]:  # 12 steps an epoch (48 images, batch 4); the lr step at 36 of 40
-            add(f"pilot-mutdet-{steps}", ["--stage", "finetune", "--preset", "tiny"] + v3
-                + _cut(-(-steps // 12), 40, [36]) + ["--max-steps", str(steps)] + extra["finetune"])
+        v3 += ["--image_size", str(TINY_IMAGE), "--ckpt_every", "48"]
+        for kind, preset in (("babelrs", "babelrs-tiny"), ("mutdet", "tiny")):
+            for steps in PILOT_LENGTHS[kind]:
+                add(f"pilot-{kind}-{steps}", ["--stage", "finetune", "--preset", preset] + v3
+                    + pilot_schedule(kind, steps) + extra["finetune"])
     else:
         raise SystemExit(f"--sweep {name}: choose one of {', '.join(SWEEPS)}")
     return runs
+
+
+def pilot_schedule(kind: str, steps: int) -> list:
+    """A complete fine-tuning schedule of `steps` steps: babelrs-tiny does 36 steps an epoch (3 x 48
+    images, batch 4), its lr steps at 8 and 11 of 12 epochs; the tiny finetune preset 12 (48 images,
+    batch 4), its lr step at 36 of 40 epochs."""
+    if kind == "babelrs":
+        return _cut(steps // 36, 12, [8, 11])
+    return _cut(-(-steps // 12), 40, [36]) + ["--max-steps", str(steps)]
+
+
+def choose_length(values: dict, lengths: tuple) -> tuple:
+    """Protocol v3's rule over the pilot's {length: {seed: primary metric}}: (L, "stable") for the
+    shortest L whose doubling moves the metric (paired over seeds) by less than its seed SD at L;
+    (the longest, "still rising") when no doubling does; (None, "not decided") while runs are missing."""
+    for L, longer in zip(lengths, lengths[1:]):
+        cur, nxt = values.get(L, {}), values.get(longer, {})
+        common = sorted(set(cur) & set(nxt))
+        if len(cur) < 2 or len(common) < 2:
+            return None, "not decided"
+        if abs(np.mean([nxt[k] - cur[k] for k in common])) < np.std(list(cur.values()), ddof=1):
+            return L, "stable"
+    return (lengths[-1], "still rising") if len(values.get(lengths[-1], {})) > 1 else (None, "not decided")
+
+
+def pilot_length(kind: str) -> int:
+    """The fine-tuning steps of protocol v3's tables for the `kind` rows (babelrs, mutdet): the pilot's
+    choice, read from its committed per-seed CSV (TINY_V3_PILOT)."""
+    path = Path(__file__).resolve().parent / TINY_V3_PILOT
+    how = "python tables.py --sweep tiny-pilot, then commit its runs/tiny-v3/tiny-pilot.csv as " + TINY_V3_PILOT
+    if not path.exists():
+        raise SystemExit(f"tiny protocol v3: the tables run at the learning-curve pilot's lengths, and {path} is "
+                         f"not there yet: {how}")
+    values = {}
+    for line in path.read_text().splitlines()[1:]:
+        row, steps, seed, primary, _ = line.split(",")
+        if row == kind:
+            values.setdefault(int(steps), {})[int(seed)] = float(primary)
+    length, verdict = choose_length(values, PILOT_LENGTHS[kind])
+    if length is None:
+        raise SystemExit(f"tiny protocol v3: {path}: the pilot of the {kind} rows has not decided its length yet: {how}")
+    return length
 
 
 def reads(argv: list) -> set:
@@ -1100,7 +1146,6 @@ def format_pilot(runs: list) -> tuple:
         primary, second = PILOT_METRICS[kind]
         md += [f"**{kind}** stand-in row: {primary} (primary) and {second}, %, mean ± SD over seeds", "",
                f"| steps | seeds | {primary} | {second} | doubling moves {primary} by (paired) |", "|---|---|---|---|---|"]
-        chosen = None
         for i, L in enumerate(lengths):
             cur = values.get((kind, L), {})
             a = np.array([v[0] for v in cur.values()])
@@ -1112,14 +1157,13 @@ def format_pilot(runs: list) -> tuple:
             if len(common) > 1:
                 d = float(np.mean([nxt[k][0] - cur[k][0] for k in common]))
                 move = f"{d:+.2f} ({'less' if abs(d) < sd else 'not less'} than the SD {sd:.2f})"
-                chosen = chosen or (L if abs(d) < sd else None)
             md.append(f"| {L} | {len(a)} | {_mean_std(a.mean(), sd, len(a)) if len(a) else '-'} | "
                       f"{_mean_std(b.mean(), float(np.std(b, ddof=1)) if len(b) > 1 else NAN, len(b)) if len(b) else '-'} | {move} |")
             csv += [f"{kind},{L},{k},{v[0]:.4f},{v[1]:.4f}" for k, v in sorted(cur.items())]
-        done = all(len(values.get((kind, L), {})) > 1 for L in lengths)
-        md += ["", f"Length for the tables: **{chosen}** steps" if chosen else
-               f"Length for the tables: **{lengths[-1]}** steps, still rising" if done else "Length: not decided yet "
-               "(runs missing)", ""]
+        chosen, verdict = choose_length({L: {k: v[0] for k, v in values.get((kind, L), {}).items()} for L in lengths},
+                                        lengths)
+        md += ["", f"Length for the tables: **{chosen}** steps" + (", still rising" if verdict == "still rising" else "")
+               if chosen else "Length: not decided yet (runs missing)", ""]
     return "\n".join(md) + "\n", "\n".join(csv) + "\n"
 
 
@@ -1207,7 +1251,8 @@ def run_sweep(argv) -> int:
     p.add_argument("--runs", default="", help="folder of the sweep's runs (default runs/<scale>; tiny: runs/tiny-v3)")
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun --nproc_per_node)")
     p.add_argument("--seeds", type=int, default=0, help=f"runs of every row, seeds 0..N-1, in folders <run>-seed<k> "
-                   f"(default {TINY_SEEDS} at tiny scale, else 1); the table gives mean ± std and the orderings")
+                   f"(default at tiny scale: protocol v3's, {TINY_V3_SEEDS}, else {TINY_SEEDS}; 1 at other scales); "
+                   "the table gives mean ± std and the orderings")
     p.add_argument("--threads", type=int, default=-1, help=f"threads of every run (OMP_NUM_THREADS; default "
                    f"{TINY_THREADS} at tiny scale, where the thread count changes the order of float sums and so "
                    "the numbers; 0 = torch's default)")
@@ -1247,8 +1292,11 @@ def run_sweep(argv) -> int:
         if not args.dry_run:
             raise SystemExit(f"error: {line}")
         print(f"warning: {line}; the commands below lack it")
+    tiny = args.scale == "tiny"
     runs = seeded_runs(sweep_runs(args.sweep, args.scale, extra, args.amp),
-                       args.seeds or (TINY_SEEDS if args.scale == "tiny" else 1))
+                       args.seeds or (TINY_V3_SEEDS.get(args.sweep, TINY_SEEDS) if tiny else 1))
+    if tiny and args.sweep == "babelrs-table5" and not args.seeds:  # v3: 8 seeds for (d) and the last layer only
+        runs = [(f, a) for f, a in runs if not (any(f"-{m}-" in f for m in TINY_V3_FEW) and int(f.rsplit("-seed", 1)[1]) >= TINY_SEEDS)]
     threads = args.threads if args.threads >= 0 else max(1, TINY_THREADS // args.jobs) if args.scale == "tiny" else 0
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}))
     if args.status:

@@ -93,6 +93,29 @@ def no_standin_builds(monkeypatch):
     monkeypatch.setattr(train, "standin", refuse)
 
 
+@pytest.fixture(scope="session")
+def tiny_pilot_csv(tmp_path_factory):
+    """A finished learning-curve pilot in the committed CSV's format: doubling 144 babelrs steps moves
+    the metric by 0.5 against a seed SD of 1 (so 144), the mutdet row still rising at 1600."""
+    import tables
+    lines = ["row,steps,seed,primary,second"]
+    for kind, lengths in tables.PILOT_LENGTHS.items():
+        for i, L in enumerate(lengths):
+            lines += [f"{kind},{L},{s},{(10 + s + 0.5 * min(i, 1)) if kind == 'babelrs' else 10 * i + s},0"
+                      for s in range(3)]
+    path = tmp_path_factory.mktemp("pilot") / "tiny-pilot.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def tiny_pilot_done(request, monkeypatch):
+    """The tiny tables of protocol v3 read the pilot's lengths from its committed CSV, which a fresh
+    checkout may not have yet: the tests that build tiny sweeps read the one above (144 and 1600 steps)."""
+    if "tables" in sys.modules:
+        monkeypatch.setattr(sys.modules["tables"], "TINY_V3_PILOT", str(request.getfixturevalue("tiny_pilot_csv")))
+
+
 @pytest.fixture
 def tmp_root(tmp_path):
     return tmp_path

@@ -461,3 +461,29 @@ def test_the_checks_keep_every_seed_in_a_csv(tmp_path):
     assert len(lines) == 1 + 2 * 2 * 9 + 2 * 2 * 3  # ViT: 9 columns; ResNet-18: ship, AP50, AP75
     assert "vit,ft-generic-off,1,Overall AP50,71.5" in lines and "resnet18,ft-random-data1.0,0,AP50,30" in lines
     assert "ViT: stand-in > random init (H-mAP)" in text
+
+
+def test_the_tables_wait_for_the_pilot_and_take_its_lengths(tmp_path, monkeypatch):
+    """Protocol v3: a tiny table's fine-tuning rows run the pilot's length as the pilot ran it; without
+    the committed pilot (or while it is undecided) a tiny table refuses in one line naming the command."""
+    extra = dict(csia=[], finetune=[], sam=[], mutdet=[], weights=[])
+    t3 = dict(tables.sweep_runs("babelrs-table3", "tiny", extra))
+    pilot = dict(tables.sweep_runs("tiny-pilot", "tiny", extra))
+    assert t3["ft-generic-off"][:-2] == ["--stage", "finetune", "--preset", "babelrs-tiny", "--ckpt_every", "48",
+                                         "--image_size", "192", "--synth_root", "data/synthsoi-v3"] \
+        + tables.pilot_schedule("babelrs", 144) and set(pilot["pilot-babelrs-144"]) <= set(t3["ft-generic-off"])
+    t2 = dict(tables.sweep_runs("mutdet-table2", "tiny", extra))
+    assert t2["ft-none-data1.0"][-6:-2] == ["--lr_steps", "120.6", "--max-steps", "1600"]  # still rising: the longest
+    assert "data/synthsoi-v3" in t2["sam"] and "data/synthsoi-v3" in t2["pre-mutdet"]
+    ten = dict(tables.sweep_runs("mutdet-10pct", "tiny", extra))["ft-none-data0.1"]
+    assert ten[ten.index("--epochs"):ten.index("--epochs") + 6] == ["--epochs", "1600", "--lr_steps", "1440",
+                                                                     "--max-steps", "1600"]
+    # the rule itself: undecided while a doubling lacks two paired seeds
+    assert tables.choose_length({144: {0: 1.0, 1: 2.0}, 288: {0: 9.0}}, (144, 288)) == (None, "not decided")
+    assert tables.choose_length({144: {0: 1.0, 1: 2.0}, 288: {0: 1.5, 1: 2.1}}, (144, 288)) == (144, "stable")
+    monkeypatch.setattr(tables, "TINY_V3_PILOT", str(tmp_path / "none.csv"))
+    with pytest.raises(SystemExit, match="python tables.py --sweep tiny-pilot"):
+        tables.sweep_runs("babelrs-table3", "tiny", extra)
+    (tmp_path / "none.csv").write_text("row,steps,seed,primary,second\nbabelrs,144,0,1.0,0\n")
+    with pytest.raises(SystemExit, match="has not decided its length yet"):
+        tables.pilot_length("babelrs")

@@ -133,12 +133,14 @@ def test_sweep_commands_share_runs_and_skip_finished(tmp_path, capsys):
     root = tmp_path / "runs"
     assert tables.main(["--sweep", "babelrs-table5", "--runs", str(root), "--dry-run"]) == 0
     cmds = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[sweep]")]
-    assert len(cmds) == 30 and cmds[-1].endswith(f"--seed 2 --out {root}/ft-csia-lvsa-s200-tau60-off-seed2")  # 3 seeds
+    # protocol v3: 8 seeds of (d) and the last-layer baseline, 3 of the other merges (csia + finetune each)
+    assert len(cmds) == 2 * 2 * 8 + 3 * 2 * 3 and cmds[-1].endswith(f"--seed 7 --out {root}/ft-csia-lvsa-s200-tau60-off-seed7")
+    assert not any("-concat-" in c and "-seed3" in c for c in cmds) and any("-last-" in c and "-seed7" in c for c in cmds)
     assert tables.main(["--sweep", "babelrs-table5", "--runs", str(root), "--dry-run", "--seeds", "1"]) == 0
     cmds = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[sweep]")]
     assert len(cmds) == 10 and sum("--stage csia" in c for c in cmds) == 5
     assert all(f"--merge {m}" in " ".join(cmds) for m in tables.MERGES)
-    assert f"--init {root}/csia-lvsa-s200-tau60-seed0 " in cmds[-1] + " " and "--max-steps 144" in cmds[-1]
+    assert f"--init {root}/csia-lvsa-s200-tau60-seed0 " in cmds[-1] + " " and "--epochs 4 --lr_steps 2.667 3.667" in cmds[-1]
     # Tab. 3 reuses Tab. 5's row (d): finished runs are skipped, started ones resumed
     (root / "csia-lvsa-s200-tau60-seed0").mkdir(parents=True)
     (root / "csia-lvsa-s200-tau60-seed0" / "finished.json").write_text("{}")
@@ -158,7 +160,7 @@ def test_sweep_commands_share_runs_and_skip_finished(tmp_path, capsys):
         out = capsys.readouterr().out
         assert all(f"--amp {amp} --init {root}/csia-lvsa-s200-tau{t}-seed0 --seed 0 --out "
                    f"{root}/ft-csia-lvsa-s200-tau{t}-{amp}-seed0" in out for t in (0, 20, 100))
-        assert "--steps 50 --tau 60" in out and "--ckpt_every 24" in out
+        assert "--steps 50 --tau 60" in out and "--ckpt_every 48" in out
 
 
 def test_ddp_two_cpu_processes(synth, tmp_path):
