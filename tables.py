@@ -1103,6 +1103,8 @@ def run_commands(todo: list, env: dict, jobs: int, root: Path) -> int:
             if needs & ({f for f, _, _ in waiting} | set(running)):
                 continue
             waiting.remove(item)
+            if jobs > 1:
+                root.mkdir(parents=True, exist_ok=True)
             log = open(root / f"{folder}.log", "a") if jobs > 1 else None
             print(f"[sweep] {shlex.join(cmd)}" + (f"   (output: {log.name})" if log else ""), flush=True)
             running[folder] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT if log else None),

@@ -260,6 +260,9 @@ def test_a_sweep_runs_jobs_at_once_after_the_runs_they_read(tmp_path):
         (tmp_path / name).mkdir()
     todo = [("a", set(), sleeper("a", 1.0)), ("b", {"a"}, sleeper("b", 0.1)), ("c", set(), sleeper("c", 0.1))]
     t0 = time.time()
+    assert tables.run_commands(todo[2:], dict(os.environ), 2, tmp_path / "fresh") == 0  # a sweep folder not made yet
+    assert (tmp_path / "fresh" / "c.log").exists()
+    (tmp_path / "c.start").unlink()
     assert tables.run_commands(todo, dict(os.environ), 2, tmp_path) == 0
     when = {f"{n}.{e}": float((tmp_path / f"{n}.{e}").read_text()) for n in "abc" for e in ("start", "end")}
     assert when["c.start"] < when["a.end"]  # c did not wait for a: two at once
