@@ -656,17 +656,23 @@ def _tiny_models(quick: bool) -> dict:
     return out
 
 
+def _adamw(model, lr: float):
+    """AdamW over the trained parameters as train.py builds it (fused where the code on the path has
+    FUSED_ADAMW; a --baseline commit may not)."""
+    import train
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                             fused=getattr(train, "FUSED_ADAMW", False))
+
+
 def _time_tiny(quick: bool, repeat: int) -> dict:
     """Every tiny step timed part by part over `repeat` warm steps (medians), its FLOPs counted once, the
     matmul rate of this moment, and one evaluation pass of the tiny finetune model."""
     import eval as evaluation
     from torch.utils.flop_counter import FlopCounterMode
-    import train
     parts = ("data", "forward", "matching", "losses", "backward", "optimizer")
     results = dict(matmul_gflops=_matmul_gflops(512 if quick else 2048), threads=torch.get_num_threads(), steps={})
     for name, (model, batch, loss_fn) in _tiny_models(quick).items():
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
-                                fused=getattr(train, "FUSED_ADAMW", False))  # as train.py builds it
+        opt = _adamw(model, 1e-5)
         with FlopCounterMode(display=False) as counter:  # FLOPs of forward + backward, counted once
             loss_fn(model, batch(0)).backward()
         opt.zero_grad(set_to_none=True)
@@ -718,11 +724,9 @@ def _time_tiny(quick: bool, repeat: int) -> dict:
 def _losses_tiny(quick: bool, steps: int = 3) -> dict:
     """{step: [loss of each of `steps` optimizer steps]} from seeded weights and batches: what the speed
     work must leave unchanged (tests/fixtures/tiny_losses.json, recorded at TINY_BASELINE)."""
-    import train
     out = {}
     for name, (model, batch, loss_fn) in _tiny_models(quick).items():
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
-                                fused=getattr(train, "FUSED_ADAMW", False))  # as train.py builds it
+        opt = _adamw(model, 1e-4)
         out[name] = []
         for k in range(steps):
             torch.manual_seed(k)  # the draws inside a step (denoising queries) do not depend on what ran before
