@@ -461,6 +461,10 @@ def test_the_checks_keep_every_seed_in_a_csv(tmp_path):
     assert len(lines) == 1 + 2 * 2 * 9 + 2 * 2 * 3  # ViT: 9 columns; ResNet-18: ship, AP50, AP75
     assert "vit,ft-generic-off,1,Overall AP50,71.5" in lines and "resnet18,ft-random-data1.0,0,AP50,30" in lines
     assert "ViT: stand-in > random init (H-mAP)" in text
+    # the ViT gate alone (`--rows ft-generic-off ft-random-off`, before the BabelRS tables): no ResNet-18 rows yet
+    text, csv = tables.format_tiny_checks([r for r in runs if "-off-" in r.name])
+    assert len(csv.splitlines()) == 1 + 2 * 2 * 9 and "ViT: stand-in > random init (H-mAP)" in text
+    assert "ResNet-18: stand-in" not in text
 
 
 def test_the_tables_wait_for_the_pilot_and_take_its_lengths(tmp_path, monkeypatch):

@@ -275,3 +275,19 @@ def test_a_sweep_runs_jobs_at_once_after_the_runs_they_read(tmp_path):
     assert tables.run_commands([("d", set(), sleeper("d", 0, status=7)), ("e", set(), sleeper("e", 0))],
                                dict(os.environ), 1, tmp_path) == 7
     assert not (tmp_path / "e.start").exists() and not (tmp_path / "d" / "finished.json").exists()
+
+
+def test_sweep_rows_runs_a_part_of_a_table_with_what_it_reads(tmp_path, capsys):
+    """--rows: the ViT gate of tiny-checks before the BabelRS tables; a row brings the runs it reads."""
+    root = tmp_path / "runs"
+    assert tables.main(["--sweep", "tiny-checks", "--runs", str(root), "--dry-run", "--seeds", "2",
+                        "--rows", "ft-generic-off", "ft-random-off"]) == 0
+    cmds = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[sweep]")]
+    assert [c.rsplit("--out ", 1)[1] for c in cmds] == [f"{root}/{r}-seed{k}" for k in range(2)
+                                                        for r in ("ft-generic-off", "ft-random-off")]
+    assert tables.main(["--sweep", "babelrs-table3", "--runs", str(root), "--dry-run", "--seeds", "1",
+                        "--rows", "ft-csia-lvsa-s200-tau60-off"]) == 0
+    cmds = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[sweep]")]
+    assert len(cmds) == 2 and "--stage csia" in cmds[0] and cmds[1].endswith("ft-csia-lvsa-s200-tau60-off-seed0")
+    with pytest.raises(SystemExit, match="--rows ft-nothing: not a row of tiny-checks"):
+        tables.main(["--sweep", "tiny-checks", "--runs", str(root), "--dry-run", "--rows", "ft-nothing"])
