@@ -414,9 +414,8 @@ def format_tiny_checks(runs: list) -> tuple:
             r18["markdown"].split("\n\n")[1], ""]
 
     def per_seed(table, row, column):
-        g = table["groups"].get(row)
-        c = table["columns"].index(column)
-        return {} if g is None else {k: v[c] for k, v in g["seeds"].items()}
+        c, g = table["columns"].index(column), table["groups"].get(row, {"seeds": {}})
+        return {k: v[c] for k, v in g["seeds"].items()}
 
     lines = []
     for table, better, worse, column, what in (
@@ -892,8 +891,8 @@ TINY_V3_SEEDS = {"babelrs-table3": 5, "babelrs-table5": 8, "mutdet-table2": 8, "
                  "mutdet-proposals": 8, "tiny-checks": 5}  # the power analysis of protocol v3
 TINY_V3_FEW = ("concat", "sum", "per-layer")  # Tab. 5's merges run with TINY_SEEDS seeds, described, not tested
 TINY_V3_PILOT = "results/tiny-v3/tiny-pilot.csv"  # the pilot's per-seed CSV, committed when it is done
-SHARED_RUNS = ("sam", "sam-random", "sam-selective")  # runs every seed shares (the pseudo-label caches, as
-#                                                         MutDet's released one)
+TINY_V3_CHECKS = "results/tiny-v3/tiny-checks.csv"  # the checks' per-seed CSV, which vit_gate reads
+SHARED_RUNS = ("sam", "sam-random", "sam-selective")  # runs every seed shares (pseudo-label caches, as MutDet's)
 MERGES = ("last", "concat", "sum", "per-layer", "lvsa")  # BabelRS Tab. 5 rows: baseline, (a), (b), (c), (d)
 SWEEPS = ("babelrs-table3", "babelrs-table4", "babelrs-table5", "babelrs-fig6", "mutdet-table2", "mutdet-10pct",
           "mutdet-table3", "mutdet-proposals", "tiny-checks", "tiny-pilot")
@@ -1075,6 +1074,21 @@ def pilot_length(kind: str) -> int:
     if length is None:
         raise SystemExit(f"tiny protocol v3: {path}: the pilot of the {kind} rows has not decided its length yet: {how}")
     return length
+
+
+def vit_gate() -> None:
+    """Protocol v3: the BabelRS tiny tables run only on a ViT stand-in that passed its gate's part 3: fine-tuning
+    from it beats random init on Tab. 3's stand-in row (H-mAP, paired t-test over 5 seeds, TINY_V3_CHECKS)."""
+    path = Path(__file__).resolve().parent / TINY_V3_CHECKS
+    lines = [line.split(",") for line in (path.read_text().splitlines()[1:] if path.exists() else ())]
+    v = paired_verdict(*({int(k): float(x) for _, r, k, column, x in lines if r == row and column == "H-mAP"}
+                         for row in ("ft-generic-off", "ft-random-off")))
+    if v["n"] < TINY_V3_SEEDS["tiny-checks"]:
+        raise SystemExit(f"tiny protocol v3: the BabelRS tables wait for the ViT gate's part 3, and {path} lacks it: python "
+                         f"tables.py --sweep tiny-checks --rows ft-generic-off ft-random-off, then commit its CSV there")
+    if v["verdict"] != "holds":
+        raise SystemExit(f"tiny protocol v3: the ViT stand-in failed its gate ({path}: stand-in > random init, H-mAP: "
+                         f"{describe_verdict(v)}), so the BabelRS tables are not run on it")
 
 
 def reads(argv: list) -> set:
@@ -1311,6 +1325,8 @@ def run_sweep(argv) -> int:
         for folder, _ in runs:
             print(f"{folder:<36} {run_status(root / folder)}")
         return 0
+    if tiny and not args.dry_run and args.sweep.startswith("babelrs-"):  # before anything is generated or loaded
+        vit_gate()
     launch = [sys.executable] if args.nproc == 1 else ["torchrun", f"--nproc_per_node={args.nproc}"]
     if args.scale == "tiny" and not args.dry_run and any(TINY_V3_SYNTH in argv for _, argv in runs):
         datasets.make_synthetic(TINY_V3_SYNTH, n_test=TINY_V3_TEST)  # v3: 200 test images a modality
@@ -1332,10 +1348,9 @@ def run_sweep(argv) -> int:
         if args.dry_run:
             print(f"[sweep] {shlex.join(cmd)}", flush=True)
         todo.append((folder, reads(run_argv), cmd))
-    if not args.dry_run:
-        status = run_commands(todo, env, args.jobs, root)
-        if status:
-            return status
+    status = 0 if args.dry_run else run_commands(todo, env, args.jobs, root)
+    if status:
+        return status
     if args.dry_run:  # what the table costs, before it starts
         print(f"\n[cost] {args.sweep} at scale {args.scale}: cost of each run (FLOPs counted on one micro-batch; "
               f"hours on one GPU at {args.gpu_tflops:g} TFLOPS x {args.mfu:g} MFU)")
@@ -1370,14 +1385,8 @@ def run_sweep(argv) -> int:
         return 0
     if args.dry_run:
         return 0
-    if args.sweep == "tiny-pilot":
-        text, csv = format_pilot([root / f for f, _ in runs])
-        datasets.atomic_write_text(root / f"{args.sweep}.csv", csv)
-        datasets.atomic_write_text(root / f"{args.sweep}.md", text)
-        print(text)
-        return 0
-    if args.sweep == "tiny-checks":
-        text, csv = format_tiny_checks([root / f for f, _ in runs])
+    if args.sweep in TINY_ONLY:  # the pilot's and the checks' own tables
+        text, csv = (format_pilot if args.sweep == "tiny-pilot" else format_tiny_checks)([root / f for f, _ in runs])
         datasets.atomic_write_text(root / f"{args.sweep}.csv", csv)
         datasets.atomic_write_text(root / f"{args.sweep}.md", text)
         print(text)

@@ -491,3 +491,42 @@ def test_the_tables_wait_for_the_pilot_and_take_its_lengths(tmp_path, monkeypatc
     (tmp_path / "none.csv").write_text("row,steps,seed,primary,second\nbabelrs,144,0,1.0,0\n")
     with pytest.raises(SystemExit, match="has not decided its length yet"):
         tables.pilot_length("babelrs")
+
+
+def test_the_babelrs_tables_wait_for_the_vit_gate_and_refuse_a_failed_one(tmp_path, monkeypatch, capsys):
+    """Protocol v3: a BabelRS tiny table runs only once the checks' committed CSV shows the stand-in beating
+    random init on H-mAP over 5 seeds (a paired t-test); missing, short or failed, the sweep refuses in one
+    line, before generating data; the MutDet tables and the checks themselves do not wait."""
+    path = tmp_path / "tiny-checks.csv"
+    monkeypatch.setattr(tables, "TINY_V3_CHECKS", str(path))
+
+    def checks(generic, random):
+        lines = ["check,row,seed,column,value"] + [f"vit,{row},{k},{column},{v + (column == 'Overall AP50')}"
+                                                   for row, values in (("ft-generic-off", generic), ("ft-random-off", random))
+                                                   for k, v in enumerate(values) for column in ("H-mAP", "Overall AP50")]
+        path.write_text("\n".join(lines) + "\n")
+    sweep = ["--sweep", "babelrs-table5", "--runs", str(tmp_path / "runs")]
+    with pytest.raises(SystemExit, match="wait for the ViT gate's part 3.*--sweep tiny-checks --rows ft-generic-off"):
+        tables.main(sweep)
+    checks([20, 21, 19, 22, 20], [10, 11, 9])  # 3 paired seeds of 5
+    with pytest.raises(SystemExit, match="wait for the ViT gate"):
+        tables.vit_gate()
+    checks([20, 21, 19, 22, 20], [20.5, 20.1, 19.8, 21.0, 21.2])  # +0.06 H-mAP: not separable
+    with pytest.raises(SystemExit, match=r"failed its gate .*not separable.*so the BabelRS tables are not run"):
+        tables.main(sweep)
+    assert not (tmp_path / "runs").exists() and not list(tmp_path.glob("data*"))
+    checks([20, 21, 19, 22, 20], [10, 12, 9, 11, 10.5])
+    tables.vit_gate()  # holds: no refusal
+    path.unlink()
+    assert tables.main(sweep + ["--dry-run", "--seeds", "1"]) == 0  # what it would run is still shown
+    capsys.readouterr()
+
+    class Generating(Exception):
+        pass
+
+    def generate(*args, **kwargs):
+        raise Generating
+    monkeypatch.setattr(tables.datasets, "make_synthetic", generate)
+    for other in ("mutdet-table2", "tiny-checks"):  # past the gate's place without it
+        with pytest.raises(Generating):
+            tables.main(["--sweep", other, "--runs", str(tmp_path / "runs")])
