@@ -419,7 +419,7 @@ def format_tiny_checks(runs: list) -> tuple:
 
     lines = []
     for table, better, worse, column, what in (
-            (vit, "ft-generic-off", "ft-random-off", "H-mAP", "ViT: stand-in > random init"),
+            (vit, *VIT_GATE, "ViT: stand-in > random init"),  # part 3 of the ViT gate (vit_gate)
             (vit, "ft-generic-off", "ft-random-off", "Overall AP50", "ViT: stand-in > random init"),
             (r18, "ft-none-data1.0", "ft-random-data1.0", "AP50", "ResNet-18: stand-in > random init")):
         a, b = per_seed(table, better, column), per_seed(table, worse, column)
@@ -891,7 +891,7 @@ TINY_V3_SEEDS = {"babelrs-table3": 5, "babelrs-table5": 8, "mutdet-table2": 8, "
                  "mutdet-proposals": 8, "tiny-checks": 5}  # the power analysis of protocol v3
 TINY_V3_FEW = ("concat", "sum", "per-layer")  # Tab. 5's merges run with TINY_SEEDS seeds, described, not tested
 TINY_V3_PILOT = "results/tiny-v3/tiny-pilot.csv"  # the pilot's per-seed CSV, committed when it is done
-TINY_V3_CHECKS = "results/tiny-v3/tiny-checks.csv"  # the checks' per-seed CSV, which vit_gate reads
+TINY_V3_CHECKS, VIT_GATE = "results/tiny-v3/tiny-checks.csv", ("ft-generic-off", "ft-random-off", "H-mAP")  # vit_gate
 SHARED_RUNS = ("sam", "sam-random", "sam-selective")  # runs every seed shares (pseudo-label caches, as MutDet's)
 MERGES = ("last", "concat", "sum", "per-layer", "lvsa")  # BabelRS Tab. 5 rows: baseline, (a), (b), (c), (d)
 SWEEPS = ("babelrs-table3", "babelrs-table4", "babelrs-table5", "babelrs-fig6", "mutdet-table2", "mutdet-10pct",
@@ -1079,15 +1079,15 @@ def pilot_length(kind: str) -> int:
 def vit_gate() -> None:
     """Protocol v3: the BabelRS tiny tables run only on a ViT stand-in that passed its gate's part 3: fine-tuning
     from it beats random init on Tab. 3's stand-in row (H-mAP, paired t-test over 5 seeds, TINY_V3_CHECKS)."""
-    path = Path(__file__).resolve().parent / TINY_V3_CHECKS
+    (better, worse, metric), path = VIT_GATE, Path(__file__).resolve().parent / TINY_V3_CHECKS
     lines = [line.split(",") for line in (path.read_text().splitlines()[1:] if path.exists() else ())]
-    v = paired_verdict(*({int(k): float(x) for _, r, k, column, x in lines if r == row and column == "H-mAP"}
-                         for row in ("ft-generic-off", "ft-random-off")))
+    v = paired_verdict(*({int(k): float(x) for _, r, k, column, x in lines if r == row and column == metric}
+                         for row in (better, worse)))
     if v["n"] < TINY_V3_SEEDS["tiny-checks"]:
         raise SystemExit(f"tiny protocol v3: the BabelRS tables wait for the ViT gate's part 3, and {path} lacks it: python "
-                         f"tables.py --sweep tiny-checks --rows ft-generic-off ft-random-off, then commit its CSV there")
+                         f"tables.py --sweep tiny-checks --rows {better} {worse}, then commit its CSV there")
     if v["verdict"] != "holds":
-        raise SystemExit(f"tiny protocol v3: the ViT stand-in failed its gate ({path}: stand-in > random init, H-mAP: "
+        raise SystemExit(f"tiny protocol v3: the ViT stand-in failed its gate ({path}: stand-in > random init, {metric}: "
                          f"{describe_verdict(v)}), so the BabelRS tables are not run on it")
 
 
